@@ -1,0 +1,1 @@
+"""sodlab: small object detection by generative and discriminative learning."""
