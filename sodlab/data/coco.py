@@ -1,0 +1,350 @@
+"""COCO-format detection data as (image, target) pairs for torchvision detectors.
+
+Works for any COCO-format split: COCO 2017, VisDrone/TinyPerson converted to COCO, and the
+embedded benchmark written by ``sodlab.data.synth``. The layout is
+
+    DIR/annotations/instances_{split}.json
+    DIR/{split}/{file_name}
+
+Targets follow torchvision detection: ``boxes`` xyxy pixels (a ``tv_tensors.BoundingBoxes``),
+``labels`` contiguous 1..C (0 is background), ``image_id``, ``area``, ``iscrowd``. The dataset's
+own category ids (often non-contiguous, e.g. COCO's 1..90) map to labels and back through
+``cat_id_to_label`` / ``label_to_cat_id``.
+
+Crowd annotations are left out of the training targets. Evaluation does not use these targets:
+it reads the original json through pycocotools, where crowd regions are ignored (see
+``sodlab.evaluate``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from sodlab.io import read_json
+
+BACKGROUND = "__background__"
+
+# Pillow modes holding more than 8 bits per pixel. Pillow's own convert("RGB") clips these at 255
+# instead of rescaling, which would turn most of a 16-bit image white.
+_HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_coco_json(ann_file: str | os.PathLike) -> dict:
+    """Read a COCO detection json and check its structure; errors name the file and the record.
+
+    Checks: top-level ``images`` / ``annotations`` / ``categories`` lists; every image has an
+    integer ``id``, a ``file_name`` and positive ``width`` / ``height``; every category an integer
+    ``id`` and a ``name``; every annotation an ``id``, an ``image_id`` and ``category_id`` that
+    exist, and a ``bbox`` of 4 numbers. Ids must be unique. Box values themselves (NaN,
+    zero size, outside the image) are not errors here: ``CocoDetection`` skips or clips them.
+    """
+    ann_file = Path(ann_file)
+    data = read_json(ann_file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: expected a COCO json object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(
+                f"{ann_file}: missing key {key!r} (a COCO detection json needs images, annotations and categories)"
+            )
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
+
+    image_ids = set()
+    for position, image in enumerate(data["images"]):
+        where = f"{ann_file}: images[{position}]"
+        if not isinstance(image, dict) or not _is_int(image.get("id")):
+            raise ValueError(f"{where}: needs an integer 'id'")
+        where = f"{ann_file}: image id {image['id']}"
+        if image["id"] in image_ids:
+            raise ValueError(f"{where}: duplicate image id")
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise ValueError(f"{where}: needs a 'file_name' string")
+        for key in ("width", "height"):
+            if not _is_number(image.get(key)) or not image[key] > 0:
+                raise ValueError(f"{where}: needs a positive {key!r}, got {image.get(key)!r}")
+        image_ids.add(image["id"])
+
+    category_ids = set()
+    for position, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not _is_int(category.get("id")):
+            raise ValueError(f"{ann_file}: categories[{position}]: needs an integer 'id'")
+        where = f"{ann_file}: category id {category['id']}"
+        if category["id"] in category_ids:
+            raise ValueError(f"{where}: duplicate category id")
+        if not isinstance(category.get("name"), str):
+            raise ValueError(f"{where}: needs a 'name' string")
+        category_ids.add(category["id"])
+
+    annotation_ids = set()
+    for position, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            raise ValueError(f"{ann_file}: annotations[{position}]: needs an integer 'id'")
+        where = f"{ann_file}: annotation id {ann['id']}"
+        if ann["id"] in annotation_ids:
+            raise ValueError(f"{where}: duplicate annotation id")
+        annotation_ids.add(ann["id"])
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in category_ids:
+            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) or v is None for v in bbox):
+            raise ValueError(f"{where}: 'bbox' must be [x, y, w, h] numbers, got {bbox!r}")
+        if "area" in ann and not (_is_number(ann["area"]) or ann["area"] is None):
+            raise ValueError(f"{where}: 'area' must be a number, got {ann['area']!r}")
+    return data
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (L, LA, P, RGBA, CMYK, 16-bit grayscale) -> 8-bit RGB."""
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        # Scale the 16-bit range to 8 bits rather than let Pillow clip it.
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def read_rgb_image(path: str | os.PathLike, image_id: int | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB with its EXIF orientation applied; errors name file and image id."""
+    what = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        # Pillow raises SyntaxError for some corrupt PNG chunks.
+        raise OSError(f"{what}: cannot read image: {e}") from e
+
+
+def _clip_xywh(bbox: list, width: float, height: float) -> tuple[float, float, float, float] | None:
+    """COCO [x, y, w, h] -> xyxy clipped to the image; None when the box is degenerate or outside."""
+    if any(v is None or not math.isfinite(v) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x2 <= x1 or y2 <= y1:  # entirely outside the image
+        return None
+    return x1, y1, x2, y2
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format split as ``(image, target)`` in torchvision detection format.
+
+    ``image`` is a float ``tv_tensors.Image`` [3, H, W] in [0, 1]. ``target`` holds ``boxes``
+    (``tv_tensors.BoundingBoxes`` xyxy, pixels), ``labels`` (int64, 1..C), ``image_id`` (int),
+    ``area`` (float, the json's ``area`` in original-image pixels, or w*h when absent) and
+    ``iscrowd`` (int64, all 0 because crowd annotations are left out). Images without
+    annotations are kept, with ``boxes`` of shape [0, 4].
+
+    ``transforms(image, target)`` sees a uint8 image and the target; see ``make_transforms``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Callable | None = None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transforms = transforms
+        data = load_coco_json(self.ann_file)
+
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids: list[int] = [c["id"] for c in categories]
+        self.cat_id_to_label: dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
+        self.label_to_cat_id: dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
+        self.class_names: list[str] = [BACKGROUND] + [c["name"] for c in categories]
+
+        self.images: dict[int, dict] = {image["id"]: image for image in data["images"]}
+        self.ids: list[int] = sorted(self.images)
+
+        boxes: dict[int, list] = {image_id: [] for image_id in self.ids}
+        labels: dict[int, list] = {image_id: [] for image_id in self.ids}
+        areas: dict[int, list] = {image_id: [] for image_id in self.ids}
+        self.num_crowd = 0
+        self.num_degenerate = 0
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                self.num_crowd += 1
+                continue
+            image = self.images[ann["image_id"]]
+            box = _clip_xywh(ann["bbox"], image["width"], image["height"])
+            if box is None:
+                self.num_degenerate += 1
+                continue
+            area = ann.get("area")
+            if area is None or not math.isfinite(area):
+                area = (box[2] - box[0]) * (box[3] - box[1])
+            boxes[ann["image_id"]].append(box)
+            labels[ann["image_id"]].append(self.cat_id_to_label[ann["category_id"]])
+            areas[ann["image_id"]].append(area)
+        if self.num_degenerate:
+            warnings.warn(
+                f"{self.ann_file}: skipped {self.num_degenerate} degenerate annotation(s) "
+                "(width or height <= 0, NaN, or entirely outside the image)",
+                stacklevel=2,
+            )
+
+        # Tensors built once here, so __getitem__ only reads the image.
+        self._boxes = {i: torch.tensor(boxes[i], dtype=torch.float32).reshape(-1, 4) for i in self.ids}
+        self._labels = {i: torch.tensor(labels[i], dtype=torch.int64) for i in self.ids}
+        self._areas = {i: torch.tensor(areas[i], dtype=torch.float32) for i in self.ids}
+
+    @property
+    def scale(self) -> float:
+        """The resize factor of a ``ResizeBy`` in ``transforms`` (1.0 without one)."""
+        for transform in getattr(self.transforms, "transforms", [self.transforms]):
+            if isinstance(transform, ResizeBy):
+                return transform.scale
+        return 1.0
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (what torchvision's ``num_classes`` expects)."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.images[image_id]["file_name"]
+
+    def original_size(self, image_id: int) -> tuple[int, int]:
+        """(height, width) of the image as annotated, before any transform."""
+        image = self.images[image_id]
+        return int(image["height"]), int(image["width"])
+
+    def load_image(self, image_id: int) -> tv_tensors.Image:
+        """The image as a uint8 [3, H, W] tensor; its size must match the json's width/height."""
+        path = self.image_path(image_id)
+        image = read_rgb_image(path, image_id)
+        expected = self.original_size(image_id)
+        if (image.height, image.width) != expected:
+            raise ValueError(
+                f"{path} (image id {image_id}): image is {image.width}x{image.height} "
+                f"(after EXIF orientation) but {self.ann_file.name} says {expected[1]}x{expected[0]}"
+            )
+        return tv_tensors.Image(F.pil_to_tensor(image))
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        boxes = self._boxes[image_id]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                boxes.clone(), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(image.shape[-2:])
+            ),
+            "labels": self._labels[image_id].clone(),
+            "image_id": image_id,
+            "area": self._areas[image_id].clone(),
+            "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if not image.is_floating_point():
+            image = F.to_dtype(image, torch.float32, scale=True)
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.ann_file}, images={len(self)}, "
+            f"classes={self.num_classes - 1}, crowd_skipped={self.num_crowd}, degenerate_skipped={self.num_degenerate})"
+        )
+
+
+class ResizeBy(v2.Transform):
+    """Resize images and boxes by a constant factor (the "upscale the input" baseline).
+
+    torchvision's ``v2.Resize`` takes a target size; this takes a factor, so images of any size work.
+    """
+
+    def __init__(self, scale: float, antialias: bool = True) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = scale
+        self.antialias = antialias
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        # Image and boxes report the same (H, W), so each gets the same new size.
+        height, width = F.get_size(inpt)
+        size = [max(1, round(height * self.scale)), max(1, round(width * self.scale))]
+        return self._call_kernel(F.resize, inpt, size=size, antialias=self.antialias)
+
+
+def _labels_area_iscrowd(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """For SanitizeBoundingBoxes: every per-box tensor of the target, so they stay aligned."""
+    target = inputs[1]
+    return target["labels"], target["area"], target["iscrowd"]
+
+
+def make_transforms(train: bool, hflip_prob: float = 0.5, scale: float = 1.0) -> v2.Compose:
+    """Detection transforms: optional resize by ``scale``, random h-flip when training, uint8 -> float.
+
+    ``area`` is left in original-image pixels (the model does not use it; evaluation reads the json).
+    """
+    transforms: list[Callable] = []
+    if scale != 1.0:
+        transforms.append(ResizeBy(scale))
+    if train and hflip_prob > 0:
+        transforms.append(v2.RandomHorizontalFlip(p=hflip_prob))
+    transforms += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(labels_getter=_labels_area_iscrowd),
+    ]
+    return v2.Compose(transforms)
+
+
+def collate_fn(batch: list) -> tuple:
+    """Images of different sizes cannot be stacked: keep (images, targets) as tuples."""
+    return tuple(zip(*batch))
+
+
+def coco_paths(data_dir: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(image_dir, ann_file) = (DIR/{split}/, DIR/annotations/instances_{split}.json), checked to exist."""
+    data_dir = Path(data_dir)
+    image_dir = data_dir / split
+    ann_file = data_dir / "annotations" / f"instances_{split}.json"
+    missing = [str(p) for p in (ann_file, image_dir) if not p.exists()]
+    if missing:
+        available = sorted(p.name for p in (data_dir / "annotations").glob("instances_*.json"))
+        hint = f"; annotation files present: {', '.join(available)}" if available else ""
+        raise FileNotFoundError(
+            f"COCO split {split!r} in {data_dir}: not found: {', '.join(missing)} "
+            f"(expected DIR/annotations/instances_{{split}}.json and DIR/{{split}}/){hint}"
+        )
+    return image_dir, ann_file
+
+
+def load_split(
+    data_dir: str | os.PathLike, split: str, train: bool, scale: float = 1.0, hflip_prob: float = 0.5
+) -> CocoDetection:
+    """The dataset for DIR/{split} with ``make_transforms(train, hflip_prob, scale)``."""
+    image_dir, ann_file = coco_paths(data_dir, split)
+    return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale))

@@ -1,0 +1,352 @@
+"""COCO evaluation: model -> COCO results -> pycocotools COCOeval -> eval.json, plus tables.
+
+The 12 standard COCO numbers come straight from ``COCOeval.summarize`` (AP, AP50, AP75, APs,
+APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) as fractions. Small object detection needs a finer
+view than COCO's "small" (everything under 32x32), so ``coco_eval`` also asks the same COCOeval
+run for AP over finer bins of object side sqrt(area): <8, 8-16, 16-32, 32-64, 64-128, >128 px.
+Matching is pycocotools' own; nothing here re-implements it.
+
+Conventions (those of COCO): a number is -1 when there is no ground truth for it (no object in
+that size range); a category or size range with ground truth but no detections scores 0. An
+empty results list is evaluated as "no detections" (pycocotools' ``loadRes`` cannot take it).
+Crowd ground truth is ignored by COCOeval: detections on it are neither TP nor FP.
+Areas are COCO ``area`` (segment / visible pixels), not box w*h, for ground truth; pycocotools
+uses box w*h for detections.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from sodlab.data.coco import CocoDetection, collate_fn, load_coco_json
+from sodlab.io import atomic_write_json
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# Finer size bins by object side sqrt(area), in pixels. Half-open [lo, hi): pycocotools compares
+# area ranges inclusively at both ends, so each upper bound is nudged just below hi**2; otherwise an
+# 8x8 object (area exactly 64) would count in two bins.
+FINE_BIN_EDGES = (0, 8, 16, 32, 64, 128, math.inf)
+FINE_BIN_LABELS = ("<8", "8-16", "16-32", "32-64", "64-128", ">128")
+_MAX_AREA = 1e5**2  # COCO's own upper bound for "all" and "large"
+
+# The paper's column order and headers.
+PAPER_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COLUMN_HEADERS = {"AP": "AP 0.5:0.95", "AP50": "0.5", "AP75": "0.75", "APs": "S", "APm": "M", "APl": "L"}
+
+
+def _fine_area_ranges() -> list[list[float]]:
+    ranges = []
+    for lo, hi in zip(FINE_BIN_EDGES[:-1], FINE_BIN_EDGES[1:]):
+        upper = _MAX_AREA if math.isinf(hi) else float(np.nextafter(float(hi) ** 2, 0.0))
+        ranges.append([float(lo) ** 2, upper])
+    return ranges
+
+
+def load_coco_gt(ann_file: str | os.PathLike) -> COCO:
+    """A pycocotools COCO built from a validated json (``load_coco_json``), without the prints.
+
+    Fills what COCOeval needs but COCO does not require: ``iscrowd`` (0) and ``area`` (box w*h).
+    Renumbers annotation ids when one is 0, because COCOeval stores the matched ground-truth id
+    in its match table and reads 0 as "unmatched", which would turn that true positive into a
+    false positive.
+    """
+    data = load_coco_json(ann_file)
+    annotations = data["annotations"]
+    for ann in annotations:
+        ann.setdefault("iscrowd", 0)
+        if ann.get("area") is None:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    if any(ann["id"] == 0 for ann in annotations):
+        for new_id, ann in enumerate(annotations, start=1):
+            ann["id"] = new_id
+    return _coco_from_dict(data)
+
+
+def _coco_from_dict(data: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def predictions_to_coco_results(
+    outputs: Mapping[int, Mapping[str, torch.Tensor]], label_to_cat_id: Mapping[int, int], decimals: int = 2
+) -> list[dict]:
+    """{image_id: {"boxes" xyxy, "labels" 1..C, "scores"}} -> COCO results [{image_id, category_id, bbox xywh, score}].
+
+    ``category_id`` is the dataset's own id. Boxes are rounded to ``decimals`` pixels; scores keep
+    5 decimals, so rounding does not create ties that would reorder detections.
+    """
+    results = []
+    for image_id, output in outputs.items():
+        boxes = torch.as_tensor(output["boxes"]).detach().cpu().double().reshape(-1, 4)
+        labels = torch.as_tensor(output["labels"]).detach().cpu().tolist()
+        scores = torch.as_tensor(output["scores"]).detach().cpu().tolist()
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError(
+                f"image id {image_id}: {len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores"
+            )
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, label, score in zip(xywh, labels, scores):
+            if label not in label_to_cat_id:
+                raise ValueError(
+                    f"image id {image_id}: predicted label {label} has no category "
+                    f"(known labels: {min(label_to_cat_id)}..{max(label_to_cat_id)})"
+                )
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_cat_id[label]),
+                    "bbox": [round(v, decimals) for v in box],
+                    "score": round(float(score), 5),
+                }
+            )
+    return results
+
+
+def _check_results(coco_gt: COCO, results: list[dict]) -> None:
+    """Clear errors for results that pycocotools would reject with a bare assert or silently drop."""
+    image_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    for i, result in enumerate(results):
+        where = f"results[{i}]"
+        if not isinstance(result, Mapping) or not {"image_id", "category_id", "bbox", "score"} <= result.keys():
+            raise ValueError(f"{where}: needs image_id, category_id, bbox, score; got {result!r}")
+        if result["image_id"] not in image_ids:
+            raise ValueError(f"{where}: image id {result['image_id']!r} is not in the ground truth")
+        if result["category_id"] not in cat_ids:
+            raise ValueError(f"{where} (image id {result['image_id']}): category_id {result['category_id']!r} "
+                             "is not in the ground truth categories")
+        bbox, score = result["bbox"], result["score"]
+        numbers = list(bbox) + [score] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else []
+        if not numbers or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            raise ValueError(f"{where} (image id {result['image_id']}): bbox {bbox!r} / score {result['score']!r} "
+                             "must be finite numbers")
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    if not results:
+        # loadRes indexes results[0]; an empty detection set is a valid (if poor) answer.
+        return _coco_from_dict(
+            {"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+             "annotations": []}
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes writes id/area/segmentation into the dicts it gets: give it copies.
+        return coco_gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    """COCO's summary: mean over entries that are not -1 (absent), or -1 when all are."""
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def coco_eval(
+    coco_gt: COCO | str | os.PathLike,
+    results: list[dict],
+    image_ids: Iterable[int] | None = None,
+    fine_bins: bool = True,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """COCOeval (bbox) of ``results`` against ``coco_gt``: the 12 COCO stats as fractions + "fine_bins".
+
+    ``image_ids`` restricts evaluation to those images (e.g. a quick eval on part of val); by
+    default all ground-truth images count, and an image without results counts as missed.
+    ``fine_bins`` maps each label of ``FINE_BIN_LABELS`` to {"AP", "AP50", "AR100", "num_gt"}:
+    ``num_gt`` counts the non-crowd ground truth in the bin, and the bins partition it.
+    """
+    if not isinstance(coco_gt, COCO):
+        coco_gt = load_coco_gt(coco_gt)
+    _check_results(coco_gt, results)
+    coco_dt = _load_results(coco_gt, results)
+
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    params = evaluator.params
+    if image_ids is not None:
+        params.imgIds = sorted(set(image_ids))
+    num_standard = len(params.areaRng)
+    if fine_bins:
+        # Extra area ranges go into the same run; summarize() looks its four ranges up by label.
+        params.areaRng = list(params.areaRng) + _fine_area_ranges()
+        params.areaRngLbl = list(params.areaRngLbl) + list(FINE_BIN_LABELS)
+
+    output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with output:
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats: dict[str, Any] = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+    if fine_bins:
+        precision = evaluator.eval["precision"]  # [IoU thresholds, recall thresholds, classes, areas, maxDets]
+        recall = evaluator.eval["recall"]  # [IoU thresholds, classes, areas, maxDets]
+        max_dets = params.maxDets.index(100)
+        iou50 = int(np.argmin(np.abs(params.iouThrs - 0.5)))
+        evaluated_images, evaluated_cats = set(params.imgIds), set(params.catIds)
+        areas = np.array(
+            [ann["area"] for ann in coco_gt.dataset["annotations"]
+             if not ann.get("iscrowd", 0) and ann["image_id"] in evaluated_images
+             and ann["category_id"] in evaluated_cats],
+            dtype=np.float64,
+        )
+        stats["fine_bins"] = {}
+        for offset, (label, (lo, hi)) in enumerate(zip(FINE_BIN_LABELS, _fine_area_ranges())):
+            a = num_standard + offset
+            stats["fine_bins"][label] = {
+                "AP": _mean_valid(precision[:, :, :, a, max_dets]),
+                "AP50": _mean_valid(precision[iou50, :, :, a, max_dets]),
+                "AR100": _mean_valid(recall[:, :, a, max_dets]),
+                "num_gt": int(np.count_nonzero((areas >= lo) & (areas <= hi))),
+            }
+        if verbose:
+            print(format_fine_bins_table([("fine bins", stats)]))
+    return stats
+
+
+def _to_original_coordinates(
+    boxes: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Boxes predicted on the (possibly resized) input -> pixels of the image as annotated.
+
+    The factor comes from the actual sizes, not from the nominal scale: a resize rounds the
+    output size to whole pixels, so 255 px at x1.5 is 382 px, not 382.5.
+    """
+    sy, sx = original_hw[0] / input_hw[0], original_hw[1] / input_hw[1]
+    return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: CocoDetection | Subset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], dict[int, dict[str, torch.Tensor]]]:
+    """Run a torchvision-style detector over ``dataset``: (COCO results list, outputs per image id).
+
+    Outputs are on the CPU, with boxes in original image coordinates (a dataset resize, e.g. the
+    x2 upscale baseline, is undone). The model's train/eval mode is restored afterwards.
+    ``dataset`` may be a ``Subset`` of a ``CocoDetection``.
+    """
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    outputs: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            predictions = model([image.to(device) for image in images])
+            for image, target, prediction in zip(images, targets, predictions):
+                image_id = int(target["image_id"])
+                boxes = prediction["boxes"].detach().float().cpu()
+                outputs[image_id] = {
+                    "boxes": _to_original_coordinates(boxes, tuple(image.shape[-2:]), base.original_size(image_id)),
+                    "labels": prediction["labels"].detach().cpu(),
+                    "scores": prediction["scores"].detach().float().cpu(),
+                }
+    finally:
+        model.train(was_training)
+    return predictions_to_coco_results(outputs, base.label_to_cat_id), outputs
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    dataset: CocoDetection | Subset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset``; write run_dir/detections_val.json and run_dir/eval.json; return the stats."""
+    run_dir = Path(run_dir)
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    results, outputs = evaluate_model(model, dataset, device, batch_size, num_workers, progress)
+    stats = coco_eval(base.ann_file, results, image_ids=outputs.keys())
+    atomic_write_json(run_dir / "detections_val.json", results, indent=None)
+    atomic_write_json(run_dir / "eval.json", stats)
+    return stats
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def _rows(rows: Mapping[str, Mapping] | Iterable[tuple]) -> list[tuple[str, str | None, Mapping]]:
+    """Accept {name: stats}, [(name, stats)] or [(name, backbone, stats)] (names may then repeat)."""
+    items = rows.items() if isinstance(rows, Mapping) else rows
+    normalized = []
+    for row in items:
+        if len(row) == 2:
+            normalized.append((str(row[0]), None, row[1]))
+        elif len(row) == 3:
+            normalized.append((str(row[0]), row[1], row[2]))
+        else:
+            raise ValueError(f"table row must be (name, stats) or (name, backbone, stats), got {row!r}")
+    return normalized
+
+
+def _percent(value: Any) -> str:
+    """Fraction -> percent with one decimal; "-" for COCO's -1 (no ground truth), "" when missing."""
+    if value is None:
+        return ""
+    value = float(value)
+    return "-" if value < 0 else f"{100 * value:.1f}"
+
+
+def _markdown(headers: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def format_table(
+    rows: Mapping[str, Mapping] | Iterable[tuple],
+    columns: Iterable[str] = PAPER_COLUMNS,
+    name_header: str = "Methods",
+) -> str:
+    """Markdown table in the paper's layout: Methods | [Backbone] | AP 0.5:0.95 | 0.5 | 0.75 | S | M | L.
+
+    Values are percent with one decimal; "-" where COCO reports -1. The Backbone column appears
+    when some row is given as (name, backbone, stats).
+    """
+    rows, columns = _rows(rows), list(columns)
+    with_backbone = any(backbone is not None for _, backbone, _ in rows)
+    headers = [name_header] + (["Backbone"] if with_backbone else []) + [COLUMN_HEADERS.get(c, c) for c in columns]
+    body = [
+        [name] + ([backbone or ""] if with_backbone else []) + [_percent(stats.get(c)) for c in columns]
+        for name, backbone, stats in rows
+    ]
+    return _markdown(headers, body)
+
+
+def format_fine_bins_table(
+    rows: Mapping[str, Mapping] | Iterable[tuple], metric: str = "AP", name_header: str = "Methods"
+) -> str:
+    """Markdown table of ``metric`` ("AP", "AP50" or "AR100") per fine size bin (object side in px)."""
+    rows = _rows(rows)
+    with_backbone = any(backbone is not None for _, backbone, _ in rows)
+    headers = [name_header] + (["Backbone"] if with_backbone else []) + [f"{metric} {b} px" for b in FINE_BIN_LABELS]
+    body = []
+    for name, backbone, stats in rows:
+        bins = stats.get("fine_bins", {})
+        body.append(
+            [name] + ([backbone or ""] if with_backbone else [])
+            + [_percent(bins.get(b, {}).get(metric)) for b in FINE_BIN_LABELS]
+        )
+    return _markdown(headers, body)
