@@ -1,0 +1,114 @@
+"""D: the multi-task discriminator of the reconstruction module.
+
+D looks at one RoI patch (a real HR patch z_HR or an SR patch G(z_LR)) and answers three questions
+at once, as in SOD-MTGAN and the seed's objective:
+
+    "adv": is the patch a real HR patch?            D_thetaD   -> [B] logit
+    "cls": which class is in it (0 = background)?   D_cls      -> [B, num_classes] logits
+    "box": how must the proposal move?              t_SR       -> [B, 4 * num_classes] deltas
+
+The box deltas are class-specific and use torchvision's BoxCoder encoding relative to the proposal
+the patch was cut from, exactly like FastRCNNPredictor.bbox_pred, so the detector's own BoxCoder
+(weights (10, 10, 5, 5)) decodes them and the class and box heads can stand in for the detector's
+box head on small RoIs.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """GroupNorm(32 groups or fewer) or BatchNorm2d, see MultiTaskDiscriminator's ``norm``."""
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"MultiTaskDiscriminator: unknown norm {kind!r}, expected 'group' or 'batch'")
+
+
+def compact_trunk(widths: tuple[int, ...] = (32, 64, 128, 256), norm: str = "group") -> nn.Sequential:
+    """Strided conv-norm-LeakyReLU stages 3 -> 32 -> 64 -> 128 -> 256 (each halves the size).
+
+    Like the SRGAN discriminator, the first stage has no normalisation (normalising raw pixels
+    would discard the absolute intensity statistics that tell real from fake) and LeakyReLU(0.2)
+    keeps gradients flowing to G for negative pre-activations.
+    """
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for i, width in enumerate(widths):
+        layers.append(nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=i == 0))
+        if i > 0:
+            layers.append(norm_layer(norm, width))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+        in_channels = width
+    return nn.Sequential(*layers)
+
+
+def resnet_trunk(name: str, norm: str = "group") -> nn.Sequential:
+    """torchvision ResNet-50/101 up to layer4 + global average pool (the paper's backbone scale).
+
+    Randomly initialised (weights=None): this project never downloads weights. With norm="group"
+    every BatchNorm becomes GroupNorm (32 groups, 16 on 64 channels), the setting known to train ResNets from scratch
+    (He et al., "Rethinking ImageNet Pre-training").
+    """
+    builders = {"resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101}
+    resnet = builders[name](weights=None, norm_layer=lambda channels: norm_layer(norm, channels))
+    return nn.Sequential(
+        resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+        resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
+        resnet.avgpool, nn.Flatten(1),
+    )
+
+
+class MultiTaskDiscriminator(nn.Module):
+    """Patch [B, 3, hr, hr] -> {"adv": [B], "cls": [B, num_classes], "box": [B, 4 * num_classes]}.
+
+    Args:
+        num_classes: number of classes *including* background (torchvision's convention, so
+            C + 1 for C object classes; label 0 is background).
+        trunk: "compact" (CPU preset), "resnet50" or "resnet101".
+        norm: "group" (default) or "batch". GroupNorm makes D's answer for a patch independent of
+            the other patches in its batch and identical in train and eval mode. That matters
+            here: D's batches mix real and fake patches in varying numbers, and D's class and box
+            heads are used at inference (eval mode) on batches of small RoIs only. With BatchNorm,
+            a D trained to 100% real/fake accuracy in train mode scored 50% in eval mode on the toy of
+            tests/test_gan_parts.py, because running statistics lag a fast-moving D. If you pick
+            "batch", feed real and fake patches through D as *one* batch.
+        hidden: width of the shared fully connected layer in front of the three heads.
+    """
+
+    def __init__(self, num_classes: int, trunk: str = "compact", norm: str = "group", hidden: int = 256) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"MultiTaskDiscriminator: num_classes counts background too, need >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        if trunk == "compact":
+            widths = (32, 64, 128, 256)
+            # Keep a 4x4 grid instead of pooling to 1x1: box regression needs to know *where* the
+            # object's edges are inside the patch, which a global average throws away.
+            self.trunk = nn.Sequential(compact_trunk(widths, norm), nn.AdaptiveAvgPool2d(4), nn.Flatten(1))
+            trunk_features = widths[-1] * 4 * 4
+        elif trunk in ("resnet50", "resnet101"):
+            self.trunk = resnet_trunk(trunk, norm)
+            trunk_features = 2048
+        else:
+            raise ValueError(f"MultiTaskDiscriminator: unknown trunk {trunk!r}, expected compact, resnet50 or resnet101")
+        self.shared = nn.Sequential(nn.Linear(trunk_features, hidden), nn.LeakyReLU(0.2, inplace=True))
+        self.adv_head = nn.Linear(hidden, 1)
+        self.cls_head = nn.Linear(hidden, num_classes)
+        self.box_head = nn.Linear(hidden, 4 * num_classes)
+        # Detectron/torchvision-style small init for the box deltas: proposals start un-moved.
+        nn.init.normal_(self.box_head.weight, std=0.001)
+        nn.init.zeros_(self.box_head.bias)
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        if patches.dim() != 4 or patches.shape[1] != 3:
+            raise ValueError(f"MultiTaskDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
+        features = self.shared(self.trunk(patches))
+        return {
+            "adv": self.adv_head(features).squeeze(-1),
+            "cls": self.cls_head(features),
+            "box": self.box_head(features),
+        }
