@@ -169,10 +169,14 @@ class CocoDetection(torch.utils.data.Dataset):
         image_dir: str | os.PathLike,
         ann_file: str | os.PathLike,
         transforms: Callable | None = None,
+        hr_dir: str | os.PathLike | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        # Exact high-resolution twins (embedded benchmark, DIR/{split}_x{k}/): returned as
+        # target["hr_image"], an Image, so transforms.v2 flips it together with the image.
+        self.hr_dir = Path(hr_dir) if hr_dir is not None else None
         data = load_coco_json(self.ann_file)
 
         categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -265,6 +269,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "area": self._areas[image_id].clone(),
             "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
         }
+        if self.hr_dir is not None:
+            hr_path = self.hr_dir / self.images[image_id]["file_name"]
+            target["hr_image"] = tv_tensors.Image(F.pil_to_tensor(read_rgb_image(hr_path, image_id)))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if not image.is_floating_point():
@@ -343,8 +350,23 @@ def coco_paths(data_dir: str | os.PathLike, split: str) -> tuple[Path, Path]:
 
 
 def load_split(
-    data_dir: str | os.PathLike, split: str, train: bool, scale: float = 1.0, hflip_prob: float = 0.5
+    data_dir: str | os.PathLike,
+    split: str,
+    train: bool,
+    scale: float = 1.0,
+    hflip_prob: float = 0.5,
+    hr_scale: int | None = None,
 ) -> CocoDetection:
-    """The dataset for DIR/{split} with ``make_transforms(train, hflip_prob, scale)``."""
+    """The dataset for DIR/{split} with ``make_transforms(train, hflip_prob, scale)``.
+
+    ``hr_scale=k`` also returns the exact xk twin of every image as target["hr_image"], from
+    DIR/{split}_x{k}/ (written by ``sodlab synth --hr-scale k``).
+    """
     image_dir, ann_file = coco_paths(data_dir, split)
-    return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale))
+    hr_dir = None
+    if hr_scale is not None:
+        hr_dir = Path(data_dir) / f"{split}_x{hr_scale}"
+        if not hr_dir.is_dir():
+            raise FileNotFoundError(f"{hr_dir}: no x{hr_scale} twins for split {split!r}; "
+                                    f"write them with `sodlab synth --hr-scale {hr_scale}`")
+    return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale), hr_dir)

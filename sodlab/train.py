@@ -1,0 +1,323 @@
+"""One training loop, readable top to bottom (after torchvision's references/detection/engine.py).
+
+A run is a directory: config.json, metrics.jsonl, checkpoints/last.pt, then eval.json and
+detections_val.json. On the CPU a run is bitwise reproducible from its seed, and a resumed run
+ends with the same weights as an uninterrupted one: the batch order is a pure function of
+(seed, iteration) and the RNG states travel in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sodlab.config import TrainConfig
+from sodlab.data.coco import collate_fn, load_split
+from sodlab.losses import discriminator_objective, generator_objective
+from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json
+from sodlab.evaluate import evaluate_run
+from sodlab.models import build_model
+
+# Fields that may differ when a run is resumed: extending a run is the point of resuming.
+RESUMABLE_CHANGES = {"iters", "ckpt_every"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_indices(num_images: int, batch_size: int, seed: int, start_iter: int):
+    """Yield the index batches of iterations start_iter, start_iter+1, ... forever.
+
+    Each epoch is a permutation drawn from (seed, epoch) alone, so iteration i always sees the
+    same images whether the run was resumed or not.
+    """
+    it = start_iter
+    while True:
+        first = it * batch_size
+        epoch, offset = divmod(first, num_images)
+        perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        batch = [perm[(offset + k) % num_images].item() for k in range(batch_size)]
+        yield batch
+        it += 1
+
+
+def lr_factor(cfg: TrainConfig, it: int) -> float:
+    """Linear warmup, then cosine decay to 0 or steps of x0.1 at 2/3 and 8/9 of the run."""
+    if it < cfg.warmup_iters:
+        return 0.001 + (1 - 0.001) * it / cfg.warmup_iters
+    progress = (it - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 ** sum(it >= m for m in (cfg.iters * 2 // 3, cfg.iters * 8 // 9))
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_record(cfg: TrainConfig) -> dict:
+    import torchvision
+
+    return {**cfg.to_dict(), "git": git_revision(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__}}
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
+    """Create runs/NAME, refusing to clobber an existing run unless asked."""
+    run_dir = Path(cfg.out)
+    config_path = run_dir / "config.json"
+    if resume:
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path}: nothing to resume (no config.json)")
+        saved = read_json(config_path)
+        changed = sorted(k for k, v in cfg.to_dict().items()
+                         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(v)) != saved.get(k))
+        if changed and not force:
+            raise ValueError(f"{config_path}: resuming with a changed config ({', '.join(changed)}); "
+                             "pass force=True (--force) to resume anyway")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"{run_dir} already holds a run; choose another --out, "
+                                  "--resume it, or pass --force to replace it")
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, run_record(cfg))
+    return run_dir
+
+
+def save_checkpoint(path: Path, model, optimizers: dict, iteration: int, cfg: TrainConfig, num_classes: int) -> None:
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if hasattr(model, "sampling_rng"):
+        rng["sr_sampling"] = model.sampling_rng.get_state()
+    atomic_torch_save({
+        "model": model.state_dict(),
+        "num_classes": num_classes,
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "iteration": iteration,  # iterations completed
+        "config": cfg.to_dict(),
+        "rng": rng,
+    }, path)
+
+
+def load_checkpoint(path: Path, model, optimizers: dict) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    random.setstate(ckpt["rng"]["python"])
+    if "sr_sampling" in ckpt["rng"]:
+        model.sampling_rng.set_state(ckpt["rng"]["sr_sampling"])
+    return ckpt["iteration"]
+
+
+def make_optimizers(cfg: TrainConfig, model) -> dict:
+    """SGD for the detector; Adam for D and G, each with its own optimizer (they update alternately)."""
+    detector = model.detector if cfg.is_sr else model
+    optimizers = {}
+    if not (cfg.is_sr and cfg.sr.schedule == "staged"):
+        params = [p for p in detector.parameters() if p.requires_grad]
+        optimizers["detector"] = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                 weight_decay=cfg.weight_decay)
+    if cfg.is_sr:
+        optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(),
+                                                       lr=cfg.sr.lr_discriminator, betas=(0.9, 0.999))
+        if model.generator is not None:
+            optimizers["generator"] = torch.optim.Adam(model.generator.parameters(),
+                                                       lr=cfg.sr.lr_generator, betas=(0.9, 0.999))
+    return optimizers
+
+
+def init_detector_from(cfg: TrainConfig, model) -> None:
+    """Staged schedule: load a finished run's detector weights into the SR detector and freeze them."""
+    ckpt_path = Path(cfg.init_from) / "checkpoints" / "last.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path}: init_from names no finished run")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["model"]
+    model.detector.load_state_dict(state)
+    model.detector.requires_grad_(False)
+
+
+def truncate_metrics(path: Path, last_iter: int) -> None:
+    """Drop log lines past the checkpoint we restart from, so a resumed log has no duplicates."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= last_iter]
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def check_finite(terms: dict, where: str) -> None:
+    """A NaN or inf loss stops training with the term's name; nothing is stepped or saved, so the
+    last good checkpoint stays as it is."""
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{where}: loss {', '.join(bad)} is not finite; training stopped, "
+                                 "the last good checkpoint is kept")
+
+
+def optimizer_step(optimizer, loss: torch.Tensor, lr: float, grad_clip: float, scaler=None) -> float:
+    """Backward, clip the global grad norm, step. Returns the norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+    else:  # AMP on CUDA: unscale before clipping
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    return norm.item()
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and returns."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True,
+          evaluate: bool = True) -> Path:
+    """Train cfg.method on cfg.data, then evaluate on the val split. Returns the run directory."""
+    run_dir = prepare_run_dir(cfg, resume, force)
+    seed_everything(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    twins = cfg.sr.scale if cfg.is_sr and cfg.sr.hr_source == "twin" else None
+    dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
+                         hr_scale=twins)
+    if len(dataset) == 0:
+        raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
+    model = build_model(cfg, dataset.num_classes)
+    if cfg.is_sr and cfg.sr.schedule == "staged":
+        init_detector_from(cfg, model)
+    model.to(device)
+    optimizers = make_optimizers(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    start_iter = 0
+    last_ckpt = run_dir / "checkpoints" / "last.pt"
+    if resume and last_ckpt.exists():
+        start_iter = load_checkpoint(last_ckpt, model, optimizers)
+    truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+
+    # A private generator: the loader's base-seed draw must not advance the global RNG, or a
+    # resumed run would see different random flips from an uninterrupted one.
+    loader = DataLoader(dataset, batch_sampler=batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_iter),
+                        collate_fn=collate_fn, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not progress)
+    it = start_iter
+    with open(run_dir / "metrics.jsonl", "a") as log, StopRequested() as stop:
+        for images, targets in loader:
+            if it >= cfg.iters:
+                break
+            tic = time.perf_counter()
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            record = {"iter": it + 1}
+            where = f"{run_dir}, iteration {it + 1}"
+
+            # 1. detector step (Faster R-CNN's RPN and box-head losses)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                if cfg.is_sr:
+                    hr_images = [t["hr_image"] for t in targets] if cfg.sr.hr_source == "twin" else None
+                    loss_dict, sr_batch = model.training_forward(images, targets, hr_images)
+                else:
+                    loss_dict = model(images, targets)
+            if "detector" in optimizers:
+                check_finite(loss_dict, where)
+                loss = sum(loss_dict.values())
+                lr = cfg.lr * lr_factor(cfg, it)
+                grad_norm = optimizer_step(optimizers["detector"], loss, lr, cfg.grad_clip, scaler)
+                record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()},
+                           "lr": lr, "grad_norm": grad_norm}
+
+            if cfg.is_sr:
+                # 2. D step: real HR patches against G(z_LR), detached, plus D's class and box losses
+                sr = model.super_resolve(sr_batch["lr"])
+                d_terms = discriminator_objective(
+                    model.discriminator(sr_batch["hr"]), model.discriminator(sr.detach()), sr_batch["labels"],
+                    sr_batch["regression_targets"], sr_batch["hr_valid"], cfg.sr.weights)
+                check_finite(d_terms, where)
+                optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr.lr_discriminator, cfg.grad_clip)
+                record |= {f"d_{k}": v.item() for k, v in d_terms.items()}
+                # 3. G step: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE, through the updated D
+                if "generator" in optimizers:
+                    g_terms = generator_objective(model.discriminator(sr), sr, sr_batch["hr"], sr_batch["hr_valid"],
+                                                  sr_batch["labels"], sr_batch["regression_targets"], cfg.sr.weights)
+                    check_finite(g_terms, where)
+                    optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr.lr_generator, cfg.grad_clip)
+                    record |= {f"g_{k}": v.item() for k, v in g_terms.items()}
+                record |= {"sr_rois": len(sr_batch["labels"]), "sr_hr_valid": int(sr_batch["hr_valid"].sum())}
+
+            it += 1
+            record["sec"] = time.perf_counter() - tic
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "d_total", "g_total") if k in record})
+            # Checkpoint before the next batch is drawn: the saved RNG state must be the one the
+            # next iteration starts from (its flips and RoI sampling draw from it).
+            if it % cfg.ckpt_every == 0 or it == cfg.iters or stop.signal:
+                save_checkpoint(last_ckpt, model, optimizers, it, cfg, dataset.num_classes)
+            if stop.signal:
+                break
+    bar.close()
+    if stop.signal:
+        print(f"{stop.signal}: saved {last_ckpt} at iteration {it}; resume with --resume")
+        return run_dir
+    if evaluate:
+        val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
+        evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress)
+    return run_dir
+
+
+def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild a run's model from its config.json and load checkpoints/last.pt (eval mode)."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path}: the run has no checkpoint to evaluate")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model = build_model(cfg, ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return cfg, model.to(device).eval()

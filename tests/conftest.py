@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny embedded benchmark, and a detector config small enough for CPU tests."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    """12 train / 6 val images of 128x128 with x4 twins: enough to train a few iterations."""
+    from sodlab.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "tiny"
+    generate(out, n_train=12, n_val=6, seed=0, size=128, hr_scale=4, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tiny_synth, tmp_path):
+    """A cpu-preset TrainConfig on the tiny data, with sampling sizes cut for speed."""
+    from sodlab.config import make_config
+    from sodlab.models.detector import preset
+
+    cfg = make_config("cpu", data=str(tiny_synth), iters=6, batch_size=2, warmup_iters=2, lr=0.01,
+                      ckpt_every=3, eval_batch_size=2, out=str(tmp_path / "run"))
+    cfg.detector = preset("cpu", min_size=128, max_size=128, rpn_post_nms_top_n_train=200,
+                          box_batch_size_per_image=64, rpn_post_nms_top_n_test=100)
+    return cfg

@@ -1,0 +1,154 @@
+"""The SR detector: variants switch one thing each, training runs, output is torchvision's format."""
+import dataclasses
+
+import pytest
+import torch
+
+from sodlab.config import SR_METHODS, make_config
+from sodlab.data.coco import load_split
+from sodlab.io import read_json
+from sodlab.models import build_model
+from sodlab.models.sr_detector import SRConfig, SRDetector, sr_config_for
+from sodlab.train import train
+
+
+def _differences(a: SRConfig, b: SRConfig) -> set[str]:
+    fa, fb = dataclasses.asdict(a), dataclasses.asdict(b)
+    out = set()
+    for k in fa:
+        if isinstance(fa[k], dict):
+            out |= {f"{k}.{kk}" for kk in fa[k] if fa[k][kk] != fb[k][kk]}
+        elif fa[k] != fb[k]:
+            out.add(k)
+    return out
+
+
+def test_each_variant_changes_only_its_switch():
+    full = sr_config_for("sr")
+    assert full == SRConfig()
+    assert _differences(full, sr_config_for("sr-no-recon")) == {"use_generator"}
+    assert _differences(full, sr_config_for("sr-no-adv")) == {"weights.adv", "weights.d_adv"}
+    assert _differences(full, sr_config_for("sr-no-cls")) == {"weights.cls", "weights.d_cls"}
+    assert _differences(full, sr_config_for("sr-cls-only")) == {"boxes_from", "weights.reg", "weights.d_reg"}
+    # idempotent, so a config reloaded from config.json is the same config
+    for m in SR_METHODS:
+        assert sr_config_for(m, sr_config_for(m)) == sr_config_for(m)
+
+
+def _model(tiny_config, method, **sr_overrides):
+    cfg = dataclasses.replace(tiny_config, method=method, sr=dataclasses.replace(SRConfig(), **sr_overrides))
+    torch.manual_seed(0)
+    return build_model(cfg, num_classes=9).eval()
+
+
+def _images(tiny_synth, n=2):
+    val = load_split(tiny_synth, "val", train=False)
+    return [val[i][0] for i in range(n)]
+
+
+def test_small_proposals_take_d_scores_and_boxes(tiny_config, tiny_synth):
+    images = _images(tiny_synth)
+    threshold = 12.0**2  # splits an untrained RPN's proposals on these 128 px images
+    model = _model(tiny_config, "sr", area_threshold=threshold)
+    s = model.score_proposals(images)
+    mask = s["sr_mask"]
+    areas = torch.cat([(r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) for r in s["rois"]])
+    assert torch.equal(mask, areas < threshold)
+    assert 0 < mask.sum() < len(mask)
+    # outside the mask: the box head's answer, untouched
+    assert torch.equal(s["class_logits"][~mask], s["head_logits"][~mask])
+    assert torch.equal(s["box_regression"][~mask], s["head_deltas"][~mask])
+    # inside: D's, recomputed here from the same patches
+    from sodlab.patches import lr_patches
+
+    chosen = [r[(r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) < threshold] for r in s["rois"]]
+    d = model.discriminator(model.generator(lr_patches(images, chosen, 16, model.cfg.context)))
+    assert torch.allclose(s["class_logits"][mask], d["cls"], atol=1e-5)
+    assert torch.allclose(s["box_regression"][mask], d["box"], atol=1e-5)
+
+
+def test_cls_only_keeps_the_detector_boxes_and_scope_all_covers_everything(tiny_config, tiny_synth):
+    images = _images(tiny_synth)
+    s = _model(tiny_config, "sr-cls-only", area_threshold=12.0**2).score_proposals(images)
+    assert torch.equal(s["box_regression"], s["head_deltas"])
+    assert not torch.equal(s["class_logits"][s["sr_mask"]], s["head_logits"][s["sr_mask"]])
+    s = _model(tiny_config, "sr", sr_scope="all").score_proposals(images)
+    assert bool(s["sr_mask"].all())
+
+
+def test_mean_fusion_averages_probabilities(tiny_config, tiny_synth):
+    images = _images(tiny_synth)
+    replace = _model(tiny_config, "sr", area_threshold=12.0**2).score_proposals(images)
+    fused = _model(tiny_config, "sr", area_threshold=12.0**2, fusion="mean").score_proposals(images)
+    m = replace["sr_mask"]
+    expected = (replace["head_logits"][m].softmax(-1) + replace["class_logits"][m].softmax(-1)) / 2
+    assert torch.allclose(fused["class_logits"][m].exp(), expected, atol=1e-5)
+    assert torch.allclose(fused["box_regression"][m], (replace["head_deltas"][m] + replace["box_regression"][m]) / 2,
+                          atol=1e-5)
+
+
+def test_no_recon_upsamples_bilinearly(tiny_config):
+    model = _model(tiny_config, "sr-no-recon")
+    assert model.generator is None
+    lr = torch.rand(3, 3, 16, 16)
+    assert torch.equal(model.super_resolve(lr),
+                       torch.nn.functional.interpolate(lr, scale_factor=4, mode="bilinear", align_corners=False))
+
+
+def test_sampled_rois_are_small_labelled_and_encoded(tiny_config, tiny_synth):
+    model = _model(tiny_config, "sr").train()
+    train_set = load_split(tiny_synth, "train", train=False)
+    images, targets = zip(*[train_set[i] for i in range(2)])
+    losses, batch = model.training_forward(list(images), list(targets))
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
+    m = len(batch["labels"])
+    assert 0 < m <= 2 * model.cfg.rois_per_image
+    assert batch["lr"].shape == (m, 3, 16, 16) and batch["hr"].shape == (m, 3, 64, 64)
+    rois = torch.cat(batch["rois"])
+    assert bool(((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]) < 32**2).all())
+    assert (batch["labels"] > 0).any(), "jittered ground truth guarantees foreground RoIs"
+    # t* decodes back onto the matched ground truth for foreground RoIs
+    fg = batch["labels"] > 0
+    decoded = model.box_coder.decode_single(batch["regression_targets"][fg], rois[fg])
+    gts = torch.cat([t["boxes"] for t in targets])
+    from torchvision.ops import box_iou
+
+    assert bool((box_iou(decoded, gts).max(dim=1).values > 0.999).all())
+
+
+@pytest.mark.slow
+def test_sr_detector_trains_and_detects(tiny_config):
+    tiny_config.method = "sr"
+    tiny_config.sr = SRConfig(hr_source="twin")
+    tiny_config.iters = 4
+    run_dir = train(tiny_config, progress=False)
+    log = [l for l in open(run_dir / "metrics.jsonl")]
+    assert len(log) == 4
+    import json
+
+    rec = json.loads(log[-1])
+    for key in ("loss", "d_adv", "d_cls", "d_reg", "g_adv", "g_cls", "g_reg", "g_mse", "g_tv", "d_real_prob"):
+        assert key in rec and rec[key] == rec[key]  # present and not NaN
+    assert rec["sr_hr_valid"] > 0, "x4 twins give real HR targets for RoIs of 16 px and more"
+    stats = read_json(run_dir / "eval.json")
+    assert set(stats) >= {"AP", "APs", "APm", "APl"}
+    from sodlab.train import load_trained_model
+
+    cfg, model = load_trained_model(run_dir)
+    assert isinstance(model, SRDetector)
+    val = load_split(cfg.data, "val", train=False)
+    out = model([val[0][0]])
+    assert set(out[0]) == {"boxes", "labels", "scores"} and out[0]["boxes"].shape[-1] == 4
+
+
+@pytest.mark.slow
+def test_staged_schedule_freezes_the_detector(tiny_config, tmp_path):
+    base = train(tiny_config, progress=False, evaluate=False)
+    cfg = dataclasses.replace(tiny_config, method="sr", out=str(tmp_path / "staged"), init_from=str(base),
+                              sr=SRConfig(schedule="staged"), iters=3)
+    run_dir = train(cfg, progress=False, evaluate=False)
+    before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(before[k], after["detector." + k]) for k in before)
+    g_before = build_model(cfg, 9).generator.state_dict()
+    assert any(not torch.equal(g_before[k], after["generator." + k]) for k in g_before)

@@ -1,0 +1,119 @@
+"""The training loop: loss goes down, runs are reproducible, resume continues where it stopped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sodlab.config import TrainConfig
+from sodlab.io import read_json
+from sodlab.train import batch_indices, load_trained_model, lr_factor, train
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_batch_order_is_a_function_of_seed_and_iteration():
+    full = [b for _, b in zip(range(10), batch_indices(7, 3, seed=1, start_iter=0))]
+    resumed = [b for _, b in zip(range(6), batch_indices(7, 3, seed=1, start_iter=4))]
+    assert resumed == full[4:]
+    # every epoch is a permutation: the first 7 draws cover every image exactly once
+    flat = [i for b in full for i in b]
+    assert sorted(flat[:7]) == list(range(7))
+    assert full != [b for _, b in zip(range(10), batch_indices(7, 3, seed=2, start_iter=0))]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(iters=100, warmup_iters=10, schedule="cosine")
+    assert lr_factor(cfg, 0) == pytest.approx(0.001)
+    assert lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 55) == pytest.approx(0.5)
+    assert lr_factor(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(iters=90, warmup_iters=0, schedule="step")
+    assert [lr_factor(step, i) for i in (59, 60, 79, 80)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_loss(tiny_config):
+    tiny_config.iters = 40
+    tiny_config.warmup_iters = 5
+    run_dir = train(tiny_config, progress=False)
+    losses = [m["loss"] for m in _metrics(run_dir)]
+    assert len(losses) == 40 and all(map(torch.isfinite, torch.tensor(losses)))
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    cfg = read_json(run_dir / "config.json")
+    assert cfg["seed"] == tiny_config.seed and cfg["versions"]["torch"] == torch.__version__
+    stats = read_json(run_dir / "eval.json")
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "fine_bins"} <= set(stats)
+    assert isinstance(read_json(run_dir / "detections_val.json"), list)
+
+
+def test_existing_run_is_never_overwritten(tiny_config):
+    run_dir = train(tiny_config, progress=False, evaluate=False)
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(tiny_config, progress=False, evaluate=False)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_config(tiny_config):
+    train(tiny_config, progress=False, evaluate=False)
+    tiny_config.lr = 0.5
+    with pytest.raises(ValueError, match="changed config.*lr"):
+        train(tiny_config, resume=True, progress=False, evaluate=False)
+
+
+def test_same_seed_same_weights(tiny_config, tmp_path):
+    a = train(tiny_config, progress=False, evaluate=False)
+    tiny_config.out = str(tmp_path / "again")
+    b = train(tiny_config, progress=False, evaluate=False)
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_config, tmp_path):
+    """SIGTERM mid-run saves a checkpoint; --resume ends with bitwise the same weights."""
+    tiny_config.iters = 8
+    reference = train(tiny_config, progress=False, evaluate=False)
+
+    tiny_config.out = str(tmp_path / "interrupted")
+    cfg_json = tmp_path / "cfg.json"
+    cfg_json.write_text(json.dumps(tiny_config.to_dict()))
+    script = ("import json,sys; from sodlab.config import TrainConfig; from sodlab.train import train;"
+              "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))), progress=False, evaluate=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cfg_json)])
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=120) == 0
+    stopped_at = torch.load(tmp_path / "interrupted" / "checkpoints" / "last.pt", weights_only=False)["iteration"]
+    assert 3 <= stopped_at < 8, "the signal arrived mid-run and the checkpoint records where"
+
+    resumed = train(tiny_config, resume=True, progress=False, evaluate=False)
+    iters = [m["iter"] for m in _metrics(resumed)]
+    assert iters == list(range(1, 9)), "resume continues from the saved iteration"
+    w_ref, w_res = _weights(reference), _weights(resumed)
+    assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
+
+
+def test_load_trained_model_round_trip(tiny_config):
+    run_dir = train(tiny_config, progress=False, evaluate=False)
+    cfg, model = load_trained_model(run_dir)
+    assert cfg.method == "baseline" and not model.training
+    w = _weights(run_dir)
+    assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items())
