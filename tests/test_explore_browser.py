@@ -1,0 +1,91 @@
+"""The FiftyOne App serves a sodlab dataset: headless Chromium (Debian's chromium and
+chromium-driver, driven by selenium) sees the sample grid, the dataset name and its count."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Shares the private database (started at import) and the data writers of test_explore.
+from test_explore import (CATEGORIES, det, free_port, gt, image_record,
+                          use_private_fiftyone_database, write_coco_split, write_run)
+
+use_private_fiftyone_database()
+
+import sodlab.explore as explore  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync",
+                  "--disable-quic", "--window-size=1400,900"]
+NUM_IMAGES = 5
+
+
+@pytest.fixture
+def chromium_driver(tmp_path, monkeypatch):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        reason = f"{CHROMIUM} or {CHROMEDRIVER} missing (run .ci/install-browser.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; setup must install them in CI")
+        pytest.skip(reason)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must never download anything
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                              options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def served_dataset(tmp_path):
+    images = [image_record(i, 160, 120) for i in range(1, NUM_IMAGES + 1)]
+    annotations = [gt(10 * i + k, i, 1 + 2 * k, [20 + 50 * k, 30 + 10 * i, 14 + 4 * i, 12 + 3 * i])
+                   for i in range(1, NUM_IMAGES + 1) for k in range(2)]
+    detections = [det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in annotations[::3]]
+    data_dir = write_coco_split(tmp_path / "browsercase", images, annotations, CATEGORIES)
+    dataset = explore.build_dataset(data_dir, [write_run(tmp_path / "runs", "baseline",
+                                                         "baseline", detections)])
+    port = free_port()
+    session = explore.launch(dataset, port=port, wait=False)
+    yield dataset, f"http://127.0.0.1:{port}/"
+    session.close()
+
+
+def test_app_shows_grid_name_and_count(served_dataset, chromium_driver, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dataset, url = served_dataset
+    driver = chromium_driver
+    driver.get(url)
+    # The grid is ready when every sample's thumbnail canvas has drawn its image.
+    thumbnails = '[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]'
+    WebDriverWait(driver, 90).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == NUM_IMAGES)
+    counts = WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, '[data-cy="entry-counts"]'))
+    WebDriverWait(driver, 30).until(lambda d: counts.text.strip())
+    for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Dismiss']"):
+        button.click()  # the product banner would cover part of the grid in the screenshot
+
+    screenshot = tmp_path / "fiftyone-app.png"
+    assert driver.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot: {screenshot}")
+
+    assert counts.text.strip() == f"{NUM_IMAGES} samples"
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert f"{NUM_IMAGES} samples" in body
+    selector = driver.find_element(By.CSS_SELECTOR, '[data-cy="selector-dataset"]')
+    assert selector.get_attribute("value") == dataset.name == "sodlab-browsercase-val"
+    assert dataset.name in driver.page_source
+    assert "ground_truth" in body and "baseline" in body  # the label fields in the sidebar
