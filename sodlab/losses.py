@@ -294,4 +294,7 @@ def discriminator_objective(
     with torch.no_grad():
         terms["real_prob"] = _masked_mean(torch.sigmoid(d_hr["adv"]), valid)
         terms["fake_prob"] = _masked_mean(torch.sigmoid(d_sr["adv"]), None)
+        # D's accuracy on real and on fake patches: the GAN health check watches for D pinned at 1.0.
+        terms["real_acc"] = _masked_mean((d_hr["adv"] > 0).float(), valid)
+        terms["fake_acc"] = _masked_mean((d_sr["adv"] < 0).float(), None)
     return terms

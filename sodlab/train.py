@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json
 from sodlab.evaluate import evaluate_run
 from sodlab.models import build_model
+from sodlab.sr_quality import evaluate_sr_quality, psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
@@ -166,6 +168,16 @@ def truncate_metrics(path: Path, last_iter: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
+def patch_psnr(sr: torch.Tensor, batch: dict, scale: int) -> dict:
+    """G's and bicubic's PSNR against the real HR targets of this batch (for the health check)."""
+    valid = batch["hr_valid"]
+    if not valid.any():
+        return {}
+    hr = batch["hr"][valid]
+    bicubic = F.interpolate(batch["lr"][valid], scale_factor=scale, mode="bicubic", align_corners=False)
+    return {"g_psnr": psnr(sr[valid], hr).mean().item(), "bicubic_psnr": psnr(bicubic, hr).mean().item()}
+
+
 def check_finite(terms: dict, where: str) -> None:
     """A NaN or inf loss stops training with the term's name; nothing is stepped or saved, so the
     last good checkpoint stays as it is."""
@@ -192,6 +204,35 @@ def optimizer_step(optimizer, loss: torch.Tensor, lr: float, grad_clip: float, s
         scaler.step(optimizer)
         scaler.update()
     return norm.item()
+
+
+class GanHealth:
+    """Warns when the adversarial game has collapsed, judged over the last ``window`` iterations.
+
+    Two symptoms: D's accuracy pinned at 1.0 on both real and fake patches (G gets no useful
+    adversarial gradient), and G's PSNR below bicubic's for the whole window once past warm-up
+    (G makes patches worse than a fixed interpolation).
+    """
+
+    def __init__(self, window: int = 50, warmup: int = 200):
+        self.window, self.warmup = window, warmup
+        self.d_pinned: list[bool] = []
+        self.g_worse: list[bool] = []
+
+    def update(self, it: int, record: dict) -> str | None:
+        if "d_real_acc" in record:
+            self.d_pinned = (self.d_pinned + [record["d_real_acc"] == 1.0 and record["d_fake_acc"] == 1.0])[-self.window:]
+        if "g_psnr" in record and "bicubic_psnr" in record and math.isfinite(record["g_psnr"]):
+            self.g_worse = (self.g_worse + [record["g_psnr"] < record["bicubic_psnr"]])[-self.window:]
+        if it % self.window:
+            return None
+        problems = []
+        if len(self.d_pinned) == self.window and all(self.d_pinned):
+            problems.append(f"D's accuracy has been 1.0 on real and fake for {self.window} iterations "
+                            "(G gets no adversarial signal; lower lr_discriminator or raise alpha)")
+        if it > self.warmup and len(self.g_worse) == self.window and all(self.g_worse):
+            problems.append(f"G's PSNR has stayed below bicubic for {self.window} iterations")
+        return "; ".join(problems) or None
 
 
 class StopRequested:
@@ -243,6 +284,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                         collate_fn=collate_fn, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
     model.train()
+    health = GanHealth()
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not progress)
     it = start_iter
     with open(run_dir / "metrics.jsonl", "a") as log, StopRequested() as stop:
@@ -286,10 +328,14 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                     check_finite(g_terms, where)
                     optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr.lr_generator, cfg.grad_clip)
                     record |= {f"g_{k}": v.item() for k, v in g_terms.items()}
+                    record |= patch_psnr(sr.detach(), sr_batch, cfg.sr.scale)
                 record |= {"sr_rois": len(sr_batch["labels"]), "sr_hr_valid": int(sr_batch["hr_valid"].sum())}
 
             it += 1
             record["sec"] = time.perf_counter() - tic
+            if cfg.is_sr and (warning := health.update(it, record)):
+                record["warning"] = warning
+                tqdm.write(f"{run_dir}, iteration {it}: GAN health: {warning}")
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
@@ -307,6 +353,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     if evaluate:
         val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
         evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress)
+        if cfg.is_sr:
+            held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=twins)
+            atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model.eval(), held_out))
     return run_dir
 
 
