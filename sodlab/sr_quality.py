@@ -86,3 +86,68 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 1000) -> dict:
         "bicubic": {"psnr": _finite_mean(psnr(bicubic, hr)), "ssim": _finite_mean(ssim(bicubic, hr))},
         "method": "G" if model.generator is not None else "bilinear (no reconstruction module)",
     }
+
+
+@torch.no_grad()
+def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) -> int:
+    """Write the (LR, SR, HR) patches of the val split's small ground-truth objects for browsing.
+
+    LR is the patch the detector's SR branch really gets at inference (``lr_patches``), SR is
+    what G makes of it, HR the same region from the exact twin in ``hr_dir`` (or resampled from
+    the image when there is none). Writes out_dir/{lr,sr,hr}/<annotation id>.png and
+    out_dir/index.json, the format sodlab.explore reads. Returns the number of patches.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from sodlab.data.coco import load_coco_json, read_rgb_image
+    from sodlab.io import atomic_write_json
+    from sodlab.patches import lr_patches
+
+    cfg = model.cfg
+    out_dir = Path(out_dir)
+    for kind in ("lr", "sr", "hr"):
+        (out_dir / kind).mkdir(parents=True, exist_ok=True)
+    data = load_coco_json(dataset.ann_file)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image: dict[int, list] = {}
+    for ann in data["annotations"]:
+        w, h = ann["bbox"][2:]
+        if not ann.get("iscrowd", 0) and 0 < w * h < cfg.area_threshold:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+
+    def save(t: Tensor, path: Path) -> None:
+        array = (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(path)
+
+    device = next(model.parameters()).device
+    index = []
+    for image_id in sorted(by_image):
+        anns = by_image[image_id][: max_rois - len(index)]
+        if not anns:
+            break
+        image = dataset.load_image(image_id).float() / 255
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns])
+        lr = lr_patches([image], [boxes], cfg.lr_size, cfg.context)
+        sr = model.super_resolve(lr.to(device)).cpu()
+        twins = None
+        if hr_dir is not None:
+            twin_path = Path(hr_dir) / dataset.images[image_id]["file_name"]
+            twins = [pil_to_tensor(read_rgb_image(twin_path, image_id)).float() / 255]
+        _, hr, _ = lr_hr_pairs([image], [boxes], cfg.lr_size, cfg.scale, cfg.context, hr_images=twins)
+        for a, lr_i, sr_i, hr_i in zip(anns, lr, sr, hr):
+            stem = f"{a['id']}.png"
+            save(lr_i, out_dir / "lr" / stem)
+            save(sr_i, out_dir / "sr" / stem)
+            save(hr_i, out_dir / "hr" / stem)
+            index.append({"image_id": image_id, "annotation_id": a["id"], "label": names[a["category_id"]],
+                          "lr": f"lr/{stem}", "sr": f"sr/{stem}", "hr": f"hr/{stem}",
+                          "psnr": psnr(sr_i[None], hr_i[None]).item(),
+                          "bicubic_psnr": psnr(F.interpolate(lr_i[None], scale_factor=cfg.scale, mode="bicubic",
+                                                             align_corners=False), hr_i[None]).item()})
+    atomic_write_json(out_dir / "index.json", index)
+    return len(index)

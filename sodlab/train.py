@@ -29,7 +29,7 @@ from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json
 from sodlab.evaluate import evaluate_run
 from sodlab.models import build_model
-from sodlab.sr_quality import evaluate_sr_quality, psnr
+from sodlab.sr_quality import evaluate_sr_quality, psnr, write_sr_patches
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
@@ -356,6 +356,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         if cfg.is_sr:
             held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=twins)
             atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model.eval(), held_out))
+            # Browsable patches show the exact twin as HR whenever the data has one.
+            twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
+            write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
     return run_dir
 
 

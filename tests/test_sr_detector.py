@@ -132,6 +132,13 @@ def test_sr_detector_trains_and_detects(tiny_config):
     assert rec["sr_hr_valid"] > 0, "x4 twins give real HR targets for RoIs of 16 px and more"
     stats = read_json(run_dir / "eval.json")
     assert set(stats) >= {"AP", "APs", "APm", "APl"}
+    quality = read_json(run_dir / "sr_quality.json")
+    assert quality["rois"] > 0 and quality["sr"]["psnr"] > 10 and quality["bicubic"]["psnr"] > 10
+    index = read_json(run_dir / "sr_patches" / "index.json")
+    assert index and all((run_dir / "sr_patches" / e[k]).exists() for e in index for k in ("lr", "sr", "hr"))
+    from PIL import Image
+
+    assert Image.open(run_dir / "sr_patches" / index[0]["sr"]).size == (64, 64)
     from sodlab.train import load_trained_model
 
     cfg, model = load_trained_model(run_dir)
