@@ -12,28 +12,39 @@ DEFAULT_DATA = "data/synth"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS = 1200, 200, 500
 
 
-def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per scalar TrainConfig field (--iters, --lr, --warmup-iters, ...): every knob visible."""
-    from sodlab.config import METHODS, TrainConfig
+def _scalar_fields(cls):
+    return [f for f in dataclasses.fields(cls) if isinstance(f.default, (bool, int, float, str))]
 
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("detector",):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
+
+def _add_flag(parser, flag: str, dest: str, default, **kwargs) -> None:
+    if isinstance(default, bool):
+        parser.add_argument(flag, dest=dest, default=default, action=argparse.BooleanOptionalAction, **kwargs)
+    else:
+        parser.add_argument(flag, dest=dest, type=type(default), default=default, help=f"(default: {default})", **kwargs)
+
+
+def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per scalar field of TrainConfig (--iters, --lr, ...) and of its SRConfig
+    (--sr-hr-source, --sr-schedule, ...): every knob visible."""
+    from sodlab.config import METHODS, TrainConfig
+    from sodlab.models.sr_detector import SRConfig
+
+    for f in _scalar_fields(TrainConfig):
         if f.name == "method":
-            parser.add_argument(flag, default=default, choices=METHODS, help="training method")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+            parser.add_argument("--method", default=f.default, choices=METHODS, help="training method")
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+            _add_flag(parser, "--" + f.name.replace("_", "-"), f.name, f.default)
+    group = parser.add_argument_group("SR branch (SR methods only)")
+    for f in _scalar_fields(SRConfig):
+        _add_flag(group, "--sr-" + f.name.replace("_", "-"), "sr__" + f.name, f.default)
 
 
 def _config_from_args(args):
     from sodlab.config import TrainConfig, make_config
+    from sodlab.models.sr_detector import SRConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if f.name not in ("detector", "preset") and hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in _scalar_fields(TrainConfig) if f.name != "preset"}
+    values["sr"] = SRConfig(**{f.name: getattr(args, "sr__" + f.name) for f in _scalar_fields(SRConfig)})
     if args.pretrained:
         values["pretrained"] = True
     return make_config(args.preset, **values)
