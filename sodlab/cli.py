@@ -1,4 +1,4 @@
-"""sodlab synth | train | eval | demo: the command-line entry point."""
+"""sodlab synth | train | eval | bench | explore | demo: the command-line entry point."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 DEFAULT_DATA = "data/synth"
 # The demo's budget: ~1.3 min to synthesize, ~7 min to train, ~15 s to evaluate on 2 CPU cores.
-DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS = 1200, 200, 500
+DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS, DEMO_SR_ITERS = 1200, 200, 500, 300
 
 
 def _scalar_fields(cls):
@@ -98,22 +98,52 @@ def cmd_demo(args) -> None:
     from sodlab.config import make_config
     from sodlab.evaluate import format_table
     from sodlab.io import read_json
+    from sodlab.models.sr_detector import SRConfig
     from sodlab.train import train
 
     tic = time.perf_counter()
     data_dir = ensure_synth(args.data, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES)
+    runs = Path(args.runs)
+    # The SR detector is trained in the staged schedule on top of the baseline (the detector
+    # frozen, G and D trained on its proposals), so both rows share the very same detector.
+    configs = {
+        "baseline": make_config("cpu", data=str(data_dir), method="baseline", iters=args.iters,
+                                out=str(runs / "baseline")),
+        "sr": make_config("cpu", data=str(data_dir), method="sr", iters=args.sr_iters, out=str(runs / "sr"),
+                          init_from=str(runs / "baseline"), sr=SRConfig(schedule="staged", hr_source="twin")),
+    }
     rows = {}
-    for method in ("baseline",):
-        run_dir = Path(args.runs) / method
+    for method, cfg in configs.items():
+        run_dir = Path(cfg.out)
         if (run_dir / "eval.json").exists() and not args.force:
             print(f"reusing {run_dir} (pass --force to train it again)")
         else:
-            cfg = make_config("cpu", data=str(data_dir), method=method, iters=args.iters, out=str(run_dir))
             train(cfg, force=args.force)
         rows[method] = read_json(run_dir / "eval.json")
     print()
     print(format_table(rows))
-    print(f"\ndemo finished in {time.perf_counter() - tic:.0f} s; runs in {args.runs}/")
+    quality = read_json(runs / "sr" / "sr_quality.json")
+    if quality.get("rois"):
+        print(f"\nSR patches on {quality['rois']} held-out RoIs: G {quality['sr']['psnr']:.2f} dB PSNR, "
+              f"bicubic {quality['bicubic']['psnr']:.2f} dB")
+    if not args.no_explore:
+        from sodlab import explore
+
+        dataset = explore.build_dataset(data_dir, [runs / m for m in configs], split="val")
+        for run, counts in explore.small_object_summary(dataset).items():
+            print(f"FiftyOne {dataset.name}: {run}: small TP {counts['tp']}, FP {counts['fp']}, FN {counts['fn']}")
+        print(f"browse it: sodlab explore --data {data_dir} --runs {' '.join(str(runs / m) for m in configs)}")
+    print(f"\ndemo finished in {time.perf_counter() - tic:.0f} s; runs in {runs}/")
+
+
+def cmd_explore(args) -> None:
+    from sodlab import explore
+
+    dataset = explore.build_dataset(args.data, args.runs, split=args.split)
+    for run, counts in explore.small_object_summary(dataset).items():
+        print(f"{run}: small TP {counts['tp']}, FP {counts['fp']}, FN {counts['fn']}")
+    if not args.no_launch:
+        explore.launch(dataset, port=args.port, wait=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,9 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesize, train the CPU baseline, evaluate, print the table")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--runs", default="runs/demo")
-    p.add_argument("--iters", type=int, default=DEMO_ITERS)
+    p.add_argument("--iters", type=int, default=DEMO_ITERS, help="baseline iterations")
+    p.add_argument("--sr-iters", type=int, default=DEMO_SR_ITERS, help="SR branch iterations (staged)")
     p.add_argument("--force", action="store_true", help="train again even if the demo runs exist")
+    p.add_argument("--no-explore", action="store_true", help="skip building the FiftyOne dataset")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explore", help="browse a split and runs' detections in the FiftyOne App")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories (baseline, sr, ...)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--port", type=int, default=5151)
+    p.add_argument("--no-launch", action="store_true", help="build the dataset only")
+    p.set_defaults(func=cmd_explore)
     return parser
 
 
@@ -158,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         # Expected failures (bad input, clobber refusals) get one clear line, not a traceback.
         print(f"sodlab {args.command}: error: {e}", file=sys.stderr)
         return 2

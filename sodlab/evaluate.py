@@ -245,7 +245,7 @@ def evaluate_model(
     x2 upscale baseline, is undone). The model's train/eval mode is restored afterwards.
     ``dataset`` may be a ``Subset`` of a ``CocoDetection``.
     """
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    base = _base_dataset(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
@@ -274,15 +274,42 @@ def evaluate_run(
     batch_size: int = 4,
     num_workers: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate ``model`` on ``dataset``; write run_dir/detections_val.json and run_dir/eval.json; return the stats."""
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any] | None:
+    """Evaluate ``model`` on ``dataset``; write run_dir/detections_val.json and run_dir/eval.json; return the stats.
+
+    Distributed (``world_size`` > 1, a process group initialised): every rank scores every
+    world_size-th image, the results are gathered on all ranks, and rank 0 alone scores them and
+    writes the files (other ranks return None). The gathered results are put back in dataset
+    order, so the files equal a one-process evaluation's.
+    """
     run_dir = Path(run_dir)
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    results, outputs = evaluate_model(model, dataset, device, batch_size, num_workers, progress)
-    stats = coco_eval(base.ann_file, results, image_ids=outputs.keys())
+    base = _base_dataset(dataset)
+    shard = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+    results, outputs = evaluate_model(model, shard, device, batch_size, num_workers, progress)
+    image_ids = list(outputs)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (results, image_ids))
+        position = {image_id: i for i, image_id in enumerate(base.ids)}
+        results = sorted((r for part, _ in gathered for r in part), key=lambda r: position[r["image_id"]])
+        image_ids = sorted((i for _, ids in gathered for i in ids), key=position.__getitem__)
+    if rank != 0:
+        return None
+    stats = coco_eval(base.ann_file, results, image_ids=image_ids)
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
     return stats
+
+
+def _base_dataset(dataset) -> CocoDetection:
+    """The CocoDetection under any number of Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 # --- tables -------------------------------------------------------------------------------------

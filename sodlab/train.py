@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
@@ -41,20 +44,102 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_indices(num_images: int, batch_size: int, seed: int, start_iter: int):
-    """Yield the index batches of iterations start_iter, start_iter+1, ... forever.
+def batch_indices(num_images: int, batch_size: int, seed: int, start_iter: int, rank: int = 0,
+                  world_size: int = 1):
+    """Yield this rank's index batches of iterations start_iter, start_iter+1, ... forever.
 
-    Each epoch is a permutation drawn from (seed, epoch) alone, so iteration i always sees the
-    same images whether the run was resumed or not.
+    A DistributedSampler shards each epoch's permutation (drawn from seed and epoch alone)
+    across the ranks; this rank's shards are concatenated epoch after epoch and cut into
+    batches. Iteration i therefore always sees the same images, whether the run was resumed or
+    not: a plain DataLoader iterator could not restart in the middle of an epoch.
     """
+    sampler = DistributedSampler(range(num_images), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    per_epoch = len(sampler)
+    epochs: dict[int, list[int]] = {}
+
+    def index(position: int) -> int:
+        epoch, offset = divmod(position, per_epoch)
+        if epoch not in epochs:
+            sampler.set_epoch(epoch)
+            epochs.clear()  # only the current (and next) epoch are ever needed
+            epochs[epoch] = list(sampler)
+        return epochs[epoch][offset]
+
     it = start_iter
     while True:
-        first = it * batch_size
-        epoch, offset = divmod(first, num_images)
-        perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        batch = [perm[(offset + k) % num_images].item() for k in range(batch_size)]
-        yield batch
+        yield [index(it * batch_size + k) for k in range(batch_size)]
         it += 1
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def init_distributed() -> Distributed:
+    """Join the torchrun job named by WORLD_SIZE/RANK/LOCAL_RANK: gloo on the CPU, nccl on CUDA."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ddp = Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ddp.local_rank)
+    return ddp
+
+
+def average_gradients(params: list, world_size: int) -> None:
+    """Data parallelism: every rank steps with the mean gradient over all ranks' batches.
+
+    One flat all-reduce per optimizer step. We do this by hand rather than through the
+    DistributedDataParallel wrapper because the SR methods update D and G alternately, calling D
+    three times per iteration outside any single forward(), which the wrapper cannot follow.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+def broadcast_buffers(model) -> None:
+    """Rank 0's BatchNorm statistics for everyone (DistributedDataParallel's broadcast_buffers),
+    so every rank evaluates the same model."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def reduce_record(record: dict, world_size: int) -> dict:
+    """Mean of every logged number over the ranks, so the log describes the global batch."""
+    keys = [k for k, v in record.items() if k != "iter" and isinstance(v, (int, float))]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return record | {k: v / world_size for k, v in zip(keys, values.tolist())}
+
+
+def parameter_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def lr_factor(cfg: TrainConfig, it: int) -> float:
@@ -187,20 +272,27 @@ def check_finite(terms: dict, where: str) -> None:
                                  "the last good checkpoint is kept")
 
 
-def optimizer_step(optimizer, loss: torch.Tensor, lr: float, grad_clip: float, scaler=None) -> float:
-    """Backward, clip the global grad norm, step. Returns the norm before clipping."""
+def optimizer_step(optimizer, loss: torch.Tensor, lr: float, grad_clip: float, scaler=None,
+                   world_size: int = 1) -> float:
+    """Backward, average gradients over ranks, clip the global grad norm, step.
+
+    Returns the norm before clipping.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-    else:  # AMP on CUDA: unscale before clipping
+    else:  # AMP on CUDA: unscale before averaging and clipping
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if world_size > 1:
+        average_gradients(params, world_size)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
         scaler.step(optimizer)
         scaler.update()
     return norm.item()
@@ -255,10 +347,19 @@ class StopRequested:
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True,
           evaluate: bool = True) -> Path:
-    """Train cfg.method on cfg.data, then evaluate on the val split. Returns the run directory."""
-    run_dir = prepare_run_dir(cfg, resume, force)
-    seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Train cfg.method on cfg.data, then evaluate on the val split. Returns the run directory.
+
+    Under torchrun every rank runs this function: each trains on its shard of every global
+    batch, gradients are averaged, and rank 0 alone writes the run directory.
+    """
+    ddp = init_distributed()
+    run_dir = Path(cfg.out)
+    if ddp.is_main:
+        prepare_run_dir(cfg, resume, force)
+    if ddp.world_size > 1:
+        dist.barrier()
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    device = ddp.device
 
     twins = cfg.sr.scale if cfg.is_sr and cfg.sr.hr_source == "twin" else None
     dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
@@ -276,18 +377,25 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     last_ckpt = run_dir / "checkpoints" / "last.pt"
     if resume and last_ckpt.exists():
         start_iter = load_checkpoint(last_ckpt, model, optimizers)
-    truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+    if ddp.world_size > 1:
+        # Each rank draws its own flips and RoI samples; bitwise resume is a one-process guarantee.
+        seed_everything(cfg.seed + 1000 * start_iter + ddp.rank)
+        if hasattr(model, "sampling_rng"):
+            model.sampling_rng.manual_seed(cfg.seed + ddp.rank)
+    if ddp.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", start_iter)
 
     # A private generator: the loader's base-seed draw must not advance the global RNG, or a
     # resumed run would see different random flips from an uninterrupted one.
-    loader = DataLoader(dataset, batch_sampler=batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_iter),
-                        collate_fn=collate_fn, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_iter, ddp.rank, ddp.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     model.train()
     health = GanHealth()
-    bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not progress)
+    bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not (progress and ddp.is_main))
     it = start_iter
-    with open(run_dir / "metrics.jsonl", "a") as log, StopRequested() as stop:
+    log_path = run_dir / "metrics.jsonl" if ddp.is_main else os.devnull
+    with open(log_path, "a") as log, StopRequested() as stop:
         for images, targets in loader:
             if it >= cfg.iters:
                 break
@@ -308,7 +416,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 check_finite(loss_dict, where)
                 loss = sum(loss_dict.values())
                 lr = cfg.lr * lr_factor(cfg, it)
-                grad_norm = optimizer_step(optimizers["detector"], loss, lr, cfg.grad_clip, scaler)
+                grad_norm = optimizer_step(optimizers["detector"], loss, lr, cfg.grad_clip, scaler, ddp.world_size)
                 record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()},
                            "lr": lr, "grad_norm": grad_norm}
 
@@ -319,46 +427,66 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                     model.discriminator(sr_batch["hr"]), model.discriminator(sr.detach()), sr_batch["labels"],
                     sr_batch["regression_targets"], sr_batch["hr_valid"], cfg.sr.weights)
                 check_finite(d_terms, where)
-                optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr.lr_discriminator, cfg.grad_clip)
+                optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr.lr_discriminator,
+                               cfg.grad_clip, world_size=ddp.world_size)
                 record |= {f"d_{k}": v.item() for k, v in d_terms.items()}
                 # 3. G step: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE, through the updated D
                 if "generator" in optimizers:
                     g_terms = generator_objective(model.discriminator(sr), sr, sr_batch["hr"], sr_batch["hr_valid"],
                                                   sr_batch["labels"], sr_batch["regression_targets"], cfg.sr.weights)
                     check_finite(g_terms, where)
-                    optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr.lr_generator, cfg.grad_clip)
+                    optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr.lr_generator, cfg.grad_clip,
+                                   world_size=ddp.world_size)
                     record |= {f"g_{k}": v.item() for k, v in g_terms.items()}
                     record |= patch_psnr(sr.detach(), sr_batch, cfg.sr.scale)
                 record |= {"sr_rois": len(sr_batch["labels"]), "sr_hr_valid": int(sr_batch["hr_valid"].sum())}
 
             it += 1
             record["sec"] = time.perf_counter() - tic
+            stopping = stop.signal is not None
+            if ddp.world_size > 1:
+                broadcast_buffers(model)
+                record = reduce_record(record, ddp.world_size)
+                flag = torch.tensor([float(stopping)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                stopping = bool(flag.item())
             if cfg.is_sr and (warning := health.update(it, record)):
                 record["warning"] = warning
-                tqdm.write(f"{run_dir}, iteration {it}: GAN health: {warning}")
+                if ddp.is_main:
+                    tqdm.write(f"{run_dir}, iteration {it}: GAN health: {warning}")
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "d_total", "g_total") if k in record})
             # Checkpoint before the next batch is drawn: the saved RNG state must be the one the
             # next iteration starts from (its flips and RoI sampling draw from it).
-            if it % cfg.ckpt_every == 0 or it == cfg.iters or stop.signal:
+            if ddp.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iters or stopping):
                 save_checkpoint(last_ckpt, model, optimizers, it, cfg, dataset.num_classes)
-            if stop.signal:
+            if stopping:
                 break
     bar.close()
-    if stop.signal:
-        print(f"{stop.signal}: saved {last_ckpt} at iteration {it}; resume with --resume")
-        return run_dir
-    if evaluate:
+    if it < cfg.iters:
+        if ddp.is_main:
+            print(f"stopped by {stop.signal or 'a signal on another rank'}: saved {last_ckpt} at iteration {it}; "
+                  "continue with --resume")
+    elif evaluate:
         val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
-        evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress)
-        if cfg.is_sr:
+        evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
+                     rank=ddp.rank, world_size=ddp.world_size)
+        if cfg.is_sr and ddp.is_main:
             held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=twins)
             atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model.eval(), held_out))
             # Browsable patches show the exact twin as HR whenever the data has one.
             twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
             write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
+    if ddp.world_size > 1:
+        # Record that the ranks ended in step: each rank's parameter digest, gathered on rank 0.
+        digests: list = [None] * ddp.world_size
+        dist.all_gather_object(digests, parameter_digest(model))
+        if ddp.is_main:
+            atomic_write_json(run_dir / "ddp.json", {"world_size": ddp.world_size, "parameter_digests": digests,
+                                                     "identical": len(set(digests)) == 1})
+        dist.barrier()
     return run_dir
 
 
@@ -373,3 +501,15 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg, ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
     return cfg, model.to(device).eval()
+
+
+if __name__ == "__main__":
+    # torchrun --nproc_per_node=N -m sodlab.train --data DIR --method baseline ... (the flags of `sodlab train`)
+    import sys
+
+    from sodlab.cli import main
+
+    status = main(["train", *sys.argv[1:]])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(status)

@@ -117,3 +117,33 @@ def test_load_trained_model_round_trip(tiny_config):
     assert cfg.method == "baseline" and not model.training
     w = _weights(run_dir)
     assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items())
+
+
+def test_nan_loss_stops_with_the_term_named_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
+    import sodlab.train as train_module
+
+    real_build = train_module.build_model
+
+    def poisoned_build(cfg, num_classes):
+        model = real_build(cfg, num_classes)
+        real_forward, calls = model.forward, [0]
+
+        def forward(images, targets=None):
+            losses = real_forward(images, targets)
+            calls[0] += 1
+            if calls[0] == 5:
+                losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+            return losses
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned_build)
+    tiny_config.ckpt_every = 2
+    with pytest.raises(FloatingPointError, match=r"iteration 5: loss loss_box_reg is not finite"):
+        train(tiny_config, progress=False, evaluate=False)
+    run_dir = tiny_config.out
+    ckpt = torch.load(f"{run_dir}/checkpoints/last.pt", weights_only=False)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not [p for p in os.listdir(f"{run_dir}/checkpoints") if p.endswith(".tmp")]
