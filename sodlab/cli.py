@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="every method side by side at an equal budget -> runs/bench-NAME/")
+    from sodlab.bench import add_arguments, run_from_args
+
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
     p = sub.add_parser("demo", help="synthesize, train the CPU baseline, evaluate, print the table")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--runs", default="runs/demo")

@@ -102,10 +102,13 @@ def test_sampled_rois_are_small_labelled_and_encoded(tiny_config, tiny_synth):
     losses, batch = model.training_forward(list(images), list(targets))
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
     m = len(batch["labels"])
-    assert 0 < m <= 2 * model.cfg.rois_per_image
+    assert 0 < m <= 2 * (model.cfg.rois_per_image + model.cfg.hr_rois_per_image)
     assert batch["lr"].shape == (m, 3, 16, 16) and batch["hr"].shape == (m, 3, 64, 64)
     rois = torch.cat(batch["rois"])
-    assert bool(((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]) < 32**2).all())
+    small = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]) < 32**2
+    # small RoIs for the branch, plus a few large enough for a real HR target from the image itself
+    assert small.sum() >= m - 2 * model.cfg.hr_rois_per_image
+    assert torch.equal(batch["hr_valid"], ~small & batch["hr_valid"]), "only big RoIs have real HR in the image"
     assert (batch["labels"] > 0).any(), "jittered ground truth guarantees foreground RoIs"
     # t* decodes back onto the matched ground truth for foreground RoIs
     fg = batch["labels"] > 0

@@ -20,6 +20,7 @@ deltas computed in the original frame apply unchanged to the resized proposals.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,10 @@ class SRConfig:
     # training
     schedule: str = "joint"  # joint: detector, D and G every step | staged: detector frozen (init_from a run)
     rois_per_image: int = 16
+    # RoIs large enough for a real HR target (jittered ground truth, any size): with
+    # hr_source="image" small RoIs never have one, so without these L_MSE, L_TV and D's real term
+    # would get no data. Their LR patch is their HR patch reduced: SOD-MTGAN's protocol.
+    hr_rois_per_image: int = 4
     fg_fraction: float = 0.5
     gt_jitter: float = 0.15  # relative shift/scale of the jittered ground-truth RoIs
     jitters_per_gt: int = 2
@@ -86,6 +91,10 @@ def sr_config_for(method: str, base: SRConfig | None = None) -> SRConfig:
     if method not in variants:
         raise ValueError(f"{method!r} is not an SR method; choose one of {sorted(variants)}")
     return dataclasses.replace(base, **variants[method])
+
+
+def _at_least_a_pixel(boxes: Tensor) -> Tensor:
+    return (boxes[:, 2:] - boxes[:, :2] >= 1).all(dim=1)
 
 
 class SRDetector(nn.Module):
@@ -123,6 +132,8 @@ class SRDetector(nn.Module):
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets_t = det.transform(images, targets)
         features = det.backbone(image_list.tensors)
+        if isinstance(features, Tensor):  # a single C4 map (non-FPN presets), as GeneralizedRCNN wraps it
+            features = OrderedDict([("0", features)])
         proposals, rpn_losses = det.rpn(image_list, features, targets_t)
         return image_list, targets_t, features, proposals, rpn_losses, original_sizes
 
@@ -193,38 +204,49 @@ class SRDetector(nn.Module):
             _, roi_losses = det.roi_heads(features, proposals, image_list.image_sizes, targets_t)
             losses = {**rpn_losses, **roi_losses}
         proposals = self._to_original([p.detach() for p in proposals], image_list.image_sizes, original_sizes)
-        rois, labels, regression_targets = self.sample_rois(proposals, targets)
+        twins = hr_images is not None and self.cfg.hr_source == "twin"
+        rois, labels, regression_targets = self.sample_rois(proposals, targets, self.cfg.scale if twins else 1)
         lr, hr, hr_valid = lr_hr_pairs(
             images, rois, self.cfg.lr_size, self.cfg.scale, self.cfg.context,
-            hr_images=hr_images if self.cfg.hr_source == "twin" else None)
+            hr_images=hr_images if twins else None)
         batch = {"lr": lr, "hr": hr, "hr_valid": hr_valid, "labels": torch.cat(labels),
                  "regression_targets": torch.cat(regression_targets), "rois": rois}
         return losses, batch
 
-    def sample_rois(self, proposals: list[Tensor], targets: list[dict]):
-        """Small RoIs for the SR branch: proposals plus jittered ground truth, labelled by IoU >= 0.5.
+    def _jitter(self, boxes: Tensor, copies: int) -> Tensor:
+        """``copies`` randomly shifted and rescaled versions of each box (relative ``gt_jitter``)."""
+        g, j = self.sampling_rng, self.cfg.gt_jitter
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(copies, 1)
+        centre = (boxes[:, 2:] + boxes[:, :2]).repeat(copies, 1) / 2
+        shift = torch.rand(centre.shape, generator=g).to(wh.device) * 2 - 1
+        stretch = torch.rand(wh.shape, generator=g).to(wh.device) * 2 - 1
+        centre = centre + shift * j * wh
+        wh = wh * torch.exp(stretch * j)
+        return torch.cat([centre - wh / 2, centre + wh / 2], dim=1)
 
-        Up to ``rois_per_image`` per image, ``fg_fraction`` of them foreground where there are
-        enough, as Fast R-CNN samples its RoIs. Returns per-image rois, labels u_i and targets t*.
+    def sample_rois(self, proposals: list[Tensor], targets: list[dict], hr_scale: int = 1):
+        """RoIs for the SR branch, labelled by IoU >= 0.5 with the ground truth.
+
+        Up to ``rois_per_image`` small ones per image (proposals plus jittered ground truth),
+        ``fg_fraction`` of them foreground where there are enough, as Fast R-CNN samples its RoIs;
+        plus up to ``hr_rois_per_image`` jittered ground truth boxes big enough for a real HR
+        target in a grid ``hr_scale`` x finer than the image. Returns per-image rois, labels u_i
+        and regression targets t*.
         """
         cfg, g = self.cfg, self.sampling_rng
+        hr_size = cfg.lr_size * cfg.scale
         out_rois, out_labels, out_targets = [], [], []
         for props, target in zip(proposals, targets):
             gt_boxes, gt_labels = target["boxes"].as_subclass(Tensor), target["labels"]
             gt_small = gt_boxes[self._selected(gt_boxes)]
-            if len(gt_small):
-                wh = (gt_small[:, 2:] - gt_small[:, :2]).repeat(cfg.jitters_per_gt, 1)
-                centre = (gt_small[:, 2:] + gt_small[:, :2]).repeat(cfg.jitters_per_gt, 1) / 2
-                shift = torch.rand(centre.shape, generator=g).to(wh.device) * 2 - 1
-                stretch = torch.rand(wh.shape, generator=g).to(wh.device) * 2 - 1
-                centre = centre + shift * cfg.gt_jitter * wh
-                wh = wh * torch.exp(stretch * cfg.gt_jitter)
-                jittered = torch.cat([centre - wh / 2, centre + wh / 2], dim=1)
-                candidates = torch.cat([props, gt_small, jittered])
-            else:
-                candidates = props
-            candidates = candidates[self._selected(candidates)]
-            candidates = candidates[(candidates[:, 2:] - candidates[:, :2] >= 1).all(dim=1)]
+            candidates = torch.cat([props, gt_small, self._jitter(gt_small, cfg.jitters_per_gt)])
+            candidates = candidates[self._selected(candidates) & _at_least_a_pixel(candidates)]
+            side = (gt_boxes[:, 2:] - gt_boxes[:, :2]).min(dim=1).values
+            hr_capable = self._jitter(gt_boxes[side * (1 + 2 * cfg.context) * hr_scale >= hr_size], 1)
+            hr_capable = hr_capable[_at_least_a_pixel(hr_capable)]
+            hr_capable = hr_capable[torch.randperm(len(hr_capable), generator=g)[:cfg.hr_rois_per_image].to(hr_capable.device)]
+            num_small = len(candidates)
+            candidates = torch.cat([candidates, hr_capable])
 
             if len(gt_boxes):
                 iou, matched = box_iou(candidates, gt_boxes).max(dim=1)
@@ -233,11 +255,13 @@ class SRDetector(nn.Module):
             else:
                 labels = torch.zeros(len(candidates), dtype=torch.int64, device=candidates.device)
                 matched_boxes = candidates
-            fg, bg = torch.where(labels > 0)[0], torch.where(labels == 0)[0]
+            is_small = torch.arange(len(candidates), device=labels.device) < num_small
+            fg, bg = torch.where((labels > 0) & is_small)[0], torch.where((labels == 0) & is_small)[0]
             num_fg = min(len(fg), round(cfg.rois_per_image * cfg.fg_fraction))
             num_bg = min(len(bg), cfg.rois_per_image - num_fg)
             keep = torch.cat([fg[torch.randperm(len(fg), generator=g)[:num_fg].to(fg.device)],
-                              bg[torch.randperm(len(bg), generator=g)[:num_bg].to(bg.device)]])
+                              bg[torch.randperm(len(bg), generator=g)[:num_bg].to(bg.device)],
+                              torch.where(~is_small)[0]])
             rois = candidates[keep]
             out_rois.append(rois)
             out_labels.append(labels[keep])

@@ -1,0 +1,227 @@
+"""sodlab bench: end to end on a tiny set, the gap formula, the oracle's frames, SAHI's slicing,
+per-process peak RSS, no overwriting, and the --paper dry run."""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sodlab.bench import (BUDGETS, METHOD_NAMES, Budget, add_arguments, budget_from_args, coco_eval, gap_closed,
+                          peak_rss_mb, prepare_oracle_data, run_bench, run_from_args, run_measurement,
+                          sahi_detection_model, sahi_predict, scale_results, train_config, METHODS)
+from sodlab.data.coco import load_coco_json
+
+TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, box_batch_size_per_image=32,
+                     rpn_post_nms_top_n_test=30, box_detections_per_img=30)
+
+
+def tiny_budget(**changes) -> Budget:
+    """Smaller than quick: 2 iterations at batch 2 on 128 px images, 3 timed inferences, in-process."""
+    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, batch_size=2, warmup_iters=1,
+                               detector_overrides=TINY_DETECTOR, timing_images=3, timing_warmup=1, threads=1,
+                               isolate=False, **changes)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tiny_synth, tmp_path_factory):
+    """Every method once on the tiny embedded benchmark (x4 twins: the oracle reduces them to x2)."""
+    out = tmp_path_factory.mktemp("bench") / "bench-test"
+    return run_bench(tiny_budget(), out, data=str(tiny_synth), progress=False)
+
+
+# --- the gap formula -------------------------------------------------------------------------------
+
+def test_gap_closed_by_hand():
+    assert gap_closed(0.15, 0.10, 0.20) == pytest.approx(0.5)  # half way from baseline to oracle
+    assert gap_closed(0.10, 0.10, 0.20) == 0.0
+    assert gap_closed(0.20, 0.10, 0.20) == pytest.approx(1.0)
+    assert gap_closed(0.25, 0.10, 0.20) == pytest.approx(1.5)  # beyond the oracle
+    assert gap_closed(0.05, 0.10, 0.20) == pytest.approx(-0.5)  # worse than the baseline
+    assert gap_closed(0.15, 0.10, None) is None  # no oracle
+    assert gap_closed(0.15, 0.10, 0.10) is None  # nothing to close
+    assert gap_closed(0.15, -1.0, 0.20) is None  # COCO's -1: no small ground truth
+
+
+# --- end to end --------------------------------------------------------------------------------------
+
+def test_every_method_has_a_row_with_finite_numbers(bench_dir):
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    assert bench["complete"]
+    rows = {row["method"]: row for row in bench["rows"]}
+    assert list(rows) == list(METHOD_NAMES)
+    for name, row in rows.items():
+        numbers = [row["eval"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        numbers += [b["AP"] for b in row["eval"]["fine_bins"].values()]
+        numbers += list(row["cost"].values()) + list(row["vs_baseline"].values())
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), (name, numbers)
+        assert row["cost"]["infer_ms_per_image"] > 0 and row["cost"]["parameters"] > 0
+    # equal budget: every trained method saw the same 4 images
+    assert {row["budget"]["images_seen"] for row in rows.values()} == {4}
+    assert rows["baseline"]["vs_baseline"]["infer_ms_per_image"] == 1.0
+    # SAHI reuses the baseline's weights and training; the SR methods carry G and D on top
+    assert rows["sahi"]["cost"]["parameters"] == rows["baseline"]["cost"]["parameters"]
+    assert rows["sahi"]["budget"]["reused_from"] == "baseline"
+    assert rows["sr"]["vs_baseline"]["parameters"] > 1
+    assert rows["sr-no-recon"]["cost"]["parameters"] < rows["sr"]["cost"]["parameters"]  # no G
+    # the oracle is evaluated against the LR ground truth: the same objects in the same size bins
+    assert ({b: v["num_gt"] for b, v in rows["hr-oracle"]["eval"]["fine_bins"].items()}
+            == {b: v["num_gt"] for b, v in rows["baseline"]["eval"]["fine_bins"].items()})
+    assert bench["torch_threads"] == 1
+    assert all(r["training"]["torch_threads"] == r["inference"]["torch_threads"] == 1 for r in bench["records"])
+    assert bench["sr_hr_source"] == "twin"
+
+
+def test_bench_writes_run_dirs_report_and_plots(bench_dir):
+    for method in METHODS:
+        run_dir = bench_dir / "runs" / f"{method.name}-seed0"
+        assert (run_dir / "eval.json").exists() and (run_dir / "detections_val.json").exists()
+        if method.train_as:  # a normal run directory: `sodlab eval` can load it
+            config = json.loads((run_dir / "config.json").read_text())
+            assert config["method"] == method.train_as and config["iters"] == 2
+            assert (run_dir / "checkpoints" / "last.pt").exists()
+    oracle = json.loads((bench_dir / "runs" / "hr-oracle-seed0" / "config.json").read_text())
+    assert oracle["detector"]["min_size"] == 2 * 128  # x2 twins are not resized back down
+    sr = json.loads((bench_dir / "runs" / "sr-seed0" / "config.json").read_text())
+    assert sr["sr"]["schedule"] == "joint" and sr["sr"]["hr_source"] == "twin"
+
+    report = (bench_dir / "bench.md").read_text()
+    assert "## Published on COCO (Gu et al.), not comparable" in report
+    assert "| Methods | Backbone | AP 0.5:0.95 | 0.5 | 0.75 | S | M | L |" in report
+    assert "w/o clsloss (cf. sr-no-cls) | ResNet-50 | 32.5 | 52.8 | 34.5 | 1.9 | 11.5 | 29.9 |" in report
+    assert "64x64 px slices, overlap 0.2" in report and "HR oracle at x2" in report
+    for name in ("ap_by_size.png", "speed_accuracy.png"):
+        with Image.open(bench_dir / name) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_existing_output_is_refused_and_left_untouched(bench_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the embedded benchmark would be generated into ./data
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bench_dir.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="already holds a bench"):
+        run_bench(tiny_budget(), bench_dir, data=str(tmp_path / "never-read"), progress=False)
+    with pytest.raises(FileExistsError):
+        run_from_args(parse(["--budget", "quick", "--runs", str(bench_dir.parent), "--name", "test"]))
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bench_dir.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "data").exists()  # refused before any data was generated
+
+
+# --- pieces ------------------------------------------------------------------------------------------
+
+def test_oracle_data_maps_back_to_the_lr_frame(tiny_synth, tmp_path):
+    """Perfect detections in the twin frame score AP 1 against the LR json once scaled by 1/k."""
+    out, note = prepare_oracle_data(tiny_synth, 2, tmp_path / "oracle", ("train", "val"))
+    assert "x4 twins area-averaged by 2" in note
+    lr = load_coco_json(tiny_synth / "annotations" / "instances_val.json")
+    hr = load_coco_json(out / "annotations" / "instances_val.json")
+    assert hr["images"][0]["width"] == 2 * lr["images"][0]["width"]
+    assert hr["annotations"][0]["bbox"] == [2 * v for v in lr["annotations"][0]["bbox"]]
+    assert hr["annotations"][0]["area"] == pytest.approx(4 * lr["annotations"][0]["area"])
+    # the x2 twin is the x4 twin area-averaged: it reduces to the LR image (up to rounding twice)
+    twin = np.asarray(Image.open(out / "val" / "000001.png"), dtype=np.float64)
+    low = np.asarray(Image.open(tiny_synth / "val" / "000001.png"), dtype=np.float64)
+    assert twin.shape == (256, 256, 3)
+    assert np.abs(twin.reshape(128, 2, 128, 2, 3).mean(axis=(1, 3)) - low).max() <= 1.0
+
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in hr["annotations"]]
+    stats = coco_eval(tiny_synth / "annotations" / "instances_val.json", scale_results(perfect, 1 / 2))
+    assert stats["AP"] == pytest.approx(1.0)
+
+
+def test_oracle_renders_twins_from_scenes_or_is_skipped(tiny_synth, tmp_path):
+    data = tmp_path / "no-twins"
+    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x4"))
+    out, note = prepare_oracle_data(data, 2, tmp_path / "oracle", ("val",))
+    assert "rendered from the scene files" in note and len(list((out / "val").glob("*.png"))) == 6
+    (data / "annotations" / "scenes_val.json").unlink()
+    out, note = prepare_oracle_data(data, 2, tmp_path / "oracle2", ("val",))
+    assert out is None and note.startswith("HR oracle skipped")
+
+
+class CentreDetector(torch.nn.Module):
+    """Detects one 8 x 8 object at the centre of its input: SAHI must shift each slice's box into place."""
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            cx, cy = image.shape[-1] / 2, image.shape[-2] / 2
+            out.append({"boxes": torch.tensor([[cx - 4, cy - 4, cx + 4, cy + 4]]), "labels": torch.tensor([1]),
+                        "scores": torch.tensor([0.9])})
+        return out
+
+
+def test_sahi_slices_map_back_to_image_pixels():
+    from sahi.slicing import get_slice_bboxes
+
+    model = sahi_detection_model(CentreDetector(), ["__background__", "thing"], torch.device("cpu"))
+    out = sahi_predict(model, np.zeros((128, 128, 3), dtype=np.uint8), slice_size=64, overlap=0.25)
+    slices = get_slice_bboxes(128, 128, 64, 64, overlap_height_ratio=0.25, overlap_width_ratio=0.25)
+    assert len(slices) == 9  # 3 x 3 slices of 64 px starting at 0, 48 and 64 (the last one clamped)
+    centres = [((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in slices] + [(64.0, 64.0)]  # + the full image
+    expected = sorted((cx - 4, cy - 4, cx + 4, cy + 4) for cx, cy in centres)
+    assert sorted(map(tuple, out["boxes"].tolist())) == expected
+    assert out["labels"].tolist() == [1] * 10
+
+
+def _pid_and_peak(_job):
+    return os.getpid(), peak_rss_mb()
+
+
+def test_isolated_measurement_has_its_own_pid_and_peak_rss():
+    ballast = np.ones(300 * 2**20 // 8)  # make this process's peak RSS large
+    pid, peak = run_measurement(_pid_and_peak, None, isolate=True)
+    assert pid != os.getpid()
+    # ru_maxrss would report at least this process's peak (inherited across fork + exec); VmHWM does not
+    assert peak < peak_rss_mb() - 200
+    del ballast
+
+
+# --- the paper's configuration ---------------------------------------------------------------------------
+
+def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):
+    budget = budget_from_args(parse(["--paper"]))
+    assert budget.presets == ("r50", "r50-fpn", "r101", "r101-fpn")
+    cfg = train_config(budget, "r101-fpn", METHODS[4], 0, "data/coco", tmp_path / "run")
+    assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.schedule) == (90_000, 16, 0.02, "step")
+    assert (cfg.detector.min_size, cfg.detector.max_size, cfg.detector.pretrained) == (800, 1333, True)
+    assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017") and cfg.sr.schedule == "joint"
+
+
+@pytest.fixture
+def tiny_coco(tiny_synth, tmp_path):
+    """A COCO 2017-shaped copy of the tiny set: train2017/val2017, no twins, no scene files."""
+    out = tmp_path / "coco"
+    (out / "annotations").mkdir(parents=True)
+    for split, coco_split in (("train", "train2017"), ("val", "val2017")):
+        shutil.copytree(tiny_synth / split, out / coco_split)
+        shutil.copy(tiny_synth / "annotations" / f"instances_{split}.json",
+                    out / "annotations" / f"instances_{coco_split}.json")
+    return out
+
+
+def test_paper_dry_run_on_a_handful_of_images(tiny_coco, tmp_path):
+    """Both backbone depths, with and without FPN, every kind of method (the oracle: skipped, no twins)."""
+    out = run_from_args(parse(["--paper", "--dry-run", "--data", str(tiny_coco), "--no-pretrained",
+                               "--threads", "1", "--runs", str(tmp_path / "runs"),
+                               "--presets", "r50,r101-fpn", "--methods", "baseline,sahi,sr,hr-oracle"]))
+    bench = json.loads((out / "bench.json").read_text())
+    assert out.name == "bench-paper-dry-run"
+    assert [(r["preset"], r["method"]) for r in bench["rows"]] == [
+        (p, m) for p in ("r50", "r101-fpn") for m in ("baseline", "sahi", "sr")]
+    assert any(note.startswith("HR oracle skipped") for note in bench["notes"])
+    assert {r["backbone"] for r in bench["rows"]} == {"ResNet-50", "ResNet-101-FPN"}
+    for record in bench["records"]:
+        assert record["training"]["iters"] == 2 and record["inference"]["torch_threads"] == 1
+        assert all(math.isfinite(record["eval"][k]) for k in ("AP", "APs"))
