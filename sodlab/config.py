@@ -26,7 +26,8 @@ class TrainConfig:
     sr: SRConfig = field(default_factory=SRConfig)
     # staged schedule: a finished run whose detector weights start this one (then frozen)
     init_from: str = ""
-    # optimisation (SGD as in torchvision's detection references)
+    # optimisation (SGD as in torchvision's detection references; AdamW converges faster from scratch)
+    optimizer: str = "sgd"  # sgd | adamw
     iters: int = 600
     batch_size: int = 4
     lr: float = 0.02
@@ -46,6 +47,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or step")
         if isinstance(self.detector, dict):  # loaded back from config.json

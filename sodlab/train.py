@@ -224,8 +224,11 @@ def make_optimizers(cfg: TrainConfig, model) -> dict:
     optimizers = {}
     if not (cfg.is_sr and cfg.sr.schedule == "staged"):
         params = [p for p in detector.parameters() if p.requires_grad]
-        optimizers["detector"] = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                 weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            optimizers["detector"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizers["detector"] = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
     if cfg.is_sr:
         optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(),
                                                        lr=cfg.sr.lr_discriminator, betas=(0.9, 0.999))
