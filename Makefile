@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval-lax notebooks/
+	$(PY) -m pytest --nbval-lax --nbval-current-env notebooks/
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
