@@ -6,7 +6,7 @@ dataset, evaluates each run with FiftyOne's COCO matcher at IoU 0.5, counts smal
 TP/FP/FN per image and saves views that answer "which small objects did SR find that the
 baseline missed?". `launch` serves it in the FiftyOne App.
 
-Dataset layout (one sample per image; dataset name ``sodlab-{data_name}-{split}``)
+Dataset layout (one sample per image; dataset name ``sodlab-{data_name}-{split}-{run+run...}``)
     ground_truth            Detections from the json; each carries ``annotation_id``, ``iscrowd``,
                             ``area_px``, ``size``, ``sr_patch_ids`` and, after evaluation,
                             ``eval_{run}`` in {"tp", "fn"} per run.
@@ -116,10 +116,12 @@ def field_name(run_name: str) -> str:
     return name
 
 
-def dataset_name(data_dir: str | os.PathLike, split: str = "val") -> str:
-    """Name of the sodlab dataset for a data directory and split, e.g. "sodlab-synth-val"."""
+def dataset_name(data_dir: str | os.PathLike, split: str = "val", run_dirs=()) -> str:
+    """Name of the sodlab dataset for a data directory, split and runs, namespaced by sodlab:
+    e.g. "sodlab-synth-val-baseline+sr" (runs sorted, so their order does not matter)."""
     data_name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(data_dir).resolve().name)
-    return f"sodlab-{data_name}-{split}"
+    runs = "+".join(sorted(field_name(Path(r).name) for r in run_dirs))
+    return f"sodlab-{data_name}-{split}" + (f"-{runs}" if runs else "")
 
 
 @dataclass
@@ -391,7 +393,7 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
 
     data_dir: COCO-format directory (annotations/instances_{split}.json, {split}/).
     run_dirs: run directories, each with detections_{split}.json; one predictions field each.
-    name: dataset name, default `dataset_name(data_dir, split)`; an existing dataset of that
+    name: dataset name, default `dataset_name(data_dir, split, run_dirs)`; an existing dataset of that
         name (and its "-sr-patches" twin) is replaced if sodlab built it, else ValueError.
     baseline, method: the two runs compared by small_recall_gain and the saved views, given
         by run directory or field name. Default: the run named or configured (config.json
@@ -402,7 +404,7 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
         the per-object outcomes).
     """
     data_dir = Path(data_dir)
-    name = name or dataset_name(data_dir, split)
+    name = name or dataset_name(data_dir, split, run_dirs)
     patches_name = name + SR_PATCHES_SUFFIX
     coco, image_dir = _read_coco_split(data_dir, split)
     runs = _resolve_runs(run_dirs)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
+from sodlab.distributed import (average_gradients, broadcast_buffers, init_distributed, parameter_digest,
+                                reduce_record)
 from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json
 from sodlab.evaluate import evaluate_run
@@ -69,77 +70,6 @@ def batch_indices(num_images: int, batch_size: int, seed: int, start_iter: int, 
     while True:
         yield [index(it * batch_size + k) for k in range(batch_size)]
         it += 1
-
-
-@dataclass
-class Distributed:
-    """Where this process stands in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-
-
-def init_distributed() -> Distributed:
-    """Join the torchrun job named by WORLD_SIZE/RANK/LOCAL_RANK: gloo on the CPU, nccl on CUDA."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    ddp = Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ddp.local_rank)
-    return ddp
-
-
-def average_gradients(params: list, world_size: int) -> None:
-    """Data parallelism: every rank steps with the mean gradient over all ranks' batches.
-
-    One flat all-reduce per optimizer step. We do this by hand rather than through the
-    DistributedDataParallel wrapper because the SR methods update D and G alternately, calling D
-    three times per iteration outside any single forward(), which the wrapper cannot follow.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
-        offset += g.numel()
-
-
-def broadcast_buffers(model) -> None:
-    """Rank 0's BatchNorm statistics for everyone (DistributedDataParallel's broadcast_buffers),
-    so every rank evaluates the same model."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-
-
-def reduce_record(record: dict, world_size: int) -> dict:
-    """Mean of every logged number over the ranks, so the log describes the global batch."""
-    keys = [k for k, v in record.items() if k != "iter" and isinstance(v, (int, float))]
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return record | {k: v / world_size for k, v in zip(keys, values.tolist())}
-
-
-def parameter_digest(model) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def lr_factor(cfg: TrainConfig, it: int) -> float:

@@ -250,7 +250,7 @@ def random_case(tmp_path_factory):
 def test_small_counts_equal_pycocotools_evalimgs(random_case):
     data_dir, runs, dataset = random_case
     ann_file = data_dir / "annotations" / "instances_val.json"
-    assert dataset.name == "sodlab-randcoco-val"
+    assert dataset.name == "sodlab-randcoco-val-baseline+sr_x4"
     for run_dir, field in zip(runs, ["baseline", "sr_x4"]):
         detections = json.loads((run_dir / "detections_val.json").read_text())
         expected = pycocotools_small_counts(ann_file, detections)
@@ -433,7 +433,8 @@ def test_rebuild_is_idempotent_and_touches_no_other_dataset(view_case):
     first = explore.build_dataset(data_dir, runs)
     schema, views, count = first.get_field_schema(), first.list_saved_views(), len(first)
     second = explore.build_dataset(data_dir, runs)
-    assert second.name == explore.dataset_name(data_dir, "val") == "sodlab-handmade-val"
+    assert second.name == explore.dataset_name(data_dir, "val", runs)
+    assert second.name.startswith("sodlab-handmade-val-") and "baseline" in second.name
     assert len(second) == count == 5
     assert second.get_field_schema().keys() == schema.keys()
     assert second.list_saved_views() == views
@@ -441,7 +442,7 @@ def test_rebuild_is_idempotent_and_touches_no_other_dataset(view_case):
     assert fo.dataset_exists("other") and len(fo.load_dataset("other")) == 3
     assert sorted(fo.load_dataset("other").values("note")) == [0, 1, 2]
     sodlab_datasets = [n for n in fo.list_datasets() if n.startswith("sodlab-handmade")]
-    assert sorted(sodlab_datasets) == ["sodlab-handmade-val", "sodlab-handmade-val-sr-patches"]
+    assert sorted(sodlab_datasets) == [second.name, second.name + "-sr-patches"]
 
 
 def test_refuses_to_replace_a_dataset_sodlab_did_not_build(view_case):

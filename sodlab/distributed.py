@@ -1,0 +1,85 @@
+"""Data-parallel training under torchrun: who this process is, and the collective steps.
+
+gloo on the CPU, nccl on CUDA. Gradients are averaged with one flat all-reduce per optimizer
+step rather than through the DistributedDataParallel wrapper: the SR methods update D and G
+alternately and call D three times per iteration outside any single forward(), which the
+wrapper cannot follow. BatchNorm buffers follow rank 0, as with DDP's broadcast_buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def init_distributed() -> Distributed:
+    """Join the torchrun job named by WORLD_SIZE/RANK/LOCAL_RANK: gloo on the CPU, nccl on CUDA."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ddp = Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ddp.local_rank)
+    return ddp
+
+
+def average_gradients(params: list, world_size: int) -> None:
+    """Data parallelism: every rank steps with the mean gradient over all ranks' batches.
+
+    One flat all-reduce per optimizer step. We do this by hand rather than through the
+    DistributedDataParallel wrapper because the SR methods update D and G alternately, calling D
+    three times per iteration outside any single forward(), which the wrapper cannot follow.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+def broadcast_buffers(model) -> None:
+    """Rank 0's BatchNorm statistics for everyone (DistributedDataParallel's broadcast_buffers),
+    so every rank evaluates the same model."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def reduce_record(record: dict, world_size: int) -> dict:
+    """Mean of every logged number over the ranks, so the log describes the global batch."""
+    keys = [k for k, v in record.items() if k != "iter" and isinstance(v, (int, float))]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return record | {k: v / world_size for k, v in zip(keys, values.tolist())}
+
+
+def parameter_digest(model) -> str:
+    """sha256 of every parameter and buffer: equal digests mean the ranks ended in step."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
