@@ -83,13 +83,12 @@ import fiftyone.core.context as focx
 from fiftyone import ViewField as F
 from PIL import Image
 
+from sodlab.data.coco import size_bucket
 from sodlab.io import read_json
 
 fo.config.do_not_track = True  # in case fiftyone was imported before this module
 
 GT_FIELD = "ground_truth"
-SMALL_MAX_AREA = 32**2  # COCOeval areaRng "small" = [0, 32**2], closed
-MEDIUM_MAX_AREA = 96**2
 MAX_DETS_PER_CLASS = 100  # COCOeval maxDets[-1], applied per image and category
 IOU_THRESHOLD = 0.5
 SR_PATCH_SLICES = ("lr", "sr", "hr")
@@ -97,15 +96,6 @@ SR_PATCHES_SUFFIX = "-sr-patches"
 _RESERVED_FIELDS = {"id", "filepath", "tags", "metadata", "image_id", "group", "small_gt",
                     "small_recall_gain", "created_at", "last_modified_at", GT_FIELD}
 _SR_INDEX_KEYS = {"image_id", "annotation_id", "label", "lr", "sr", "hr"}
-
-
-def size_bucket(area: float) -> str:
-    """COCO size bucket of an area in image pixels (bounds inclusive, as in COCOeval)."""
-    if area <= SMALL_MAX_AREA:
-        return "small"
-    if area <= MEDIUM_MAX_AREA:
-        return "medium"
-    return "large"
 
 
 def field_name(run_name: str) -> str:

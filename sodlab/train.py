@@ -328,7 +328,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not (progress and ddp.is_main))
     it = start_iter
     log_path = run_dir / "metrics.jsonl" if ddp.is_main else os.devnull
-    with open(log_path, "a") as log, StopRequested() as stop:
+    # The bar is a context manager too: it is closed before an error message, not left half drawn.
+    with open(log_path, "a") as log, StopRequested() as stop, bar:
         for images, targets in loader:
             if it >= cfg.iters:
                 break
@@ -397,7 +398,6 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 save_checkpoint(last_ckpt, model, optimizers, it, cfg, dataset.num_classes)
             if stopping:
                 break
-    bar.close()
     if it < cfg.iters:
         if ddp.is_main:
             print(f"stopped by {stop.signal or 'a signal on another rank'}: saved {last_ckpt} at iteration {it}; "

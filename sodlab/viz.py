@@ -52,7 +52,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json
+from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, size_bucket
 from sodlab.evaluate import FINE_BIN_LABELS
 from sodlab.io import read_json
 
@@ -247,13 +247,6 @@ def completed_runs(runs_dir: str | os.PathLike, names: Iterable[str]) -> dict[st
 SIZE_BOUNDS = (32, 96)
 BUCKETS = ("small", "medium", "large")
 BUCKET_COLOURS = {"small": "#e6194b", "medium": "#f58231", "large": "#4363d8"}
-
-
-def size_bucket(area: float) -> str:
-    """"small" for area <= 32^2, "medium" for <= 96^2, else "large"."""
-    if area <= SIZE_BOUNDS[0] ** 2:
-        return "small"
-    return "medium" if area <= SIZE_BOUNDS[1] ** 2 else "large"
 
 
 def _annotation_area(ann: dict) -> float:

@@ -30,7 +30,9 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
     (run / "eval.json").unlink()
     assert main(["eval", "--run", str(run)]) == 0
     assert read_json(run / "eval.json") == first, "eval of the saved checkpoint reproduces training's evaluation"
-    assert len(json.loads((run / "detections_val.json").read_text())) >= 0
+    detections = json.loads((run / "detections_val.json").read_text())
+    assert isinstance(detections, list)
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} and len(d["bbox"]) == 4 for d in detections)
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):

@@ -225,3 +225,10 @@ def test_coco_paths(split):
     assert coco_paths(image_dir.parent, "val") == (image_dir, ann_file)
     with pytest.raises(FileNotFoundError, match=r"instances_train\.json.*present: instances_val\.json"):
         coco_paths(image_dir.parent, "train")
+
+
+def test_size_buckets_use_cocos_inclusive_bounds():
+    from sodlab.data.coco import size_bucket
+
+    assert [size_bucket(a) for a in (1, 32**2, 32**2 + 0.25, 96**2, 96**2 + 0.25)] == \
+        ["small", "small", "medium", "medium", "large"]

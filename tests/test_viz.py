@@ -102,11 +102,6 @@ def test_ensure_data_refuses_a_benchmark_without_twins(tmp_path):
 
 # --- data statistics --------------------------------------------------------------------------
 
-def test_size_buckets_use_cocos_inclusive_bounds():
-    assert [viz.size_bucket(a) for a in (1, 32**2, 32**2 + 0.25, 96**2, 96**2 + 0.25)] == \
-        ["small", "small", "medium", "medium", "large"]
-
-
 @pytest.fixture
 def hand_coco(tmp_path):
     """A split with hand-picked areas: 10x10 and 20x20 (small), 50x50 (medium), 100x100 (large), a crowd."""

@@ -34,6 +34,18 @@ from sodlab.io import read_json
 
 BACKGROUND = "__background__"
 
+# COCO's size buckets by area in image pixels; COCOeval's areaRng intervals are closed, so an
+# object of exactly 32**2 pixels is small.
+SMALL_MAX_AREA = 32**2
+MEDIUM_MAX_AREA = 96**2
+
+
+def size_bucket(area: float) -> str:
+    """"small", "medium" or "large", with COCOeval's bounds (inclusive)."""
+    if area <= SMALL_MAX_AREA:
+        return "small"
+    return "medium" if area <= MEDIUM_MAX_AREA else "large"
+
 # Pillow modes holding more than 8 bits per pixel. Pillow's own convert("RGB") clips these at 255
 # instead of rescaling, which would turn most of a 16-bit image white.
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from sodlab.data.coco import MEDIUM_MAX_AREA, SMALL_MAX_AREA, size_bucket
 from sodlab.io import atomic_write_json
 
 SYNTH_VERSION = 1
@@ -72,8 +73,6 @@ CLASS_DESCRIPTIONS = {
 DISTRACTOR_KINDS = ("ellipse", "segment", "blob", "star")
 
 # COCO's size buckets, in LR pixels of area.
-SMALL_MAX_AREA = 32**2
-MEDIUM_MAX_AREA = 96**2
 
 # Scene sampling knobs. Object *area* is sampled per COCO bucket, so the bucket mix is controlled
 # directly; the extent (side or diameter) follows from the class's fill fraction.
@@ -568,11 +567,6 @@ def visible_box_and_area(window: tuple[int, int, int, int], mask: np.ndarray, sc
     return bbox, np.count_nonzero(mask) / scale**2
 
 
-def size_bucket(area: float) -> int:
-    """COCO size bucket of an area in LR pixels: 0 small (< 32^2), 1 medium, 2 large (> 96^2)."""
-    return 0 if area < SMALL_MAX_AREA else 1 if area <= MEDIUM_MAX_AREA else 2
-
-
 def _is_kept(vis: dict) -> bool:
     return vis["visible_pixels"] > 0 and vis["visible_pixels"] >= MIN_VISIBLE_FRACTION * vis["drawn_pixels"]
 
@@ -721,7 +715,7 @@ def generate(
                     bar.update()
 
     summary: dict[str, Any] = {"out_dir": str(out_dir), "splits": {}, "objects": 0}
-    bucket_counts = np.zeros(3, dtype=np.int64)
+    bucket_counts = dict.fromkeys(("small", "medium", "large"), 0)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
     for split in SPLITS:
         images, annotations, scenes = [], [], {}
@@ -741,8 +735,8 @@ def generate(
         summary["objects"] += len(annotations)
 
     seconds = time.perf_counter() - start
-    total = max(1, int(bucket_counts.sum()))
-    summary["size_fractions"] = {name: float(c / total) for name, c in zip(("small", "medium", "large"), bucket_counts)}
+    total = max(1, sum(bucket_counts.values()))
+    summary["size_fractions"] = {name: count / total for name, count in bucket_counts.items()}
     summary["seconds"] = round(seconds, 3)
     summary["images_per_second"] = round(len(tasks) / seconds, 2) if seconds > 0 else None
     return summary
