@@ -66,7 +66,9 @@ class Budget:
     presets: tuple[str, ...] = ("cpu",)
     iters: int = 150
     batch_size: int = 4
-    lr: float = 0.02
+    optimizer: str = "adamw"  # TrainConfig's from-scratch recipe; the paper budget uses SGD
+    lr: float = 1e-3
+    weight_decay: float = 0.05
     warmup_iters: int = 50
     schedule: str = "cosine"
     pretrained: bool | None = None  # None: the preset's own choice
@@ -121,7 +123,7 @@ BUDGETS: dict[str, Budget] = {
     # The paper's setting, for a GPU and COCO 2017: R50/R101 +- FPN at 800 px, the 1x schedule
     # (90k iterations at batch 16, lr 0.02, x0.1 at 60k and 80k), SR branch at the paper's scale.
     "paper": Budget(name="paper", presets=("r50", "r50-fpn", "r101", "r101-fpn"), iters=90_000, batch_size=16,
-                    lr=0.02, warmup_iters=1000, schedule="step", workers=8, eval_batch_size=8,
+                    optimizer="sgd", lr=0.02, weight_decay=1e-4, warmup_iters=1000, schedule="step", workers=8, eval_batch_size=8,
                     sr_overrides=dict(generator_channels=64, generator_blocks=16, discriminator_trunk="resnet50"),
                     data="data/coco", train_split="train2017", val_split="val2017", sahi_slice=320),
 }
@@ -525,7 +527,8 @@ def train_config(budget: Budget, preset_name: str, method: Method, seed: int, da
         data=data, train_split=budget.train_split, val_split=budget.val_split, method=method.train_as,
         preset=preset_name, detector=detector_config(budget, preset_name, budget.oracle_scale if method.twins else 1),
         sr=SRConfig(**{**budget.sr_overrides, "schedule": "joint", "hr_source": hr_source}),
-        iters=budget.iters, batch_size=budget.batch_size, lr=budget.lr, warmup_iters=budget.warmup_iters,
+        iters=budget.iters, batch_size=budget.batch_size, optimizer=budget.optimizer, lr=budget.lr,
+        weight_decay=budget.weight_decay, warmup_iters=budget.warmup_iters,
         schedule=budget.schedule, seed=seed, workers=budget.workers, ckpt_every=budget.iters,
         eval_batch_size=budget.eval_batch_size, out=str(run_dir))
 
@@ -768,7 +771,7 @@ def format_bench_markdown(header: dict, rows: list[dict]) -> str:
         f"- budget `{budget['name']}`: {budget['iters']} iterations x batch {budget['batch_size']} = "
         f"**{header['images_seen_per_method']} training images seen by every trained method** (same images, same "
         f"order, same detector preset); SR methods train on the joint schedule (detector, D and G step on every "
-        f"batch); lr {budget['lr']}, {budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations",
+        f"batch); {budget['optimizer']} lr {budget['lr']}, {budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations",
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
         f"- SAHI {sahi['package_version']}: {sahi['slice']}x{sahi['slice']} px slices, overlap {sahi['overlap']}, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 DEFAULT_DATA = "data/synth"
 # The demo's budget: ~1.3 min to synthesize, ~7 min to train, ~15 s to evaluate on 2 CPU cores.
-DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS, DEMO_SR_ITERS = 1200, 200, 500, 300
+DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS, DEMO_SR_ITERS = 1200, 200, 600, 300
 
 
 def _scalar_fields(cls):

@@ -12,6 +12,11 @@ SR_METHODS = ("sr", "sr-no-recon", "sr-no-adv", "sr-no-cls", "sr-cls-only")
 METHODS = DETECTOR_METHODS + SR_METHODS
 
 
+def _per_level(anchor_sizes) -> tuple[tuple[int, ...], ...]:
+    """Anchor sizes from config.json; runs before per-level scales stored one int per level."""
+    return tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in anchor_sizes)
+
+
 @dataclass
 class TrainConfig:
     # data: a COCO-format directory (DIR/annotations/instances_{split}.json + DIR/{split}/)
@@ -26,17 +31,24 @@ class TrainConfig:
     sr: SRConfig = field(default_factory=SRConfig)
     # staged schedule: a finished run whose detector weights start this one (then frozen)
     init_from: str = ""
-    # optimisation (SGD as in torchvision's detection references; AdamW converges faster from scratch)
-    optimizer: str = "sgd"  # sgd | adamw
+    # optimisation. From scratch (the cpu preset) AdamW at lr 1e-3, weight decay 0.05 learns the
+    # embedded benchmark several times faster than SGD: AP 17 after 400 iterations where SGD at
+    # lr 0.02 has 2 (measured, README). With ImageNet weights (the paper's presets on COCO) use
+    # torchvision's reference recipe instead: --optimizer sgd --lr 0.02 --weight-decay 1e-4.
+    optimizer: str = "adamw"  # adamw | sgd
     iters: int = 600
     batch_size: int = 4
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.05
+    warmup_iters: int = 50
     schedule: str = "cosine"  # cosine | step (x0.1 at 2/3 and 8/9 of the run, the 1x schedule's shape)
     grad_clip: float = 10.0  # max global grad norm; from-scratch detectors spike early without it
     hflip_prob: float = 0.5
+    # Mixed precision for the detector step: float16 + GradScaler on CUDA; bfloat16 on a CPU with
+    # native bf16 (AVX-512 BF16 / AMX), where it cuts a cpu-preset step from ~0.7 s to ~0.48 s;
+    # off on other CPUs. Off: float32 everywhere.
+    amp: bool = True
     # bookkeeping
     seed: int = 0
     workers: int = 0  # data loading is ~1 % of a CPU step; 0 keeps runs bitwise reproducible
@@ -52,7 +64,7 @@ class TrainConfig:
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or step")
         if isinstance(self.detector, dict):  # loaded back from config.json
-            self.detector = DetectorConfig(**{**self.detector, "anchor_sizes": tuple(self.detector["anchor_sizes"]),
+            self.detector = DetectorConfig(**{**self.detector, "anchor_sizes": _per_level(self.detector["anchor_sizes"]),
                                               "aspect_ratios": tuple(self.detector["aspect_ratios"])})
         if isinstance(self.sr, dict):
             self.sr = SRConfig(**self.sr)

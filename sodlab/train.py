@@ -82,6 +82,17 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
     return 0.1 ** sum(it >= m for m in (cfg.iters * 2 // 3, cfg.iters * 8 // 9))
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The detector step's autocast dtype, or None for float32 (see TrainConfig.amp)."""
+    if not cfg.amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def git_revision() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -304,7 +315,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         init_detector_from(cfg, model)
     model.to(device)
     optimizers = make_optimizers(cfg, model)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    amp_dtype = autocast_dtype(cfg, device)
+    # Only float16 needs loss scaling; bfloat16 has float32's exponent range.
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_iter = 0
     last_ckpt = run_dir / "checkpoints" / "last.pt"
@@ -340,7 +353,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             where = f"{run_dir}, iteration {it + 1}"
 
             # 1. detector step (Faster R-CNN's RPN and box-head losses)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if cfg.is_sr:
                     hr_images = [t["hr_image"] for t in targets] if cfg.sr.hr_source == "twin" else None
                     loss_dict, sr_batch = model.training_forward(images, targets, hr_images)

@@ -18,7 +18,7 @@ def tiny_config(tiny_synth, tmp_path):
     from sodlab.config import make_config
     from sodlab.models.detector import preset
 
-    cfg = make_config("cpu", data=str(tiny_synth), iters=6, batch_size=2, warmup_iters=2, lr=0.01,
+    cfg = make_config("cpu", data=str(tiny_synth), iters=6, batch_size=2, warmup_iters=2,
                       ckpt_every=3, eval_batch_size=2, out=str(tmp_path / "run"))
     cfg.detector = preset("cpu", min_size=128, max_size=128, rpn_post_nms_top_n_train=200,
                           box_batch_size_per_image=64, rpn_post_nms_top_n_test=100)

@@ -10,7 +10,9 @@ from sodlab.models.detector import build_detector, imagenet_weights, preset
 def test_cpu_preset_is_a_narrow_resnet18_fpn_with_8px_anchors():
     model = build_detector(preset("cpu"), num_classes=9)
     assert model.backbone.out_channels == 128
-    assert [s[0] for s in model.rpn.anchor_generator.sizes] == [8, 16, 32, 64, 128]
+    # two octave scales per level, from 8 px on the stride-4 level to 181 px on the coarsest
+    assert model.rpn.anchor_generator.sizes == ((8, 11), (16, 23), (32, 45), (64, 91), (128, 181))
+    assert model.rpn.head.cls_logits.out_channels == 2 * 3  # scales x aspect ratios per location
     assert model.roi_heads.box_predictor.cls_score.out_features == 9
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 9 * 4
     features = model.backbone(torch.rand(1, 3, 256, 256))
@@ -30,6 +32,26 @@ def test_paper_backbones(name, channels):
         assert len(features) == 5
     else:  # one C4 map at stride 16
         assert features.shape[-1] == 4
+
+
+def test_normalised_box_head_and_fpn_option():
+    model = build_detector(preset("cpu", box_head="4conv1fc", fpn_norm=True), num_classes=9)
+    norms = [m for m in model.roi_heads.box_head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 4
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.backbone.fpn.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in build_detector(preset("cpu"), 9).modules())
+    model.eval()
+    (out,) = model([torch.rand(3, 256, 256)])
+    assert set(out) == {"boxes", "labels", "scores"}
+    with pytest.raises(ValueError, match="box_head"):
+        build_detector(preset("cpu", box_head="3mlp"), num_classes=9)
+    with pytest.raises(ValueError, match="same number of anchor sizes"):
+        build_detector(preset("cpu", anchor_sizes=((8,), (16, 23), (32,), (64,), (128,))), num_classes=9)
+
+
+def test_c4_presets_put_every_anchor_size_on_one_map():
+    model = build_detector(preset("r50", pretrained=False), num_classes=81)
+    assert model.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)
 
 
 def test_missing_imagenet_weights_give_a_clear_error(tmp_path, monkeypatch):

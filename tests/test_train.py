@@ -1,5 +1,6 @@
 """The training loop: loss goes down, runs are reproducible, resume continues where it stopped."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 from sodlab.config import TrainConfig
 from sodlab.io import read_json
-from sodlab.train import batch_indices, load_trained_model, lr_factor, train
+from sodlab.train import autocast_dtype, batch_indices, load_trained_model, lr_factor, train
 
 
 def _metrics(run_dir):
@@ -40,6 +41,27 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(cfg, 100) == pytest.approx(0.0, abs=1e-12)
     step = TrainConfig(iters=90, warmup_iters=0, schedule="step")
     assert [lr_factor(step, i) for i in (59, 60, 79, 80)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_amp_dtype_follows_the_device_and_the_switch():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(TrainConfig(amp=False), cpu) is None
+    assert autocast_dtype(TrainConfig(amp=True), torch.device("cuda")) == torch.float16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert autocast_dtype(TrainConfig(amp=True), cpu) == expected
+
+
+def test_float32_and_amp_runs_both_train(tiny_config, tmp_path):
+    """amp=False is plain float32; amp=True (bf16 where the CPU has it) must give other weights
+    there, or the switch would be dead."""
+    digests = {}
+    for amp in (False, True):
+        tiny_config.amp, tiny_config.iters, tiny_config.out = amp, 2, str(tmp_path / f"amp{amp}")
+        run_dir = train(tiny_config, progress=False, evaluate=False)
+        digests[amp] = sum(v.double().sum().item() for v in _weights(run_dir).values() if v.is_floating_point())
+        assert all(math.isfinite(m["loss"]) for m in _metrics(run_dir))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert digests[True] != digests[False]
 
 
 @pytest.mark.slow

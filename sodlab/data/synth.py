@@ -76,10 +76,10 @@ DISTRACTOR_KINDS = ("ellipse", "segment", "blob", "star")
 
 # Scene sampling knobs. Object *area* is sampled per COCO bucket, so the bucket mix is controlled
 # directly; the extent (side or diameter) follows from the class's fill fraction.
-BUCKET_PROBS = (0.60, 0.32, 0.08)  # small, medium, large (before occlusion, which shrinks areas)
+BUCKET_PROBS = (0.52, 0.28, 0.20)  # small, medium, large (before occlusion, which shrinks areas)
 AREA_RANGES = ((9.0, SMALL_MAX_AREA), (SMALL_MAX_AREA, MEDIUM_MAX_AREA), (MEDIUM_MAX_AREA, 128.0**2))
 SMALL_MAX_EXTENT = 32.0
-MAX_LARGE_PER_IMAGE = 2  # a 256 px image holds few 100 px objects without burying the rest
+MAX_LARGE_PER_IMAGE = 3  # a 256 px image holds few 100 px objects without burying the rest
 OBJECTS_PER_IMAGE = (5, 30)
 MIN_VISIBLE_FRACTION = 0.5
 LOW_CONTRAST_PROB = 0.3
