@@ -11,7 +11,7 @@ What is here, in the order the notebooks use it:
   directory and the training length the notebooks share. "quick" (what the tests execute) is a
   40 + 12 image benchmark of 128 px and 25 iterations per stage; "default" is the demo-size
   benchmark (data/synth, 1200 + 200 images of 256 px, the data ``sodlab demo`` uses) with the
-  demo's 500 baseline and 300 SR iterations. ``ensure_data`` / ``ensure_run`` generate or train
+  demo's 600 baseline and 300 SR iterations. ``ensure_data`` / ``ensure_run`` generate or train
   only what is missing, so any notebook runs alone and a second run reuses the first one's
   files. Paths are resolved against the project root (``project_root``), so they work whether a
   kernel starts in notebooks/ or in the root.
@@ -52,6 +52,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from sodlab.cli import DEMO_ITERS, DEMO_SR_ITERS, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
 from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, size_bucket
 from sodlab.evaluate import FINE_BIN_LABELS
 from sodlab.io import read_json
@@ -115,8 +116,8 @@ BUDGETS: dict[str, dict] = {
                                 box_batch_size_per_image=64, rpn_post_nms_top_n_test=100),
                   sr=dict(rois_per_image=8), owns_data=True),
     # For real use: the demo-size benchmark `sodlab demo` writes (and reuses) and the demo's lengths.
-    "default": dict(data_dir="data/synth", runs_dir="runs/notebooks/default", n_train=1200, n_val=200,
-                    image_size=256, iters=500, sr_iters=300, batch_size=4, warmup_iters=100),
+    "default": dict(data_dir="data/synth", runs_dir="runs/notebooks/default", n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES,
+                    image_size=256, iters=DEMO_ITERS, sr_iters=DEMO_SR_ITERS, batch_size=4, warmup_iters=50),
 }
 
 
@@ -159,7 +160,7 @@ def train_config(budget: Budget, method: str, name: str | None = None, **overrid
 
     SR methods follow ``sodlab demo``'s protocol: the staged schedule, G and D trained for
     ``sr_iters`` on the finished baseline run's detector (frozen, ``init_from``), learning from
-    the benchmark's exact x4 twins. Every SR row then shares the baseline's detector, so a
+    the benchmark's exact x4 twins, with D's answers averaged with the box head's (fusion "mean"). Every SR row then shares the baseline's detector, so a
     difference between rows is the SR branch's doing. ``overrides`` go to TrainConfig fields
     (e.g. ``sr=SRConfig(schedule="joint", hr_source="twin"), init_from=""`` for joint training).
     """
@@ -171,7 +172,7 @@ def train_config(budget: Budget, method: str, name: str | None = None, **overrid
                   warmup_iters=budget.warmup_iters, out=str(budget.run_dir(name or method)))
     if method in SR_METHODS:
         values |= dict(iters=budget.sr_iters, init_from=str(budget.run_dir("baseline")),
-                       sr=SRConfig(schedule="staged", hr_source="twin", **budget.sr))
+                       sr=SRConfig(**{"schedule": "staged", "hr_source": "twin", "fusion": "mean", **budget.sr}))
     values.update(overrides)
     cfg = make_config("cpu", **values)
     if budget.detector:

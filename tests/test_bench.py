@@ -190,11 +190,21 @@ def test_isolated_measurement_has_its_own_pid_and_peak_rss():
 
 # --- the paper's configuration ---------------------------------------------------------------------------
 
+def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
+    budget = budget_from_args(parse(["--budget", "default", "--iters", "600"]))
+    assert budget.iters == 600 and budget.images_seen == 600 * budget.batch_size
+    configs = [train_config(budget, "cpu", m, 0, "data/synth", tmp_path / m.name) for m in METHODS if m.train_as]
+    assert {c.iters for c in configs} == {600} and {c.optimizer for c in configs} == {"adamw"}
+    with pytest.raises(ValueError, match="--iters"):
+        budget_from_args(parse(["--iters", "0"]))
+
+
 def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):
     budget = budget_from_args(parse(["--paper"]))
     assert budget.presets == ("r50", "r50-fpn", "r101", "r101-fpn")
     cfg = train_config(budget, "r101-fpn", METHODS[4], 0, "data/coco", tmp_path / "run")
     assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.schedule) == (90_000, 16, 0.02, "step")
+    assert (cfg.optimizer, cfg.weight_decay) == ("sgd", 1e-4)  # torchvision's reference recipe, not AdamW
     assert (cfg.detector.min_size, cfg.detector.max_size, cfg.detector.pretrained) == (800, 1333, True)
     assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017") and cfg.sr.schedule == "joint"
 

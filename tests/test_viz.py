@@ -49,6 +49,7 @@ def test_train_config_follows_the_budget(tmp_path):
     assert cfg.sr.hr_source == "twin" and cfg.sr.rois_per_image == 8
     # the staged schedule on the budget's baseline run, as `sodlab demo` trains its SR row
     assert cfg.sr.schedule == "staged" and cfg.init_from == str(budget.run_dir("baseline"))
+    assert cfg.sr.fusion == "mean"
     assert cfg.sr.weights.adv == 0.0  # the variant's switch is applied on top
     baseline = viz.train_config(budget, "baseline", name="b2", iters=3)
     assert baseline.out.endswith("b2") and baseline.iters == 3 and baseline.init_from == ""
