@@ -64,7 +64,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or step")
         if isinstance(self.detector, dict):  # loaded back from config.json
-            self.detector = DetectorConfig(**{**self.detector, "anchor_sizes": _per_level(self.detector["anchor_sizes"]),
+            self.detector = DetectorConfig(**{**self.detector,
+                                              "anchor_sizes": _per_level(self.detector["anchor_sizes"]),
                                               "aspect_ratios": tuple(self.detector["aspect_ratios"])})
         if isinstance(self.sr, dict):
             self.sr = SRConfig(**self.sr)

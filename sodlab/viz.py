@@ -116,7 +116,8 @@ BUDGETS: dict[str, dict] = {
                                 box_batch_size_per_image=64, rpn_post_nms_top_n_test=100),
                   sr=dict(rois_per_image=8), owns_data=True),
     # For real use: the demo-size benchmark `sodlab demo` writes (and reuses) and the demo's lengths.
-    "default": dict(data_dir="data/synth", runs_dir="runs/notebooks/default", n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES,
+    "default": dict(data_dir="data/synth", runs_dir="runs/notebooks/default",
+                    n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES,
                     image_size=256, iters=DEMO_ITERS, sr_iters=DEMO_SR_ITERS, batch_size=4, warmup_iters=50),
 }
 
