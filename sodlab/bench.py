@@ -112,8 +112,8 @@ class Budget:
 # 200 iters ~ 200 * 20.6 * 0.48 s = 33 min. Inference (100 val + 55 timed images each) at
 # baseline 0.07 s/image: SR methods ~6x (G and D run on every small proposal), SAHI ~10x (9 slices
 # + 1 full pass), upscale/oracle 4x: ~8.5 min. Process start-up ~1 min, synthesis with x4 twins
-# ~45 s (700 images at 17 img/s): ~44 min in all. 200 iterations (800 images) is far short of the
-# ~600 the cpu preset needs (AP 34 at 600 iterations alone): at this budget every row is an
+# ~45 s (700 images at 17 img/s): ~44 min in all. 200 iterations (800 images) is a third of the
+# 600 the README's results use (baseline AP 22 over 3 seeds): at this budget every row is an
 # early-training snapshot, and `--iters` raises it when the time is there.
 # quick: 128 px images and batch 2 (~1/8 the cost per step), 30 iters: ~1 min of training, ~1 min
 # of inference, ~1 min of process start-up: ~3 min.
@@ -939,9 +939,9 @@ def budget_from_args(args) -> Budget:
     if args.dry_run:
         budget = dry_run(budget)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
-    changes = {k: v for k, v in {"seeds": args.seeds, "iters": args.iters, "threads": args.threads, "pretrained": args.pretrained,
-                                 "train_split": args.train_split, "val_split": args.val_split,
-                                 "presets": presets}.items()
+    changes = {k: v for k, v in {"seeds": args.seeds, "iters": args.iters, "threads": args.threads,
+                                 "pretrained": args.pretrained, "train_split": args.train_split,
+                                 "val_split": args.val_split, "presets": presets}.items()
                if v is not None}
     if changes.get("seeds", 1) < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")

@@ -14,7 +14,6 @@ DEFAULT_DATA = "data/synth"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS, DEMO_SR_ITERS = 1200, 200, 600, 300
 
 
-
 def _scalar_fields(cls):
     return [f for f in dataclasses.fields(cls) if isinstance(f.default, (bool, int, float, str))]
 
