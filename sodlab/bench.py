@@ -66,10 +66,11 @@ class Budget:
     presets: tuple[str, ...] = ("cpu",)
     iters: int = 200
     batch_size: int = 4
-    optimizer: str = "adamw"  # TrainConfig's from-scratch recipe; the paper budget uses SGD
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_iters: int = 50
+    # TrainConfig's from-scratch recipe unless a budget says otherwise (the paper budget: SGD)
+    optimizer: str = TrainConfig.optimizer
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    warmup_iters: int = TrainConfig.warmup_iters
     schedule: str = "cosine"
     pretrained: bool | None = None  # None: the preset's own choice
     detector_overrides: dict = field(default_factory=dict)  # DetectorConfig fields, for every preset

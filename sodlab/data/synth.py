@@ -72,11 +72,10 @@ CLASS_DESCRIPTIONS = {
 }
 DISTRACTOR_KINDS = ("ellipse", "segment", "blob", "star")
 
-# COCO's size buckets, in LR pixels of area.
-
 # Scene sampling knobs. Object *area* is sampled per COCO bucket, so the bucket mix is controlled
 # directly; the extent (side or diameter) follows from the class's fill fraction.
 BUCKET_PROBS = (0.52, 0.28, 0.20)  # small, medium, large (before occlusion, which shrinks areas)
+# COCO's size buckets (sodlab.data.coco), in LR pixels of area.
 AREA_RANGES = ((9.0, SMALL_MAX_AREA), (SMALL_MAX_AREA, MEDIUM_MAX_AREA), (MEDIUM_MAX_AREA, 128.0**2))
 SMALL_MAX_EXTENT = 32.0
 MAX_LARGE_PER_IMAGE = 3  # a 256 px image holds few 100 px objects without burying the rest
