@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-current-env notebooks/
 
+# Everything not marked slow (no test that trains a detector for more than a few iterations).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 

@@ -1,4 +1,11 @@
-"""sodlab synth | train | eval | bench | explore | demo: the command-line entry point."""
+"""sodlab synth | train | eval | bench | explore | demo: the command-line entry point.
+
+Every field of TrainConfig is a flag, nested ones included: ``--detector-min-size``,
+``--sr-fusion``, ``--sr-lr-generator``, ``--sr-weights-adv``. A flag left out keeps the preset's
+(or, with --resume, the saved run's) value: only flags given explicitly change a config. Heavy
+modules (torch, FiftyOne) are imported inside the commands, so --help and argument errors are
+instant.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,49 +14,102 @@ import sys
 import time
 from pathlib import Path
 
+from sodlab.config import CHOICES, PRESETS, DetectorConfig, GANLossWeights, SRConfig, SRTrainConfig, TrainConfig
+
 DEFAULT_DATA = "data/synth"
-# The demo's budget (`sodlab demo`, and the notebooks' "default" budget), on 2 CPU cores: ~1.3 min
-# to synthesize (with x4 twins), ~5 min for the baseline (600 iterations at 0.48 s), ~4 min for
-# the staged SR branch, ~1.5 min of SR evaluation, ~3 min for the FiftyOne dataset.
-DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_ITERS, DEMO_SR_ITERS = 1200, 200, 600, 300
+# Where each nested config's flags live: (TrainConfig field, flag prefix, the dataclass).
+NESTED = (("detector", "detector-", DetectorConfig), ("sr", "sr-", SRConfig), ("sr_train", "sr-", SRTrainConfig),
+          ("sr_train.weights", "sr-weights-", GANLossWeights))
+CONFIG_DEST = "config:"  # argparse dests of config flags: "config:detector.min_size"
 
 
-def _scalar_fields(cls):
-    return [f for f in dataclasses.fields(cls) if isinstance(f.default, (bool, int, float, str))]
+def _anchor_sizes(text: str) -> tuple[tuple[int, ...], ...]:
+    """'8,11 16,23 32,45 64,91 128,181': the sizes of each level, levels separated by spaces."""
+    try:
+        return tuple(tuple(int(v) for v in level.split(",")) for level in text.split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"anchor sizes must be like '8,11 16,23 ...' (ints), got {text!r}") from None
 
 
-def _add_flag(parser, flag: str, dest: str, default, **kwargs) -> None:
-    if isinstance(default, bool):
-        parser.add_argument(flag, dest=dest, default=default, action=argparse.BooleanOptionalAction, **kwargs)
-    else:
-        parser.add_argument(flag, dest=dest, type=type(default), default=default, help=f"(default: {default})", **kwargs)
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per scalar field of TrainConfig (--iters, --lr, ...) and of its SRConfig
-    (--sr-hr-source, --sr-schedule, ...): every knob visible."""
-    from sodlab.config import METHODS, TrainConfig
-    from sodlab.models.sr_detector import SRConfig
-
-    for f in _scalar_fields(TrainConfig):
-        if f.name == "method":
-            parser.add_argument("--method", default=f.default, choices=METHODS, help="training method")
+def _add_config_flags(parser, cls, path: str, prefix: str) -> None:
+    """One flag per field of ``cls`` (nested dataclasses get their own groups), default suppressed."""
+    for f in dataclasses.fields(cls):
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested) or (not path and f.name == "preset"):
+            continue  # nested configs: their own group (NESTED); --preset: added with its choices
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = CONFIG_DEST + (f"{path}.{f.name}" if path else f.name)
+        shown = "the preset's" if path == "detector" else repr(default)
+        kwargs = dict(dest=dest, default=argparse.SUPPRESS)
+        metavar = None if isinstance(default, bool) or CHOICES.get(f.name) else f.name.upper()
+        choices = CHOICES.get("sr_schedule" if (path, f.name) == ("sr_train", "schedule") else f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default: {shown})", **kwargs)
+        elif f.name == "anchor_sizes":
+            parser.add_argument(flag, type=_anchor_sizes, metavar=metavar, help=f"per FPN level, e.g. '8,11 16,23 32,45 64,91 "
+                                "128,181' (default: the preset's)", **kwargs)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=_floats, metavar=metavar, help=f"comma-separated (default: {shown})", **kwargs)
+        elif choices:
+            parser.add_argument(flag, choices=choices, help=f"one of {', '.join(choices)} (default: {shown})", **kwargs)
         else:
-            _add_flag(parser, "--" + f.name.replace("_", "-"), f.name, f.default)
-    group = parser.add_argument_group("SR branch (SR methods only)")
-    for f in _scalar_fields(SRConfig):
-        _add_flag(group, "--sr-" + f.name.replace("_", "-"), "sr__" + f.name, f.default)
+            parser.add_argument(flag, type=type(default) if default is not None else str, metavar=metavar,
+                                help=f"(default: {shown})", **kwargs)
 
 
-def _config_from_args(args):
-    from sodlab.config import TrainConfig, make_config
-    from sodlab.models.sr_detector import SRConfig
+def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every knob of TrainConfig, nested configs included (see the module docstring)."""
+    parser.add_argument("--preset", dest=CONFIG_DEST + "preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                        help="the detector preset the --detector-* flags change (default: 'cpu')")
+    _add_config_flags(parser, TrainConfig, "", "")
+    for path, prefix, cls in NESTED:
+        group = parser.add_argument_group(f"{path} ({cls.__name__}" + (", SR methods only)" if "sr" in path else ")"))
+        _add_config_flags(group, cls, path, prefix)
 
-    values = {f.name: getattr(args, f.name) for f in _scalar_fields(TrainConfig) if f.name != "preset"}
-    values["sr"] = SRConfig(**{f.name: getattr(args, "sr__" + f.name) for f in _scalar_fields(SRConfig)})
-    if args.pretrained:
-        values["pretrained"] = True
-    return make_config(args.preset, **values)
+
+def given_config_values(args) -> dict[str, object]:
+    """{"detector.min_size": 128, "iters": 5, ...}: the config flags given on the command line."""
+    return {k[len(CONFIG_DEST):]: v for k, v in vars(args).items() if k.startswith(CONFIG_DEST)}
+
+
+def apply_config_values(base: TrainConfig, values: dict[str, object]) -> TrainConfig:
+    """``base`` with the given (dotted) field values, through dataclasses.replace at each level."""
+    from sodlab.config import preset
+
+    values = dict(values)
+    detector = base.detector
+    if "preset" in values:
+        detector = preset(values["preset"])
+    nested = {}
+    for path in ("detector", "sr", "sr_train", "sr_train.weights"):
+        nested[path] = {k.rsplit(".", 1)[1]: values.pop(k) for k in list(values)
+                        if k.startswith(path + ".") and k.count(".") == path.count(".") + 1}
+    weights = dataclasses.replace(base.sr_train.weights, **nested["sr_train.weights"])
+    return dataclasses.replace(base, **values, detector=dataclasses.replace(detector, **nested["detector"]),
+                               sr=dataclasses.replace(base.sr, **nested["sr"]),
+                               sr_train=dataclasses.replace(base.sr_train, weights=weights, **nested["sr_train"]))
+
+
+def config_from_args(args) -> TrainConfig:
+    """The run's config: the saved one with --resume (plus the flags given), else the preset's."""
+    from sodlab.io import read_json
+
+    values = given_config_values(args)
+    if getattr(args, "resume", False):
+        out = Path(values.get("out", TrainConfig.out))
+        config_path = out / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: nothing to resume (no config.json); pass the run's --out")
+        return apply_config_values(TrainConfig.from_dict(read_json(config_path)), values)
+    return apply_config_values(TrainConfig(), values)
 
 
 def cmd_synth(args) -> None:
@@ -62,13 +122,13 @@ def cmd_synth(args) -> None:
 
 def cmd_train(args) -> None:
     from sodlab.evaluate import format_table
-    from sodlab.io import read_json
+    from sodlab.runs import finish_run
     from sodlab.train import train
 
-    cfg = _config_from_args(args)
-    run_dir = train(cfg, resume=args.resume, force=args.force, evaluate=not args.no_eval)
-    if (run_dir / "eval.json").exists():
-        print(format_table({cfg.method: read_json(run_dir / "eval.json")}))
+    cfg = config_from_args(args)
+    run_dir = train(cfg, resume=args.resume, force=args.force)
+    if not args.no_eval and (stats := finish_run(run_dir)) is not None:  # rank 0 prints, under torchrun
+        print(format_table({cfg.method: stats}))
 
 
 def cmd_eval(args) -> None:
@@ -83,54 +143,28 @@ def cmd_eval(args) -> None:
     print(format_table({cfg.method: stats}))
 
 
-def ensure_synth(data_dir: str | Path, n_train: int, n_val: int, seed: int = 0) -> Path:
-    """Generate the embedded benchmark at data_dir unless it is already there."""
-    from sodlab.data.synth import generate
-
-    data_dir = Path(data_dir)
-    if (data_dir / "annotations" / "instances_val.json").exists():
-        print(f"using the embedded benchmark at {data_dir}")
-    else:
-        print(f"synthesizing the embedded benchmark into {data_dir} ({n_train} train / {n_val} val images)")
-        generate(data_dir, n_train=n_train, n_val=n_val, seed=seed, hr_scale=4)
-    return data_dir
-
-
 def cmd_demo(args) -> None:
-    from sodlab.config import make_config
     from sodlab.evaluate import format_table
     from sodlab.io import read_json
-    from sodlab.models.sr_detector import SRConfig
-    from sodlab.train import train
+    from sodlab.recipes import ensure_data, get_budget, train_config, with_iters
+    from sodlab.runs import ensure_run, train_and_finish
 
     tic = time.perf_counter()
-    data_dir = ensure_synth(args.data, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES)
-    runs = Path(args.runs)
-    # The SR detector is trained in the staged schedule on top of the baseline (the detector
-    # frozen, G and D trained on its proposals), so both rows share the very same detector. Its
-    # HR targets are the benchmark's exact x4 twins, and D's class scores and boxes are averaged
-    # with the box head's on small proposals (fusion "mean"): in the 3-seed comparison (README)
-    # that beat the seed's literal "replace" on APs by 6 points (23.7 against 17.9).
-    sr = SRConfig(schedule="staged", hr_source="twin", fusion="mean")
-    configs = {
-        "baseline": make_config("cpu", data=str(data_dir), method="baseline", iters=args.iters,
-                                out=str(runs / "baseline")),
-        "sr": make_config("cpu", data=str(data_dir), method="sr", iters=args.sr_iters, out=str(runs / "sr"),
-                          init_from=str(runs / "baseline"), sr=sr),
-    }
+    budget = with_iters(get_budget("demo"), args.iters, args.sr_iters)
+    data_dir = ensure_data(budget, args.data)
+    runs = Path(args.runs) if args.runs else budget.runs_dir()
+    # The SR branch trains on the finished baseline's detector (frozen), so both rows share it.
+    configs = {"baseline": train_config(budget, "baseline", runs / "baseline", data_dir),
+               "sr": train_config(budget, "sr", runs / "sr", data_dir, detector_run=runs / "baseline")}
     rows = {}
     for method, cfg in configs.items():
-        run_dir = Path(cfg.out)
-        if (run_dir / "eval.json").exists() and not args.force:
-            print(f"reusing {run_dir} (pass --force to train it again)")
-        else:
-            train(cfg, force=args.force)
+        run_dir = train_and_finish(cfg, force=True) if args.force else ensure_run(cfg)
         rows[method] = read_json(run_dir / "eval.json")
     print()
     print(format_table(rows))
     quality = read_json(runs / "sr" / "sr_quality.json")
     if quality.get("rois"):
-        print(f"\nSR patches on {quality['rois']} held-out RoIs: G {quality['sr']['psnr']:.2f} dB PSNR, "
+        print(f"\nSR patches on {quality['rois']} held-out small RoIs: G {quality['sr']['psnr']:.2f} dB PSNR, "
               f"bicubic {quality['bicubic']['psnr']:.2f} dB")
     if not args.no_explore:
         from sodlab import explore
@@ -152,14 +186,78 @@ def cmd_explore(args) -> None:
         explore.launch(dataset, port=args.port, wait=True)
 
 
+# --- sodlab bench ------------------------------------------------------------------------------------
+
+BENCH_BUDGETS = ("quick", "default", "demo", "paper")
+
+
+def add_bench_arguments(parser) -> None:
+    from sodlab.bench.methods import METHOD_NAMES
+
+    parser.add_argument("--budget", choices=BENCH_BUDGETS, default="default",
+                        help="quick (minutes: tests, notebooks), default (every method trained; bench.md states "
+                             "the budget), demo (the demo's sizes), paper (GPU + COCO 2017)")
+    parser.add_argument("--paper", action="store_true", help="the paper's configuration (same as --budget paper)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the budget's configuration on a handful of images: 2 iterations, 4 eval images, 128 px")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (mean +- std); budget's default 1")
+    parser.add_argument("--iters", type=int, default=None, help="detector iterations (default: the budget's)")
+    parser.add_argument("--sr-iters", type=int, default=None,
+                        help="SR branch iterations on each seed's detector (default: the budget's)")
+    parser.add_argument("--data", default=None,
+                        help="COCO-format directory (default: the embedded benchmark, generated if absent)")
+    parser.add_argument("--train-split", default=None, help="default: the budget's (train / train2017)")
+    parser.add_argument("--val-split", default=None, help="default: the budget's (val / val2017)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHOD_NAMES)}")
+    parser.add_argument("--presets", default=None, help="comma-separated detector presets (default: the budget's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every measurement (default 2)")
+    parser.add_argument("--pretrained", default=None, action=argparse.BooleanOptionalAction,
+                        help="ImageNet backbone weights (default: the preset's; --no-pretrained where none exist)")
+    parser.add_argument("--name", default=None, help="output runs/bench-NAME (default: the budget's name)")
+    parser.add_argument("--runs", default="runs", help="parent directory of bench-NAME")
+    parser.add_argument("--force", action="store_true", help="replace an existing runs/bench-NAME")
+
+
+def budget_from_args(args):
+    from sodlab.recipes import BUDGETS, dry_run, with_iters
+
+    budget = BUDGETS["paper" if args.paper else args.budget]
+    if args.dry_run:
+        budget = dry_run(budget)
+    presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
+    changes = {k: v for k, v in {"seeds": args.seeds, "threads": args.threads, "pretrained": args.pretrained,
+                                 "train_split": args.train_split, "val_split": args.val_split,
+                                 "presets": presets}.items() if v is not None}
+    if changes.get("seeds", 1) < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    return with_iters(budget, args.iters, args.sr_iters, **changes)
+
+
+def cmd_bench(args) -> Path:
+    from sodlab.bench import run_bench
+    from sodlab.evaluate import format_table
+    from sodlab.io import read_json
+
+    budget = budget_from_args(args)
+    out_dir = Path(args.runs) / f"bench-{args.name or budget.name}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    out_dir = run_bench(budget, out_dir, data=args.data, methods=methods, force=args.force)
+    rows = read_json(out_dir / "bench.json")["rows"]
+    print()
+    print(format_table([(row["method"], row["backbone"], row["eval"]) for row in rows]))
+    print(f"\nbench written to {out_dir}/ (bench.md, bench.json, ap_by_size.png, speed_accuracy.png)")
+    return out_dir
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sodlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sodlab", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate the embedded small-object benchmark (COCO format)")
     p.add_argument("--out", default=DEFAULT_DATA)
-    p.add_argument("--train", type=int, default=DEMO_TRAIN_IMAGES)
-    p.add_argument("--val", type=int, default=DEMO_VAL_IMAGES)
+    p.add_argument("--train", type=int, default=1200, help="training images")
+    p.add_argument("--val", type=int, default=200, help="validation images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--hr-scale", type=int, default=None, help="also write the exact xK HR twins")
@@ -168,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a detector; writes runs/NAME/")
-    _add_train_config_flags(p)
-    p.add_argument("--pretrained", action="store_true", help="ImageNet backbone weights from the torch cache")
-    p.add_argument("--resume", action="store_true", help="continue runs/NAME from checkpoints/last.pt")
+    add_train_config_flags(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue runs/NAME (--out) from checkpoints/last.pt; unspecified settings come from its "
+                        "config.json")
     p.add_argument("--force", action="store_true", help="replace an existing run / resume a changed config")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.set_defaults(func=cmd_train)
@@ -182,16 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="every method side by side at an equal budget -> runs/bench-NAME/")
-    from sodlab.bench import add_arguments, run_from_args
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
-    add_arguments(p)
-    p.set_defaults(func=run_from_args)
-
-    p = sub.add_parser("demo", help="synthesize, train the CPU baseline, evaluate, print the table")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--runs", default="runs/demo")
-    p.add_argument("--iters", type=int, default=DEMO_ITERS, help="baseline iterations")
-    p.add_argument("--sr-iters", type=int, default=DEMO_SR_ITERS, help="SR branch iterations (staged)")
+    p = sub.add_parser("demo", help="synthesize, train the CPU baseline and the SR branch, evaluate, print the table")
+    p.add_argument("--data", default=None, help="the embedded benchmark's folder (default: data/synth)")
+    p.add_argument("--runs", default=None, help="where the runs go (default: the demo budget's, runs/demo)")
+    p.add_argument("--iters", type=int, default=None, help="baseline iterations (default: the demo budget's)")
+    p.add_argument("--sr-iters", type=int, default=None, help="SR branch iterations (default: the demo budget's)")
     p.add_argument("--force", action="store_true", help="train again even if the demo runs exist")
     p.add_argument("--no-explore", action="store_true", help="skip building the FiftyOne dataset")
     p.set_defaults(func=cmd_demo)
@@ -214,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         # Expected failures (bad input, clobber refusals) get one clear line, not a traceback.
         print(f"sodlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from sodlab.train import TrainingStopped
+
+        if not isinstance(e, TrainingStopped):
+            raise
+        print(f"sodlab {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
     return 0
 
 

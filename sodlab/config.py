@@ -1,23 +1,210 @@
-"""The one config object of a training run. Every knob is a visible field; a run saves it as json."""
+"""The config of a training run: frozen dataclasses, every knob a visible field, saved as json.
+
+``TrainConfig`` holds the data, the method, the detector (``DetectorConfig``, a preset), the SR
+branch's model (``SRConfig``: what the module is and how inference uses it) and its training
+(``SRTrainConfig``: RoI sampling, learning rates, loss weights), then the optimisation. Configs
+are never mutated: derive a new one with ``dataclasses.replace``. The model builders map a config
+to explicit constructor arguments (sodlab.models.build_model); no module reads a config object.
+This module imports nothing heavy, so the command line's --help is instant.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from sodlab.models.detector import DetectorConfig, preset
-from sodlab.models.sr_detector import SRConfig, sr_config_for
+
+DEFAULT_CONTEXT = 0.1  # relative margin on each side of a RoI; sodlab/patches.py says why
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
+    fpn: bool = True  # False: a single C4 feature map (stride 16), as in the paper's non-FPN rows
+    fpn_channels: int = 128
+    # Anchor sizes per FPN level (strides 4..64), the same count on every level; without FPN all
+    # sizes sit on the C4 map. Two octave scales per level (s, s*sqrt 2) reach 181 px, so a
+    # 150-250 px object still has an anchor with IoU > 0.5.
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((8, 11), (16, 23), (32, 45), (64, 91), (128, 181))
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # GeneralizedRCNNTransform resizes so the short side is min_size (long side at most max_size).
+    min_size: int = 256
+    max_size: int = 256
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_train: int = 500
+    rpn_pre_nms_top_n_test: int = 500
+    rpn_post_nms_top_n_test: int = 300
+    box_batch_size_per_image: int = 128
+    box_representation_size: int = 512
+    # "2mlp": torchvision's TwoMLPHead. "4conv1fc": four 3x3 convs with GroupNorm and one fc, as in
+    # fasterrcnn_resnet50_fpn_v2 and "Rethinking ImageNet Pre-training" (He et al. 2019), with
+    # GroupNorm in the FPN too (fpn_norm). On the embedded benchmark it did not learn faster than
+    # 2mlp in the first 200 SGD iterations and costs ~20% more per step, so it is an option only.
+    box_head: str = "2mlp"
+    fpn_norm: bool = False
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+    pretrained: bool = False  # ImageNet weights for the backbone, from the torch cache only
+    trainable_layers: int = 3  # used only with pretrained weights; from scratch all layers train
+
+
+# The paper's four baselines at COCO scale (torchvision's defaults: 800/1333 px, 512 RoIs per
+# image, 32-512 px anchors), and the CPU preset that learns the embedded benchmark in minutes.
+_COCO_SCALE = dict(
+    fpn_channels=256,
+    anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
+    min_size=800,
+    max_size=1333,
+    rpn_pre_nms_top_n_train=2000,
+    rpn_post_nms_top_n_train=2000,
+    rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_test=1000,
+    box_batch_size_per_image=512,
+    box_representation_size=1024,
+    pretrained=True,
+)
+PRESETS: dict[str, DetectorConfig] = {
+    "cpu": DetectorConfig(),
+    "r50": DetectorConfig(backbone="resnet50", fpn=False, **_COCO_SCALE),
+    "r50-fpn": DetectorConfig(backbone="resnet50", fpn=True, **_COCO_SCALE),
+    "r101": DetectorConfig(backbone="resnet101", fpn=False, **_COCO_SCALE),
+    "r101-fpn": DetectorConfig(backbone="resnet101", fpn=True, **_COCO_SCALE),
+}
+
+
+def preset(name: str, **overrides) -> DetectorConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown detector preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True)
+class GANLossWeights:
+    """Weights of the loss terms, with where each default comes from."""
+
+    # alpha, L_adv in G's objective: 1e-3 is SRGAN's adversarial weight (Ledig et al. CVPR'17),
+    # which SOD-MTGAN (Bai et al. ECCV'18) builds on. The SOD-MTGAN text could not be opened here to
+    # check its own value.
+    adv: float = 1e-3
+    # beta, L_cls in G's objective; gamma, L_reg in G's objective: 0.01 each, the values given for
+    # SOD-MTGAN (NOT verified against its text, which was not reachable here).
+    cls: float = 0.01
+    reg: float = 0.01
+    # L_MSE: weight 1, as in the paper's objective (and SRGAN's content loss).
+    mse: float = 1.0
+    # L_TV: the paper writes weight 1, but its L_TV is a per-pixel mean of |grad|, about 0.05-0.1 on
+    # natural patches: with weight 1 it would outweigh L_MSE (~1e-3) and flatten every SR patch.
+    # SRGAN (arXiv v1) used 2e-8 on the TV *sum* over the patch; the same gradient scale on our
+    # per-pixel mean at hr_size 64 is 2e-8 * 64 * 64 = 8.2e-5. Set tv=1.0 for the paper's literal weight.
+    tv: float = 2e-8 * 64 * 64
+    # D's own terms: weight 1 each, Fast R-CNN's multi-task loss (lambda = 1) and the standard GAN D.
+    d_adv: float = 1.0
+    d_cls: float = 1.0
+    d_reg: float = 1.0
+
 
 DETECTOR_METHODS = ("baseline", "upscale", "hr-oracle")
 SR_METHODS = ("sr", "sr-no-recon", "sr-no-adv", "sr-no-cls", "sr-cls-only")
 METHODS = DETECTOR_METHODS + SR_METHODS
 
+# Fields with a fixed set of values: validated here, listed by the CLI's --help.
+CHOICES = {
+    "method": METHODS,
+    "optimizer": ("adamw", "sgd"),
+    "schedule": ("cosine", "step"),
+    "hr_source": ("image", "twin"),
+    "sr_scope": ("small", "all"),
+    "fusion": ("replace", "mean"),
+    "boxes_from": ("discriminator", "detector"),
+    "sr_schedule": ("joint", "staged"),
+    "backbone": ("resnet18", "resnet50", "resnet101"),
+    "box_head": ("2mlp", "4conv1fc"),
+}
 
-def _per_level(anchor_sizes) -> tuple[tuple[int, ...], ...]:
-    """Anchor sizes from config.json; runs before per-level scales stored one int per level."""
-    return tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in anchor_sizes)
+
+def _check_choice(owner: str, name: str, value, choices_key: str | None = None) -> None:
+    allowed = CHOICES[choices_key or name]
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SRConfig:
+    """The reconstruction module as a model: patch geometry, G and D, and where inference uses them."""
+
+    # patches: z_LR is lr_size px across; G outputs lr_size * scale
+    lr_size: int = 16
+    scale: int = 4
+    context: float = DEFAULT_CONTEXT  # relative margin around each RoI
+    # which proposals go through G and D at inference
+    area_threshold: float = 32.0**2  # input-image px^2 (COCO's "small")
+    sr_scope: str = "small"  # small | all
+    # replace: D's class scores and boxes stand in for the box head's (the paper's literal choice)
+    # mean: D's and the head's class probabilities and box deltas are averaged
+    fusion: str = "replace"
+    # the variant switches (one field per ablation row)
+    use_generator: bool = True  # False = sr-no-recon: D sees bilinear-upsampled patches, there is no G
+    boxes_from: str = "discriminator"  # detector = sr-cls-only: SR serves classification only
+    # model size (compact for the cpu preset; the paper's scale is a ResNet-50/101 trunk for D)
+    generator_channels: int = 32
+    generator_blocks: int = 4
+    discriminator_trunk: str = "compact"
+
+    def __post_init__(self):
+        for name in ("sr_scope", "fusion", "boxes_from"):
+            _check_choice("SRConfig", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class SRTrainConfig:
+    """How the SR branch trains: its HR targets, its RoI sample, its optimisers and loss weights."""
+
+    # image: SOD-MTGAN's protocol (HR = the RoI at hr_size from the image, LR = HR reduced)
+    # twin: HR patches cut from the data's exact xk twins ({split}_x{scale}/)
+    hr_source: str = "image"
+    # joint: detector, D and G step on every batch | staged: the detector of init_from, frozen
+    schedule: str = "joint"
+    rois_per_image: int = 16
+    # RoIs large enough for a real HR target (jittered ground truth, any size): with
+    # hr_source="image" small RoIs never have one, so without these L_MSE, L_TV and D's real term
+    # would get no data. Their LR patch is their HR patch reduced: SOD-MTGAN's protocol.
+    hr_rois_per_image: int = 4
+    # Fast R-CNN's 25% foreground, closer to what D scores at inference (every small proposal,
+    # nearly all background).
+    fg_fraction: float = 0.25
+    gt_jitter: float = 0.15  # relative shift/scale of the jittered ground-truth RoIs
+    jitters_per_gt: int = 2
+    lr_generator: float = 1e-4  # Adam, SRGAN's learning rate
+    # D learns a classifier and a box regressor from scratch besides real/fake, so it gets a
+    # higher rate than SRGAN's 1e-4 (README: the from-scratch recipe).
+    lr_discriminator: float = 5e-4
+    weights: GANLossWeights = field(default_factory=GANLossWeights)  # alpha, beta, gamma and the rest
+
+    def __post_init__(self):
+        _check_choice("SRTrainConfig", "hr_source", self.hr_source)
+        _check_choice("SRTrainConfig", "schedule", self.schedule, "sr_schedule")
+
+
+def method_variant(method: str, sr: SRConfig, sr_train: SRTrainConfig) -> tuple[SRConfig, SRTrainConfig]:
+    """The (SRConfig, SRTrainConfig) of an SR --method: each ablation changes exactly one switch.
+
+    Idempotent: a variant sets absolute values, so applying it to its own output changes nothing.
+    """
+    w = sr_train.weights
+    variants = {
+        "sr": ({}, {}),
+        "sr-no-recon": ({"use_generator": False}, {}),
+        "sr-no-adv": ({}, {"weights": dataclasses.replace(w, adv=0.0, d_adv=0.0)}),
+        "sr-no-cls": ({}, {"weights": dataclasses.replace(w, cls=0.0, d_cls=0.0)}),
+        "sr-cls-only": ({"boxes_from": "detector"}, {"weights": dataclasses.replace(w, reg=0.0, d_reg=0.0)}),
+    }
+    if method not in variants:
+        raise ValueError(f"{method!r} is not an SR method; choose one of {', '.join(variants)}")
+    model_changes, train_changes = variants[method]
+    return dataclasses.replace(sr, **model_changes), dataclasses.replace(sr_train, **train_changes)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # data: a COCO-format directory (DIR/annotations/instances_{split}.json + DIR/{split}/)
     data: str = "data/synth"
@@ -27,14 +214,15 @@ class TrainConfig:
     method: str = "baseline"
     preset: str = "cpu"
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    # the reconstruction module (SR methods only); the method's ablation switch is applied to it
+    # the reconstruction module (SR methods only); the method's ablation switch is applied to both
     sr: SRConfig = field(default_factory=SRConfig)
+    sr_train: SRTrainConfig = field(default_factory=SRTrainConfig)
     # staged schedule: a finished run whose detector weights start this one (then frozen)
     init_from: str = ""
     # optimisation. From scratch (the cpu preset) AdamW at lr 1e-3, weight decay 0.05 learns the
-    # embedded benchmark several times faster than SGD: AP 17 after 400 iterations where SGD at
-    # lr 0.02 has 2 (measured, README). With ImageNet weights (the paper's presets on COCO) use
-    # torchvision's reference recipe instead: --optimizer sgd --lr 0.02 --weight-decay 1e-4.
+    # embedded benchmark several times faster than SGD (README: the from-scratch recipe). With
+    # ImageNet weights (the paper's presets on COCO) use torchvision's reference recipe instead:
+    # --optimizer sgd --lr 0.02 --weight-decay 1e-4.
     optimizer: str = "adamw"  # adamw | sgd
     iters: int = 600
     batch_size: int = 4
@@ -46,33 +234,24 @@ class TrainConfig:
     grad_clip: float = 10.0  # max global grad norm; from-scratch detectors spike early without it
     hflip_prob: float = 0.5
     # Mixed precision for the detector step: float16 + GradScaler on CUDA; bfloat16 on a CPU with
-    # native bf16 (AVX-512 BF16 / AMX), where it cuts a cpu-preset step from ~0.7 s to ~0.48 s;
-    # off on other CPUs. Off: float32 everywhere.
+    # native bf16 (AVX-512 BF16 / AMX); float32 on other CPUs, where bf16 would be emulated.
     amp: bool = True
     # bookkeeping
     seed: int = 0
-    workers: int = 0  # data loading is ~1 % of a CPU step; 0 keeps runs bitwise reproducible
+    workers: int = 0  # data loading is a small part of a CPU step; 0 keeps runs bitwise reproducible
     ckpt_every: int = 200
     eval_batch_size: int = 4
     out: str = "runs/baseline"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
-        if self.schedule not in ("cosine", "step"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or step")
-        if isinstance(self.detector, dict):  # loaded back from config.json
-            self.detector = DetectorConfig(**{**self.detector,
-                                              "anchor_sizes": _per_level(self.detector["anchor_sizes"]),
-                                              "aspect_ratios": tuple(self.detector["aspect_ratios"])})
-        if isinstance(self.sr, dict):
-            self.sr = SRConfig(**self.sr)
+        for name in ("method", "optimizer", "schedule"):
+            _check_choice("TrainConfig", name, getattr(self, name))
         if self.is_sr:
-            # Idempotent: a variant sets absolute values, so a reloaded config is unchanged.
-            self.sr = sr_config_for(self.method, self.sr)
-            if self.sr.schedule == "staged" and not self.init_from:
+            # Construction, not mutation: a frozen config normalises its own fields once.
+            sr, sr_train = method_variant(self.method, self.sr, self.sr_train)
+            object.__setattr__(self, "sr", sr)
+            object.__setattr__(self, "sr_train", sr_train)
+            if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
 
     @property
@@ -81,20 +260,40 @@ class TrainConfig:
 
     @property
     def input_scale(self) -> float:
-        """The "upscale" baseline trains and runs on input upsampled x2 (the seed's up-scale line)."""
+        """The "upscale" baseline trains and runs on input upsampled x2 (the paper's up-scale line)."""
         return 2.0 if self.method == "upscale" else 1.0
+
+    @property
+    def hr_twin_scale(self) -> int | None:
+        """The xk of the twins an SR run reads, or None when its HR patches come from the image."""
+        return self.sr.scale if self.is_sr and self.sr_train.hr_source == "twin" else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from its json form (config.json); unknown keys (git, versions) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        if isinstance(values.get("detector"), dict):
+            det = values["detector"]
+            values["detector"] = DetectorConfig(**{
+                **det, "anchor_sizes": tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,)
+                                             for s in det["anchor_sizes"]),
+                "aspect_ratios": tuple(det["aspect_ratios"])})
+        sr = dict(values.get("sr") or {})
+        sr_train = dict(values.get("sr_train") or {})
+        # Runs written before the split kept the training fields inside "sr": move them over.
+        train_fields = {f.name for f in dataclasses.fields(SRTrainConfig)}
+        sr_train |= {k: sr.pop(k) for k in list(sr) if k in train_fields}
+        if isinstance(sr_train.get("weights"), dict):
+            sr_train["weights"] = GANLossWeights(**sr_train["weights"])
+        values["sr"], values["sr_train"] = SRConfig(**sr), SRTrainConfig(**sr_train)
+        return cls(**values)
 
 
-def make_config(preset_name: str = "cpu", **overrides) -> TrainConfig:
-    """A TrainConfig whose detector is the named preset (overrides go to TrainConfig fields)."""
-    pretrained = overrides.pop("pretrained", None)
-    detector = preset(preset_name) if pretrained is None else preset(preset_name, pretrained=pretrained)
-    return TrainConfig(preset=preset_name, detector=detector, **overrides)
+def make_config(preset_name: str = "cpu", detector: dict | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig whose detector is the named preset, with ``detector`` overriding its fields
+    (e.g. recipes.SMALL_DETECTOR); ``overrides`` go to TrainConfig fields."""
+    return TrainConfig(preset=preset_name, detector=preset(preset_name, **(detector or {})), **overrides)

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 @dataclass
 class Distributed:
-    """Where this process stands in a torchrun job (rank 0 of 1 without one)."""
+    """Where this process stands in a torchrun job (rank 0 of 1 without one), and the collectives
+    the training loop needs; each is a no-op in a one-process run."""
 
     rank: int = 0
     world_size: int = 1
@@ -30,6 +31,44 @@ class Distributed:
     @property
     def device(self) -> torch.device:
         return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def decorrelate(self, model, seed: int, start_iter: int) -> None:
+        """Each rank draws its own flips and RoI samples (bitwise resume is a one-process guarantee)."""
+        if self.world_size == 1:
+            return
+        import random
+
+        import numpy as np
+
+        rank_seed = seed + 1000 * start_iter + self.rank
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
+        if hasattr(model, "sampling_rng"):
+            model.sampling_rng.manual_seed(seed + self.rank)
+
+    def end_step(self, model, record: dict, stopping: bool) -> tuple[dict, bool]:
+        """After a step: rank 0's BatchNorm buffers for all, the log averaged over ranks, and a
+        stop on any rank stops every rank at the same step."""
+        if self.world_size == 1:
+            return record, stopping
+        broadcast_buffers(model)
+        record = reduce_record(record, self.world_size)
+        flag = torch.tensor([float(stopping)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return record, bool(flag.item())
+
+    def digests(self, model) -> list[str] | None:
+        """Every rank's parameter digest, gathered on all ranks (None in a one-process run)."""
+        if self.world_size == 1:
+            return None
+        digests: list = [None] * self.world_size
+        dist.all_gather_object(digests, parameter_digest(model))
+        return digests
 
 
 def init_distributed() -> Distributed:

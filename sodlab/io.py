@@ -48,3 +48,27 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def replace_dir(path: str | os.PathLike, force: bool, is_ours, what: str, hint: str = "") -> Path:
+    """Make ``path`` an empty directory to write ``what`` into, never losing anything by accident.
+
+    A missing or empty directory is used as it is. One that holds something is replaced only
+    with ``force``, and only when ``is_ours(path)`` says sodlab made it: a foreign folder is never
+    deleted. The one overwrite guard of runs and benches (``hint`` says how else to proceed).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise FileExistsError(f"{path} already holds a {what}; {hint or 'choose another folder'}, "
+                                  "or pass --force to replace it")
+        if not is_ours(path):
+            raise FileExistsError(f"{path}: not a sodlab {what} (no marker file), so --force will not delete it; "
+                                  "choose another folder")
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,12 +1,12 @@
-r"""The seed's loss terms, one function each, and the G and D objectives built from them.
+r"""The paper's loss terms, one function each, and the G and D objectives built from them.
 
-Notation (DESIGN.md): z_LR / z_HR are the LR / HR patches of RoI i, G(z_LR) the SR patch, D_thetaD
+Notation (the paper's): z_LR / z_HR are the LR / HR patches of RoI i, G(z_LR) the SR patch, D_thetaD
 D's adversarial head, D_cls its class head, t_SR its box deltas, u_i the RoI's class (0 = background),
 m the number of sampled RoIs. D's outputs are logits (see MultiTaskDiscriminator), so every
 "D(.)" below is sigmoid(adv logit) and every "D_cls(.)" is softmax(cls logits) at the true class;
 logs of probabilities are computed from the logits (softplus / log_softmax), never as log(sigmoid).
 
-The seed's objective, quoted:
+The paper's objective, quoted:
 
     \max_{\theta_D} \min_{\theta_G} \left( \frac{1}{m} \sum_{i=1}^m \log D_{\theta_D}(z_{HR}^{(i)}) \right)
     + \alpha L_{adv} + \beta L_{cls} + \gamma L_{reg} + L_{TV} + L_{MSE}
@@ -21,36 +21,11 @@ loss get equal weight (standard GAN), whereas the literal objective would scale 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass
-class GANLossWeights:
-    """Weights of the loss terms, with where each default comes from."""
-
-    # alpha, L_adv in G's objective: 1e-3 is SRGAN's adversarial weight (Ledig et al. CVPR'17),
-    # which SOD-MTGAN (Bai et al. ECCV'18) builds on. Stated in our brief for SOD-MTGAN as well; we
-    # could not open the SOD-MTGAN text here to verify it.
-    adv: float = 1e-3
-    # beta, L_cls in G's objective; gamma, L_reg in G's objective: 0.01 each, the values our brief
-    # gives for SOD-MTGAN (NOT verified against the paper: its full text was not reachable here).
-    cls: float = 0.01
-    reg: float = 0.01
-    # L_MSE: weight 1, as in the seed's objective (and SRGAN's content loss).
-    mse: float = 1.0
-    # L_TV: the seed writes weight 1, but its L_TV is a per-pixel mean of |grad|, about 0.05-0.1 on
-    # natural patches: with weight 1 it would outweigh L_MSE (~1e-3) and flatten every SR patch.
-    # SRGAN (arXiv v1) used 2e-8 on the TV *sum* over the patch; the same gradient scale on our
-    # per-pixel mean at hr_size 64 is 2e-8 * 64 * 64 = 8.2e-5. Set tv=1.0 for the literal seed.
-    tv: float = 2e-8 * 64 * 64
-    # D's own terms: weight 1 each, Fast R-CNN's multi-task loss (lambda = 1) and the standard GAN D.
-    d_adv: float = 1.0
-    d_cls: float = 1.0
-    d_reg: float = 1.0
+from sodlab.config import GANLossWeights
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -65,7 +40,7 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 def adversarial_loss_g(d_fake_logits: Tensor, saturating: bool = False) -> Tensor:
     r"""G's adversarial loss on D's adv logits of SR patches.
 
-    Seed: $L_{adv} = \frac{1}{m} \sum_{i=1}^m \log(1 - D_{\theta_D}(G_{\theta_G}(z_{LR}^{(i)})))$
+    Paper: $L_{adv} = \frac{1}{m} \sum_{i=1}^m \log(1 - D_{\theta_D}(G_{\theta_G}(z_{LR}^{(i)})))$
 
     ``saturating=True`` is that formula literally: mean log(1 - sigmoid(l)) = mean(-softplus(l)),
     which G minimises. Its gradient d/dl = -sigmoid(l) vanishes exactly when D confidently rejects
@@ -81,7 +56,7 @@ def adversarial_loss_g(d_fake_logits: Tensor, saturating: bool = False) -> Tenso
 def discriminator_adv_loss(d_real_logits: Tensor, d_fake_logits: Tensor, real_valid: Tensor | None = None) -> Tensor:
     r"""D's side of the adversarial game, as binary cross-entropy with logits.
 
-    Seed: D maximises $\frac{1}{m} \sum_{i=1}^m \log D_{\theta_D}(z_{HR}^{(i)})$ together with
+    Paper: D maximises $\frac{1}{m} \sum_{i=1}^m \log D_{\theta_D}(z_{HR}^{(i)})$ together with
     $\log(1 - D_{\theta_D}(G_{\theta_G}(z_{LR}^{(i)})))$ from $L_{adv}$, i.e. minimises
         mean_{valid i} softplus(-l_real_i)  +  mean_i softplus(l_fake_i)
     (BCE against 1 for real HR patches, against 0 for SR patches). Only HR-valid RoIs are real
@@ -99,7 +74,7 @@ def discriminator_adv_loss(d_real_logits: Tensor, d_fake_logits: Tensor, real_va
 def mse_loss(sr: Tensor, hr: Tensor, valid: Tensor | None = None) -> Tensor:
     r"""Pixel reconstruction loss between SR and HR patches.
 
-    Seed: $L_{MSE} = \frac{1}{m} \sum_{i=1}^m \left\| z_{HR}^{(i)} - G_{\theta_G}(z_{LR}^{(i)}) \right\|_2^2$
+    Paper: $L_{MSE} = \frac{1}{m} \sum_{i=1}^m \left\| z_{HR}^{(i)} - G_{\theta_G}(z_{LR}^{(i)}) \right\|_2^2$
 
     Read as a per-pixel mean (over channels and pixels, as SRGAN's 1/(r^2 W H) normalisation), not
     the raw squared norm, so its scale does not depend on the patch size; then averaged over the
@@ -114,12 +89,12 @@ def mse_loss(sr: Tensor, hr: Tensor, valid: Tensor | None = None) -> Tensor:
 def tv_loss(sr: Tensor, valid: Tensor | None = None, isotropic: bool = True, eps: float = 1e-12) -> Tensor:
     r"""Total variation of the SR patches.
 
-    Seed: $L_{TV} = \frac{1}{r^2_{WH}} \sum_{i=1}^{r_W} \sum_{j=1}^{r_H} \left\| \nabla G_{\theta_G}(z_{LR}^{(i,j)}) \right\|$
+    Paper: $L_{TV} = \frac{1}{r^2_{WH}} \sum_{i=1}^{r_W} \sum_{j=1}^{r_H} \left\| \nabla G_{\theta_G}(z_{LR}^{(i,j)}) \right\|$
 
     Read with SRGAN's notation: r^2 W H = r W x r H is the number of pixels of the SR patch (r the
     scale, W x H the LR size), so L_TV is the per-pixel mean of the gradient norm. The gradient is
     the forward difference (dx, dy) at every pixel (i, j) that has a right and a lower neighbour,
-    taken per channel; ||.|| is the isotropic norm sqrt(dx^2 + dy^2 + eps) (the seed's norm of the
+    taken per channel; ||.|| is the isotropic norm sqrt(dx^2 + dy^2 + eps) (the paper's norm of the
     gradient vector; eps keeps its derivative finite on flat regions), or |dx| + |dy| with
     ``isotropic=False``. Per patch: sum over pixels / (H W), mean over channels; then the mean over
     the selected patches (``valid``).
@@ -144,7 +119,7 @@ def classification_loss(
 ) -> Tensor:
     r"""D_cls's classification loss on SR (and HR) patches.
 
-    Seed: $L_{cls} = \frac{1}{m} \sum_{i=1}^m \left[ - \left( \log \left( p^{(i)} p^{*(i)} + (1 - p^{(i)})(1 - p^{*(i)}) \right) - \log(D_{cls}(G_{\theta_G}(z_{LR}^{(i)}))) \right) + \log(D_{cls}(z_{HR}^{(i)})) \right]$
+    Paper: $L_{cls} = \frac{1}{m} \sum_{i=1}^m \left[ - \left( \log \left( p^{(i)} p^{*(i)} + (1 - p^{(i)})(1 - p^{*(i)}) \right) - \log(D_{cls}(G_{\theta_G}(z_{LR}^{(i)}))) \right) + \log(D_{cls}(z_{HR}^{(i)})) \right]$
 
     How we read the symbols: p, p* are Faster R-CNN's notation for "predicted probability that the
     RoI is an object" and "1 if it is one (u_i >= 1), else 0"; we take p from D_cls on the SR patch,
@@ -198,7 +173,7 @@ def classification_loss(
 def regression_loss(box_deltas: Tensor, t_star: Tensor, labels: Tensor) -> Tensor:
     r"""Smooth-L1 box regression of D's class-specific deltas against the proposal's targets.
 
-    Seed: $L_{reg} = \frac{1}{m} \sum_{i=1}^m \sum_{j \in (x,y,w,h)} [u_i \geq 1] \left( S_{L_1} \left( t_{SR}^{i,j} - t^{*(i,j)} \right) \right)$
+    Paper: $L_{reg} = \frac{1}{m} \sum_{i=1}^m \sum_{j \in (x,y,w,h)} [u_i \geq 1] \left( S_{L_1} \left( t_{SR}^{i,j} - t^{*(i,j)} \right) \right)$
 
     Exactly torchvision's fastrcnn_loss box term: t_SR is D's [m, 4 * num_classes] output taken at
     the true class u_i; t* is BoxCoder(weights=(10, 10, 5, 5)).encode(matched GT, proposal); S_L1

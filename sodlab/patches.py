@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-DEFAULT_CONTEXT = 0.1  # relative margin on each side of a RoI; see the module docstring
+from sodlab.config import DEFAULT_CONTEXT
 
 Images = Union[Tensor, Sequence[Tensor]]
 

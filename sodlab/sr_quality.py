@@ -52,40 +52,64 @@ def _finite_mean(values: Tensor) -> float:
     return values.mean().item() if values.numel() else math.nan
 
 
+# Object side sqrt(area) bins of the small objects, in LR pixels (sodlab.evaluate's fine bins under 32).
+SIZE_BINS = (("<8", 0.0, 8.0), ("8-16", 8.0, 16.0), ("16-32", 16.0, 32.0))
+
+
+def _quality(sr: Tensor, bicubic: Tensor, hr: Tensor) -> dict:
+    return {"rois": len(hr),
+            "sr": {"psnr": _finite_mean(psnr(sr, hr)), "ssim": _finite_mean(ssim(sr, hr))},
+            "bicubic": {"psnr": _finite_mean(psnr(bicubic, hr)), "ssim": _finite_mean(ssim(bicubic, hr))}}
+
+
 @torch.no_grad()
 def evaluate_sr_quality(model, dataset, max_rois: int = 1000) -> dict:
-    """PSNR/SSIM of the SR branch (G, or bilinear without G) and of bicubic on held-out RoIs.
+    """PSNR/SSIM of the SR branch (G, or bilinear without G) and of bicubic on held-out small RoIs.
 
-    ``dataset`` yields (image, target) with target["hr_image"] when the run trains on exact twins.
+    The RoIs are the val split's small ground-truth boxes. z_LR and G(z_LR) come from
+    ``SRDetector.reconstruct``, exactly as inference cuts and serves them; z_HR is the same box
+    cut from the exact twin (``target["hr_image"]``, when the dataset was loaded with
+    ``hr_scale``), which holds k x the image's detail at every size. Without twins only RoIs
+    large enough for a real HR patch from the image itself count (none of them small).
+    Reported overall and per object-side bin (``SIZE_BINS``).
     """
-    cfg = model.cfg
-    lr_all, hr_all = [], []
-    count = 0
+    sides, lr_all, sr_all, hr_all = [], [], [], []
+    has_twins = False
+    device = next(model.parameters()).device
     for index in range(len(dataset)):
         image, target = dataset[index]
         boxes = target["boxes"].as_subclass(Tensor)
-        if len(boxes) == 0:
+        side = target["area"].as_subclass(Tensor).sqrt()
+        small = side < SIZE_BINS[-1][2]
+        if "iscrowd" in target:
+            small &= target["iscrowd"].as_subclass(Tensor) == 0
+        if not small.any():
             continue
+        boxes, side = boxes[small], side[small]
         twins = [target["hr_image"]] if "hr_image" in target else None
-        lr, hr, valid = lr_hr_pairs([image], [boxes], cfg.lr_size, cfg.scale, cfg.context, hr_images=twins)
-        lr_all.append(lr[valid])
-        hr_all.append(hr[valid])
-        count += int(valid.sum())
-        if count >= max_rois:
+        has_twins = twins is not None
+        _, hr, valid = lr_hr_pairs([image], [boxes], model.lr_size, model.scale, model.context, hr_images=twins)
+        keep = torch.ones_like(valid) if twins else valid
+        out = model.reconstruct([image.to(device)], [boxes[keep].to(device)])
+        lr_all.append(out["lr_patch"].cpu())
+        sr_all.append(out["sr_patch"].cpu())
+        hr_all.append(hr[keep])
+        sides.append(side[keep])
+        if sum(len(h) for h in hr_all) >= max_rois:
             break
-    if count == 0:
-        return {"rois": 0, "note": "no held-out RoI has a real HR target (too small for the HR source)"}
-    lr, hr = torch.cat(lr_all)[:max_rois], torch.cat(hr_all)[:max_rois]
-    device = next(model.parameters()).device
-    sr = torch.cat([model.super_resolve(chunk.to(device)).cpu() for chunk in lr.split(128)])
-    bicubic = F.interpolate(lr, scale_factor=cfg.scale, mode="bicubic", align_corners=False)
-    return {
-        "rois": len(lr),
-        "hr_source": cfg.hr_source,
-        "sr": {"psnr": _finite_mean(psnr(sr, hr)), "ssim": _finite_mean(ssim(sr, hr))},
-        "bicubic": {"psnr": _finite_mean(psnr(bicubic, hr)), "ssim": _finite_mean(ssim(bicubic, hr))},
-        "method": "G" if model.generator is not None else "bilinear (no reconstruction module)",
-    }
+    if not hr_all or sum(len(h) for h in hr_all) == 0:
+        return {"rois": 0, "note": "no held-out small RoI has a real HR target (the data has no xk twins)"}
+    lr, sr = torch.cat(lr_all)[:max_rois], torch.cat(sr_all)[:max_rois]
+    hr, side = torch.cat(hr_all)[:max_rois], torch.cat(sides)[:max_rois]
+    bicubic = F.interpolate(lr, scale_factor=model.scale, mode="bicubic", align_corners=False)
+    bins = {}
+    for label, low, high in SIZE_BINS:
+        chosen = (side >= low) & (side < high)
+        if chosen.any():
+            bins[label] = _quality(sr[chosen], bicubic[chosen], hr[chosen])
+    return {**_quality(sr, bicubic, hr), "bins": bins,
+            "hr_source": "twin" if has_twins else "image",
+            "method": "G" if model.generator is not None else "bilinear (no reconstruction module)"}
 
 
 @torch.no_grad()
@@ -105,9 +129,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
 
     from sodlab.data.coco import load_coco_json, read_rgb_image
     from sodlab.io import atomic_write_json
-    from sodlab.patches import lr_patches
 
-    cfg = model.cfg
     out_dir = Path(out_dir)
     for kind in ("lr", "sr", "hr"):
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
@@ -116,7 +138,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
     by_image: dict[int, list] = {}
     for ann in data["annotations"]:
         w, h = ann["bbox"][2:]
-        if not ann.get("iscrowd", 0) and 0 < w * h < cfg.area_threshold:
+        if not ann.get("iscrowd", 0) and 0 < w * h < model.area_threshold:
             by_image.setdefault(ann["image_id"], []).append(ann)
 
     def save(t: Tensor, path: Path) -> None:
@@ -132,13 +154,13 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
         image = dataset.load_image(image_id).float() / 255
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns])
-        lr = lr_patches([image], [boxes], cfg.lr_size, cfg.context)
-        sr = model.super_resolve(lr.to(device)).cpu()
+        out = model.reconstruct([image.to(device)], [boxes.to(device)])
+        lr, sr = out["lr_patch"].cpu(), out["sr_patch"].cpu()
         twins = None
         if hr_dir is not None:
             twin_path = Path(hr_dir) / dataset.images[image_id]["file_name"]
             twins = [pil_to_tensor(read_rgb_image(twin_path, image_id)).float() / 255]
-        _, hr, _ = lr_hr_pairs([image], [boxes], cfg.lr_size, cfg.scale, cfg.context, hr_images=twins)
+        _, hr, _ = lr_hr_pairs([image], [boxes], model.lr_size, model.scale, model.context, hr_images=twins)
         for a, lr_i, sr_i, hr_i in zip(anns, lr, sr, hr):
             stem = f"{a['id']}.png"
             save(lr_i, out_dir / "lr" / stem)
@@ -147,7 +169,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
             index.append({"image_id": image_id, "annotation_id": a["id"], "label": names[a["category_id"]],
                           "lr": f"lr/{stem}", "sr": f"sr/{stem}", "hr": f"hr/{stem}",
                           "psnr": psnr(sr_i[None], hr_i[None]).item(),
-                          "bicubic_psnr": psnr(F.interpolate(lr_i[None], scale_factor=cfg.scale, mode="bicubic",
+                          "bicubic_psnr": psnr(F.interpolate(lr_i[None], scale_factor=model.scale, mode="bicubic",
                                                              align_corners=False), hr_i[None]).item()})
     atomic_write_json(out_dir / "index.json", index)
     return len(index)

@@ -1,7 +1,7 @@
 """One training loop, readable top to bottom (after torchvision's references/detection/engine.py).
 
-A run is a directory: config.json, metrics.jsonl, checkpoints/last.pt, then eval.json and
-detections_val.json. On the CPU a run is bitwise reproducible from its seed, and a resumed run
+A run is a directory: config.json, metrics.jsonl and checkpoints/last.pt; evaluation (eval.json,
+detections_val.json, sr_quality.json) comes after, in sodlab.runs.finish_run. On the CPU a run is bitwise reproducible from its seed, and a resumed run
 ends with the same weights as an uninterrupted one: the batch order is a pure function of
 (seed, iteration) and the RNG states travel in the checkpoint.
 """
@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -21,19 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
-from sodlab.distributed import (average_gradients, broadcast_buffers, init_distributed, parameter_digest,
-                                reduce_record)
+from sodlab.distributed import average_gradients, init_distributed
+from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, replace_dir
 from sodlab.losses import discriminator_objective, generator_objective
-from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json
-from sodlab.evaluate import evaluate_run
 from sodlab.models import build_model
-from sodlab.sr_quality import evaluate_sr_quality, psnr, write_sr_patches
+from sodlab.sr_quality import psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
@@ -102,15 +98,29 @@ def git_revision() -> str | None:
 
 
 def run_record(cfg: TrainConfig) -> dict:
+    """config.json: the config, plus sodlab's marker, the git revision, the versions and the machine."""
     import torchvision
 
-    return {**cfg.to_dict(), "git": git_revision(),
+    return {"sodlab_run": 1, **cfg.to_dict(), "git": git_revision(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__}}
+                         "torchvision": torchvision.__version__},
+            "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                        "bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+
+
+def is_sodlab_run(run_dir: str | Path) -> bool:
+    """A folder sodlab wrote as a run: its config.json carries the marker (or, for runs written
+    before the marker, a method and the versions record)."""
+    try:
+        config = read_json(Path(run_dir) / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("sodlab_run" in config or {"method", "versions"} <= config.keys())
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
-    """Create runs/NAME, refusing to clobber an existing run unless asked."""
+    """Create runs/NAME, refusing to clobber an existing run (or anything not a run) unless asked."""
     run_dir = Path(cfg.out)
     config_path = run_dir / "config.json"
     if resume:
@@ -122,11 +132,11 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
         if changed and not force:
             raise ValueError(f"{config_path}: resuming with a changed config ({', '.join(changed)}); "
                              "pass force=True (--force) to resume anyway")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise FileExistsError(f"{run_dir} already holds a run; choose another --out, "
-                                  "--resume it, or pass --force to replace it")
-        shutil.rmtree(run_dir)
+    else:
+        data = Path(cfg.data).resolve()
+        if data == run_dir.resolve() or run_dir.resolve() in data.parents:
+            raise ValueError(f"{run_dir}: holds the training data {cfg.data}; choose another --out")
+        replace_dir(run_dir, force, is_sodlab_run, "run", hint="choose another --out or --resume it")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, run_record(cfg))
     return run_dir
@@ -160,10 +170,12 @@ def load_checkpoint(path: Path, model, optimizers: dict) -> int:
 
 
 def make_optimizers(cfg: TrainConfig, model) -> dict:
-    """SGD for the detector; Adam for D and G, each with its own optimizer (they update alternately)."""
+    """The detector's optimizer (cfg.optimizer: AdamW by default, or SGD), and Adam for D and G,
+    each with its own optimizer since they update alternately. The staged schedule has no
+    detector optimizer: its detector is frozen."""
     detector = model.detector if cfg.is_sr else model
     optimizers = {}
-    if not (cfg.is_sr and cfg.sr.schedule == "staged"):
+    if not (cfg.is_sr and cfg.sr_train.schedule == "staged"):
         params = [p for p in detector.parameters() if p.requires_grad]
         if cfg.optimizer == "adamw":
             optimizers["detector"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -172,10 +184,10 @@ def make_optimizers(cfg: TrainConfig, model) -> dict:
                                                      weight_decay=cfg.weight_decay)
     if cfg.is_sr:
         optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(),
-                                                       lr=cfg.sr.lr_discriminator, betas=(0.9, 0.999))
+                                                       lr=cfg.sr_train.lr_discriminator, betas=(0.9, 0.999))
         if model.generator is not None:
             optimizers["generator"] = torch.optim.Adam(model.generator.parameters(),
-                                                       lr=cfg.sr.lr_generator, betas=(0.9, 0.999))
+                                                       lr=cfg.sr_train.lr_generator, betas=(0.9, 0.999))
     return optimizers
 
 
@@ -202,8 +214,8 @@ def patch_psnr(sr: torch.Tensor, batch: dict, scale: int) -> dict:
     valid = batch["hr_valid"]
     if not valid.any():
         return {}
-    hr = batch["hr"][valid]
-    bicubic = F.interpolate(batch["lr"][valid], scale_factor=scale, mode="bicubic", align_corners=False)
+    hr = batch["hr_patch"][valid]
+    bicubic = F.interpolate(batch["lr_patch"][valid], scale_factor=scale, mode="bicubic", align_corners=False)
     return {"g_psnr": psnr(sr[valid], hr).mean().item(), "bicubic_psnr": psnr(bicubic, hr).mean().item()}
 
 
@@ -289,58 +301,116 @@ class StopRequested:
             signal.signal(s, handler)
 
 
-def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True,
-          evaluate: bool = True) -> Path:
-    """Train cfg.method on cfg.data, then evaluate on the val split. Returns the run directory.
+class TrainingStopped(Exception):
+    """A run stopped early by SIGINT/SIGTERM, after saving a checkpoint that --resume continues."""
+
+    def __init__(self, message: str, signal_name: str | None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(getattr(signal, self.signal_name or "SIGTERM"))
+
+
+def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1) -> dict:
+    """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
+
+    D first: real z_HR against G(z_LR) detached, plus D's class and box losses, in one forward
+    over both (D normalises per sample, so the joint batch equals two forwards). Then G, through
+    the updated D with D's parameters frozen: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE.
+    """
+    weights, where = cfg.sr_train.weights, f"{cfg.out}, iteration {it + 1}"
+    factor = lr_factor(cfg, it)
+    sr = model.super_resolve(batch["lr_patch"])
+    n = len(batch["hr_patch"])
+    d_both = model.discriminator(torch.cat([batch["hr_patch"], sr.detach()]))
+    d_hr, d_sr = ({k: v[:n] for k, v in d_both.items()}, {k: v[n:] for k, v in d_both.items()})
+    d_terms = discriminator_objective(d_hr, d_sr, batch["labels"], batch["regression_targets"], batch["hr_valid"],
+                                      weights)
+    check_finite(d_terms, where)
+    optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr_train.lr_discriminator * factor,
+                   cfg.grad_clip, world_size=world_size)
+    record = {f"d_{k}": v.item() for k, v in d_terms.items()}
+    if "generator" in optimizers:
+        model.discriminator.requires_grad_(False)
+        try:
+            g_terms = generator_objective(model.discriminator(sr), sr, batch["hr_patch"], batch["hr_valid"],
+                                          batch["labels"], batch["regression_targets"], weights)
+            check_finite(g_terms, where)
+            optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
+                           cfg.grad_clip, world_size=world_size)
+        finally:
+            model.discriminator.requires_grad_(True)
+        record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr.detach(), batch, model.scale)
+    return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum())}
+
+
+def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
+               world_size: int = 1) -> dict:
+    """One iteration: the detector step (Faster R-CNN's RPN and box-head losses), then the SR
+    branch's ``sr_step`` for SR methods. Returns the log record."""
+    device = images[0].device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        if cfg.is_sr:
+            hr_images = [t["hr_image"] for t in targets] if cfg.hr_twin_scale else None
+            loss_dict, sr_batch = model.training_forward(images, targets, hr_images,
+                                                         train_detector="detector" in optimizers)
+        else:
+            loss_dict = model(images, targets)
+    record = {"iter": it + 1}
+    if "detector" in optimizers:
+        check_finite(loss_dict, f"{cfg.out}, iteration {it + 1}")
+        loss = sum(loss_dict.values())
+        lr = cfg.lr * lr_factor(cfg, it)
+        grad_norm = optimizer_step(optimizers["detector"], loss, lr, cfg.grad_clip, scaler, world_size)
+        record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()}, "lr": lr,
+                   "grad_norm": grad_norm}
+    if cfg.is_sr:
+        record |= sr_step(model, sr_batch, optimizers, cfg, it, world_size)
+    return record
+
+
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """Train cfg.method on cfg.data; returns the run directory (evaluate it with sodlab.runs.finish_run).
 
     Under torchrun every rank runs this function: each trains on its shard of every global
-    batch, gradients are averaged, and rank 0 alone writes the run directory.
+    batch, gradients are averaged, and rank 0 alone writes the run directory. Raises
+    TrainingStopped after checkpointing when a signal stops the run early.
     """
     ddp = init_distributed()
-    run_dir = Path(cfg.out)
-    if ddp.is_main:
-        prepare_run_dir(cfg, resume, force)
-    if ddp.world_size > 1:
-        dist.barrier()
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    device = ddp.device
-
-    twins = cfg.sr.scale if cfg.is_sr and cfg.sr.hr_source == "twin" else None
     dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
-                         hr_scale=twins)
+                         hr_scale=cfg.hr_twin_scale)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
+    run_dir, device = Path(cfg.out), ddp.device
+    if ddp.is_main:
+        prepare_run_dir(cfg, resume, force)
+    ddp.barrier()
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, dataset.num_classes)
-    if cfg.is_sr and cfg.sr.schedule == "staged":
+    if cfg.is_sr and cfg.sr_train.schedule == "staged":
         init_detector_from(cfg, model)
     model.to(device)
     optimizers = make_optimizers(cfg, model)
     amp_dtype = autocast_dtype(cfg, device)
-    # Only float16 needs loss scaling; bfloat16 has float32's exponent range.
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    start_iter = 0
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no scaling
     last_ckpt = run_dir / "checkpoints" / "last.pt"
-    if resume and last_ckpt.exists():
-        start_iter = load_checkpoint(last_ckpt, model, optimizers)
-    if ddp.world_size > 1:
-        # Each rank draws its own flips and RoI samples; bitwise resume is a one-process guarantee.
-        seed_everything(cfg.seed + 1000 * start_iter + ddp.rank)
-        if hasattr(model, "sampling_rng"):
-            model.sampling_rng.manual_seed(cfg.seed + ddp.rank)
+    start_iter = load_checkpoint(last_ckpt, model, optimizers) if resume and last_ckpt.exists() else 0
+    ddp.decorrelate(model, cfg.seed, start_iter)
     if ddp.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", start_iter)
-
-    # A private generator: the loader's base-seed draw must not advance the global RNG, or a
-    # resumed run would see different random flips from an uninterrupted one.
+    # The batch order is a pure function of (seed, iteration); a private generator keeps the
+    # loader's base-seed draw off the global RNG, so a resumed run sees the same random flips.
     sampler = batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_iter, ddp.rank, ddp.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     model.train()
     health = GanHealth()
     bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not (progress and ddp.is_main))
-    it = start_iter
     log_path = run_dir / "metrics.jsonl" if ddp.is_main else os.devnull
+    it = start_iter
     # The bar is a context manager too: it is closed before an error message, not left half drawn.
     with open(log_path, "a") as log, StopRequested() as stop, bar:
         for images, targets in loader:
@@ -349,54 +419,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             tic = time.perf_counter()
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            record = {"iter": it + 1}
-            where = f"{run_dir}, iteration {it + 1}"
-
-            # 1. detector step (Faster R-CNN's RPN and box-head losses)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if cfg.is_sr:
-                    hr_images = [t["hr_image"] for t in targets] if cfg.sr.hr_source == "twin" else None
-                    loss_dict, sr_batch = model.training_forward(images, targets, hr_images)
-                else:
-                    loss_dict = model(images, targets)
-            if "detector" in optimizers:
-                check_finite(loss_dict, where)
-                loss = sum(loss_dict.values())
-                lr = cfg.lr * lr_factor(cfg, it)
-                grad_norm = optimizer_step(optimizers["detector"], loss, lr, cfg.grad_clip, scaler, ddp.world_size)
-                record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()},
-                           "lr": lr, "grad_norm": grad_norm}
-
-            if cfg.is_sr:
-                # 2. D step: real HR patches against G(z_LR), detached, plus D's class and box losses
-                sr = model.super_resolve(sr_batch["lr"])
-                d_terms = discriminator_objective(
-                    model.discriminator(sr_batch["hr"]), model.discriminator(sr.detach()), sr_batch["labels"],
-                    sr_batch["regression_targets"], sr_batch["hr_valid"], cfg.sr.weights)
-                check_finite(d_terms, where)
-                optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr.lr_discriminator,
-                               cfg.grad_clip, world_size=ddp.world_size)
-                record |= {f"d_{k}": v.item() for k, v in d_terms.items()}
-                # 3. G step: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE, through the updated D
-                if "generator" in optimizers:
-                    g_terms = generator_objective(model.discriminator(sr), sr, sr_batch["hr"], sr_batch["hr_valid"],
-                                                  sr_batch["labels"], sr_batch["regression_targets"], cfg.sr.weights)
-                    check_finite(g_terms, where)
-                    optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr.lr_generator, cfg.grad_clip,
-                                   world_size=ddp.world_size)
-                    record |= {f"g_{k}": v.item() for k, v in g_terms.items()}
-                    record |= patch_psnr(sr.detach(), sr_batch, cfg.sr.scale)
-                record |= {"sr_rois": len(sr_batch["labels"]), "sr_hr_valid": int(sr_batch["hr_valid"].sum())}
-
+            record = train_step(model, images, targets, optimizers, cfg, it, amp_dtype, scaler, ddp.world_size)
             it += 1
             record["sec"] = time.perf_counter() - tic
-            stopping = stop.signal is not None
-            if ddp.world_size > 1:
-                broadcast_buffers(model)
-                record = reduce_record(record, ddp.world_size)
-                flag = torch.tensor([float(stopping)])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-                stopping = bool(flag.item())
+            record, stopping = ddp.end_step(model, record, stop.signal is not None)
             if cfg.is_sr and (warning := health.update(it, record)):
                 record["warning"] = warning
                 if ddp.is_main:
@@ -410,29 +436,11 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             if ddp.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iters or stopping):
                 save_checkpoint(last_ckpt, model, optimizers, it, cfg, dataset.num_classes)
             if stopping:
-                break
-    if it < cfg.iters:
-        if ddp.is_main:
-            print(f"stopped by {stop.signal or 'a signal on another rank'}: saved {last_ckpt} at iteration {it}; "
-                  "continue with --resume")
-    elif evaluate:
-        val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
-        evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
-                     rank=ddp.rank, world_size=ddp.world_size)
-        if cfg.is_sr and ddp.is_main:
-            held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=twins)
-            atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model.eval(), held_out))
-            # Browsable patches show the exact twin as HR whenever the data has one.
-            twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
-            write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
-    if ddp.world_size > 1:
-        # Record that the ranks ended in step: each rank's parameter digest, gathered on rank 0.
-        digests: list = [None] * ddp.world_size
-        dist.all_gather_object(digests, parameter_digest(model))
-        if ddp.is_main:
-            atomic_write_json(run_dir / "ddp.json", {"world_size": ddp.world_size, "parameter_digests": digests,
-                                                     "identical": len(set(digests)) == 1})
-        dist.barrier()
+                raise TrainingStopped(f"stopped by {stop.signal or 'a signal on another rank'}: saved {last_ckpt} "
+                                      f"at iteration {it}; continue with --resume", stop.signal)
+    if (digests := ddp.digests(model)) and ddp.is_main:  # the ranks ended in step: equal digests
+        atomic_write_json(run_dir / "ddp.json", {"world_size": ddp.world_size, "parameter_digests": digests,
+                                                 "identical": len(set(digests)) == 1})
     return run_dir
 
 
@@ -447,15 +455,3 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg, ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
     return cfg, model.to(device).eval()
-
-
-if __name__ == "__main__":
-    # torchrun --nproc_per_node=N -m sodlab.train --data DIR --method baseline ... (the flags of `sodlab train`)
-    import sys
-
-    from sodlab.cli import main
-
-    status = main(["train", *sys.argv[1:]])
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(status)

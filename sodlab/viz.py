@@ -1,20 +1,12 @@
-"""Figures, widgets and budgets for the notebooks: every piece of logic the notebooks show lives here.
+"""Figures and widgets for the notebooks and the bench report.
 
-The notebooks (notebooks/01..05) stay thin: each cell calls one function of this module (or of
-the modules below it) and displays what it returns. That keeps the logic unit-tested
-(tests/test_viz.py) and every figure reproducible from files alone: a figure is drawn from a
-data directory or run directories, never from notebook state.
+The notebooks (notebooks/01..05) stay thin: each cell calls one function of sodlab and displays
+what it returns. Budgets and runs come from sodlab.recipes and sodlab.runs; this module draws.
+Every figure is reproducible from files alone: it is drawn from a data directory or run
+directories, never from notebook state.
 
 What is here, in the order the notebooks use it:
 
-* Budgets and paths. ``get_budget("quick" | "default")`` names the data directory, the run
-  directory and the training length the notebooks share. "quick" (what the tests execute) is a
-  40 + 12 image benchmark of 128 px and 25 iterations per stage; "default" is the demo-size
-  benchmark (data/synth, 1200 + 200 images of 256 px, the data ``sodlab demo`` uses) with the
-  demo's 600 baseline and 300 SR iterations. ``ensure_data`` / ``ensure_run`` generate or train
-  only what is missing, so any notebook runs alone and a second run reuses the first one's
-  files. Paths are resolved against the project root (``project_root``), so they work whether a
-  kernel starts in notebooks/ or in the root.
 * Data statistics (01): object size histogram with COCO's small/medium/large bounds, class
   counts by size bucket, a grid of images with boxes coloured by size bucket, an LR image next
   to its exact HR twin.
@@ -39,7 +31,6 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -52,193 +43,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from sodlab.cli import DEMO_ITERS, DEMO_SR_ITERS, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
 from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, size_bucket
 from sodlab.evaluate import FINE_BIN_LABELS
 from sodlab.io import read_json
-
-# --------------------------------------------------------------------------------------------
-# Paths and budgets
-# --------------------------------------------------------------------------------------------
-
-
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The sodlab checkout: the first folder at or above ``start`` (default: the working
-    directory) holding both pyproject.toml and sodlab/. Falls back to the folder this package
-    was imported from (an editable install), then to ``start`` itself."""
-    start = Path(start or os.getcwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "sodlab").is_dir():
-            return folder
-    package_parent = Path(__file__).resolve().parent.parent
-    if (package_parent / "pyproject.toml").is_file():
-        return package_parent
-    return start
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much data and training a notebook session gets. Paths are absolute."""
-
-    name: str
-    data_dir: Path  # the embedded benchmark (generated with exact x4 twins)
-    runs_dir: Path  # runs/notebooks/{name}/{run}
-    n_train: int
-    n_val: int
-    image_size: int
-    iters: int  # detector (baseline) iterations
-    sr_iters: int  # SR branch iterations on top of the finished baseline (the staged schedule)
-    batch_size: int
-    warmup_iters: int
-    detector: dict = field(default_factory=dict)  # overrides of the "cpu" detector preset
-    sr: dict = field(default_factory=dict)  # SRConfig fields (on top of hr_source="twin")
-    # True when data_dir is the notebooks' own scratch copy, which ensure_data may replace when a
-    # generation was interrupted; data/synth is shared with `sodlab demo` and is never replaced.
-    owns_data: bool = False
-
-    def run_dir(self, name: str) -> Path:
-        return self.runs_dir / name
-
-    def describe(self) -> str:
-        return (f"budget {self.name!r}: data {self.data_dir} ({self.n_train} train / {self.n_val} val images of "
-                f"{self.image_size} px), runs in {self.runs_dir}, {self.iters} baseline + {self.sr_iters} SR "
-                f"iterations at batch {self.batch_size}")
-
-
-# Relative paths are resolved against the project root by get_budget.
-BUDGETS: dict[str, dict] = {
-    # What the notebook tests execute: a couple of minutes per notebook on 2 busy CPU cores. The
-    # detector works at the images' own 128 px (the cpu preset would upsample them to 256 px,
-    # quadrupling the cost), and the SR branch samples 8 RoIs per image instead of 16.
-    "quick": dict(data_dir="data/synth-quick", runs_dir="runs/notebooks/quick", n_train=40, n_val=12,
-                  image_size=128, iters=25, sr_iters=25, batch_size=4, warmup_iters=5,
-                  detector=dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200,
-                                box_batch_size_per_image=64, rpn_post_nms_top_n_test=100),
-                  sr=dict(rois_per_image=8), owns_data=True),
-    # For real use: the demo-size benchmark `sodlab demo` writes (and reuses) and the demo's lengths.
-    "default": dict(data_dir="data/synth", runs_dir="runs/notebooks/default",
-                    n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES,
-                    image_size=256, iters=DEMO_ITERS, sr_iters=DEMO_SR_ITERS, batch_size=4, warmup_iters=50),
-}
-
-
-def get_budget(name: str | None = None, root: str | os.PathLike | None = None) -> Budget:
-    """The named budget ("quick" or "default"; default: $SODLAB_BUDGET, else "quick") with
-    paths under ``root`` (default: ``project_root()``)."""
-    name = name or os.environ.get("SODLAB_BUDGET", "quick")
-    if name not in BUDGETS:
-        raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)} (SODLAB_BUDGET)")
-    root = Path(root).resolve() if root is not None else project_root()
-    spec = dict(BUDGETS[name])
-    spec["data_dir"] = root / spec["data_dir"]
-    spec["runs_dir"] = root / spec["runs_dir"]
-    return Budget(name=name, **spec)
-
-
-def ensure_data(budget: Budget, progress: bool = True) -> Path:
-    """Generate the budget's embedded benchmark (with x4 twins) unless it is there already.
-
-    A complete dataset has both instances jsons (generate writes them last). An existing one
-    without x4 twins is an error: the SR detector trains against them. A folder without both
-    jsons is an interrupted (or running) generation: replaced only if the budget owns its data.
-    """
-    from sodlab.data.synth import generate
-
-    data_dir = budget.data_dir
-    annotations = [data_dir / "annotations" / f"instances_{split}.json" for split in ("train", "val")]
-    if all(path.is_file() for path in annotations):
-        if not (data_dir / "train_x4").is_dir():
-            raise ValueError(f"{data_dir}: the benchmark there has no x4 twins (no train_x4/); the SR detector "
-                             f"trains against them: regenerate it with `sodlab synth --out {data_dir} --hr-scale 4 --force`")
-        return data_dir
-    generate(data_dir, n_train=budget.n_train, n_val=budget.n_val, seed=0, size=budget.image_size, hr_scale=4,
-             progress=progress, overwrite=budget.owns_data)
-    return data_dir
-
-
-def train_config(budget: Budget, method: str, name: str | None = None, **overrides):
-    """The TrainConfig of ``method`` at this budget, saved to runs_dir/``name`` (default: method).
-
-    SR methods follow ``sodlab demo``'s protocol: the staged schedule, G and D trained for
-    ``sr_iters`` on the finished baseline run's detector (frozen, ``init_from``), learning from
-    the benchmark's exact x4 twins, with D's answers averaged with the box head's (fusion "mean"). Every SR row then shares the baseline's detector, so a
-    difference between rows is the SR branch's doing. ``overrides`` go to TrainConfig fields
-    (e.g. ``sr=SRConfig(schedule="joint", hr_source="twin"), init_from=""`` for joint training).
-    """
-    from sodlab.config import SR_METHODS, make_config
-    from sodlab.models.detector import preset
-    from sodlab.models.sr_detector import SRConfig
-
-    values = dict(data=str(budget.data_dir), method=method, iters=budget.iters, batch_size=budget.batch_size,
-                  warmup_iters=budget.warmup_iters, out=str(budget.run_dir(name or method)))
-    if method in SR_METHODS:
-        values |= dict(iters=budget.sr_iters, init_from=str(budget.run_dir("baseline")),
-                       sr=SRConfig(**{"schedule": "staged", "hr_source": "twin", "fusion": "mean", **budget.sr}))
-    values.update(overrides)
-    cfg = make_config("cpu", **values)
-    if budget.detector:
-        cfg.detector = preset("cpu", **budget.detector)
-    return cfg
-
-
-def _comparable(config: dict) -> dict:
-    """A saved or fresh config as json values, without what does not change the result."""
-    config = json.loads(json.dumps(config))
-    for key in ("out", "git", "versions"):
-        config.pop(key, None)
-    config["data"] = str(Path(config.get("data", "")).resolve())
-    return config
-
-
-def run_is_complete(run_dir: str | os.PathLike, cfg=None) -> bool:
-    """True when run_dir holds an evaluated run (eval.json, detections_val.json, a checkpoint)
-    and, if ``cfg`` is given, was trained with that config."""
-    run_dir = Path(run_dir)
-    needed = [run_dir / "config.json", run_dir / "eval.json", run_dir / "detections_val.json",
-              run_dir / "checkpoints" / "last.pt"]
-    if not all(path.is_file() for path in needed):
-        return False
-    return cfg is None or _comparable(read_json(run_dir / "config.json")) == _comparable(cfg.to_dict())
-
-
-def _checkpoint_time(run_dir: Path) -> int:
-    path = run_dir / "checkpoints" / "last.pt"
-    return path.stat().st_mtime_ns if path.is_file() else -1
-
-
-def ensure_run(budget: Budget, method: str, name: str | None = None, train_missing: bool = True,
-               progress: bool = True, **overrides) -> Path | None:
-    """The run directory of ``method`` at this budget: reused when it is complete and was trained
-    with the same config, trained otherwise (replacing an interrupted or different run).
-
-    A staged SR run starts from the budget's baseline run: that is ensured first, and an SR run
-    older than the baseline's checkpoint (the baseline was trained again since) is stale and
-    trained again too. With ``train_missing=False`` nothing is trained: returns None when the
-    run is missing or stale.
-    """
-    from sodlab.train import train
-
-    cfg = train_config(budget, method, name, **overrides)
-    run_dir = Path(cfg.out)
-    start = Path(cfg.init_from) if cfg.init_from else None
-    if start == budget.run_dir("baseline") and train_missing:
-        ensure_run(budget, "baseline", progress=progress)
-    fresh = start is None or _checkpoint_time(run_dir) >= _checkpoint_time(start) >= 0
-    if fresh and run_is_complete(run_dir, cfg):
-        if progress:
-            print(f"reusing {run_dir} (evaluated, same config)")
-        return run_dir
-    if not train_missing:
-        return None
-    ensure_data(budget, progress=progress)
-    return train(cfg, force=True, progress=progress)
-
-
-def completed_runs(runs_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, Path]:
-    """{name: runs_dir/name} for the names whose run has been evaluated, in the order given."""
-    runs_dir = Path(runs_dir)
-    return {name: runs_dir / name for name in names if (runs_dir / name / "eval.json").is_file()}
-
 
 # --------------------------------------------------------------------------------------------
 # Data statistics (notebook 01)
@@ -554,9 +361,6 @@ def plot_gan_losses(run_dir: str | os.PathLike, smooth: int = 5) -> Figure:
 # Evaluation (notebook 03)
 # --------------------------------------------------------------------------------------------
 
-SR_VARIANTS = ("sr", "sr-no-recon", "sr-no-adv", "sr-no-cls", "sr-cls-only")
-
-
 def read_evals(runs: Mapping[str, str | os.PathLike]) -> list[tuple[str, dict]]:
     """[(name, eval.json stats)] for the runs that have been evaluated, in the order given; rows
     for sodlab.evaluate.format_table / format_fine_bins_table."""
@@ -583,9 +387,11 @@ def format_sr_quality(runs: Mapping[str, str | os.PathLike]) -> str:
     return "\n".join(lines)
 
 
-def plot_ap_by_size(rows: Sequence[tuple[str, Mapping]], metric: str = "AP") -> Figure:
+def plot_ap_by_size(rows: Sequence[tuple[str, Mapping]], metric: str = "AP",
+                    errors: Mapping[str, Mapping] | None = None) -> Figure:
     """``metric`` per fine size bin (object side in px), one line per method; bins without
-    ground truth are left out, and each bin's object count is written under its label."""
+    ground truth are left out, and each bin's object count is written under its label.
+    ``errors`` ({name: std stats}, as the bench's rows over seeds) draws error bars."""
     fig = Figure(figsize=(8, 3.8), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(FINE_BIN_LABELS))
@@ -596,7 +402,10 @@ def plot_ap_by_size(rows: Sequence[tuple[str, Mapping]], metric: str = "AP") -> 
         for b in FINE_BIN_LABELS:
             counts.setdefault(b, bins.get(b, {}).get("num_gt"))
         values[values < 0] = np.nan  # COCO's -1: no ground truth in the bin
-        ax.plot(x, 100 * values, marker="o", label=name)
+        err = None
+        if errors and errors.get(name):
+            err = [100 * (errors[name]["fine_bins"][b].get(metric) or 0) for b in FINE_BIN_LABELS]
+        ax.errorbar(x, 100 * values, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xticks(x, [f"{b}\n(n={counts.get(b) if counts.get(b) is not None else '?'})" for b in FINE_BIN_LABELS])
     ax.set_xlim(-0.5, len(FINE_BIN_LABELS) - 0.5)
     ax.set_xlabel("object side sqrt(area) [px]")
@@ -604,13 +413,36 @@ def plot_ap_by_size(rows: Sequence[tuple[str, Mapping]], metric: str = "AP") -> 
     ax.axvspan(-0.5, 2.5, color=BUCKET_COLOURS["small"], alpha=0.08, lw=0)  # the three bins under 32 px
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend()
+        ax.legend(fontsize=8)
     ax.set_title(f"{metric} by object size")
+    return fig
+
+
+def plot_speed_accuracy(points: Sequence[tuple[str, float, float, float | None]]) -> Figure:
+    """APs against inference ms/image (log scale): one (name, ms, APs, APs std or None) per method."""
+    import matplotlib.ticker
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, ms, aps, std in points:
+        ax.errorbar(ms, 100 * aps if aps >= 0 else np.nan, yerr=None if std is None else 100 * std, marker="o",
+                    capsize=3)
+        ax.annotate(name, (ms, 100 * aps), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("inference ms/image (batch 1, log scale)")
+    ax.set_ylabel("APs (%)")
+    ax.set_title("Speed / accuracy on small objects")
+    ax.grid(alpha=0.3, which="both")
     return fig
 
 
 def bench_reports(root: str | os.PathLike | None = None) -> list[Path]:
     """runs/bench-*/bench.md under the project root, newest first."""
+    from sodlab.recipes import project_root
+
     root = Path(root) if root is not None else project_root()
     return sorted((root / "runs").glob("bench-*/bench.md"), key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -634,7 +466,7 @@ def twin_tensor(data_dir: str | os.PathLike, split: str, image_id: int, k: int) 
 
 def _sr_branch(model):
     """Check that ``model`` is an SR detector (it has G, D and score_proposals)."""
-    if not all(hasattr(model, name) for name in ("score_proposals", "super_resolve", "discriminator", "box_coder")):
+    if not all(hasattr(model, name) for name in ("score_proposals", "reconstruct", "box_coder")):
         raise TypeError(f"{type(model).__name__} is not an SR detector: train an SR method "
                         "(method 'sr' or a variant) to inspect G and D")
     return model
@@ -692,21 +524,20 @@ def inspect_rois(model, image: Tensor, rois: Tensor, hr_image: Tensor | None = N
     "d_probs" [N, C], "d_real_prob" [N] and "d_boxes" [N, C, 4]: each RoI moved by D's deltas
     t_SR for every class, decoded with the detector's BoxCoder.
     """
-    from sodlab.patches import lr_hr_pairs, lr_patches
+    from sodlab.patches import lr_hr_pairs
     from sodlab.sr_quality import psnr, ssim  # the definitions sr_quality.json uses too
 
     model = _sr_branch(model)
-    cfg = model.cfg
     rois = rois.reshape(-1, 4).float()
-    lr = lr_patches([image], [rois], cfg.lr_size, cfg.context)
-    bicubic = F.interpolate(lr, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-    sr_raw = model.super_resolve(lr)
-    d = model.discriminator(sr_raw)  # D judges G's raw output, as in SRDetector.score_proposals
-    sr = sr_raw.clamp(0, 1)
+    d = model.reconstruct([image], [rois])  # the path inference takes: patches -> G -> D
+    lr = d["lr_patch"]
+    bicubic = F.interpolate(lr, scale_factor=model.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+    sr = d["sr_patch"].clamp(0, 1)
     hr, hr_valid = None, torch.zeros(len(rois), dtype=torch.bool)
     quality = {"psnr": {}, "ssim": {}}
     if hr_image is not None:
-        _, hr, hr_valid = lr_hr_pairs([image], [rois], cfg.lr_size, cfg.scale, cfg.context, hr_images=[hr_image])
+        _, hr, hr_valid = lr_hr_pairs([image], [rois], model.lr_size, model.scale, model.context,
+                                      hr_images=[hr_image])
         hr = hr.clamp(0, 1)
         for name, patches in (("bicubic", bicubic), ("sr", sr)):
             quality["psnr"][name] = psnr(patches, hr).tolist()
@@ -756,7 +587,7 @@ def decision_changes(model, dataset, image_ids: Sequence[int] | None = None, iou
     changes = []
     for image_id in (image_ids if image_ids is not None else dataset.ids):
         image, target = _load_sample(dataset, image_id)
-        small = small_gt(target, model.cfg.area_threshold)
+        small = small_gt(target, model.area_threshold)
         if len(small) == 0:
             continue
         scored = score_image(model, image)
@@ -934,7 +765,7 @@ class SRInspector:
         _, anns, _, _ = _split_records(self.data_dir, split)
         options = []
         for image_id in (image_ids if image_ids is not None else dataset.ids):
-            n_small = sum(_annotation_area(a) <= model.cfg.area_threshold for a in anns[image_id]
+            n_small = sum(_annotation_area(a) <= model.area_threshold for a in anns[image_id]
                           if not a.get("iscrowd", 0))
             if n_small:
                 options.append((f"{dataset.images[image_id]['file_name']} ({n_small} small)", int(image_id)))
@@ -966,14 +797,14 @@ class SRInspector:
         if image_id not in self._samples:
             image, target = _load_sample(self.dataset, image_id)
             scored = score_image(self.model, image)
-            small = small_gt(target, self.model.cfg.area_threshold)
+            small = small_gt(target, self.model.area_threshold)
             roi_index, iou = match_gt(scored["rois"], scored["sr_mask"], target["boxes"][small])
             # Best covered first (then largest): the first view is an object the SR branch really
             # served, not one no small proposal reached.
             keys = sorted(range(len(small)), key=lambda i: (-float(iou[i]), -float(target["area"][small[i]])))
             self._samples[image_id] = {
                 "image": image, "target": target, "scored": scored,
-                "hr": twin_tensor(self.data_dir, self.split, image_id, self.model.cfg.scale),
+                "hr": twin_tensor(self.data_dir, self.split, image_id, self.model.scale),
                 "order": small[keys], "roi_index": roi_index[keys], "iou": iou[keys]}
         return self._samples[image_id]
 

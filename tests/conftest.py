@@ -14,12 +14,9 @@ def tiny_synth(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(tiny_synth, tmp_path):
-    """A cpu-preset TrainConfig on the tiny data, with sampling sizes cut for speed."""
+    """A cpu-preset TrainConfig on the tiny data at the small detector's 128 px (recipes.SMALL_DETECTOR)."""
     from sodlab.config import make_config
-    from sodlab.models.detector import preset
+    from sodlab.recipes import SMALL_DETECTOR
 
-    cfg = make_config("cpu", data=str(tiny_synth), iters=6, batch_size=2, warmup_iters=2,
-                      ckpt_every=3, eval_batch_size=2, out=str(tmp_path / "run"))
-    cfg.detector = preset("cpu", min_size=128, max_size=128, rpn_post_nms_top_n_train=200,
-                          box_batch_size_per_image=64, rpn_post_nms_top_n_test=100)
-    return cfg
+    return make_config("cpu", detector=SMALL_DETECTOR, data=str(tiny_synth), iters=6, batch_size=2, warmup_iters=2,
+                       ckpt_every=3, eval_batch_size=2, out=str(tmp_path / "run"))

@@ -1,5 +1,5 @@
-"""sodlab bench: end to end on a tiny set, the gap formula, the oracle's frames, SAHI's slicing,
-per-process peak RSS, no overwriting, and the --paper dry run."""
+"""sodlab bench: end to end on a tiny set, the shared detector, resume, the gap formula, the oracle's
+frames, SAHI's slicing, per-process peak RSS, no overwriting, and the --paper dry run."""
 import argparse
 import dataclasses
 import json
@@ -12,10 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from sodlab.bench import (BUDGETS, METHOD_NAMES, Budget, add_arguments, budget_from_args, coco_eval, gap_closed,
-                          peak_rss_mb, prepare_oracle_data, run_bench, run_from_args, run_measurement,
-                          sahi_detection_model, sahi_predict, scale_results, train_config, METHODS)
+from sodlab.bench import run_bench
+from sodlab.bench.measure import peak_rss_mb, run_measurement, scale_results
+from sodlab.bench.methods import METHOD_NAMES, METHODS
+from sodlab.bench.report import gap_closed
+from sodlab.cli import add_bench_arguments, budget_from_args, cmd_bench
 from sodlab.data.coco import load_coco_json
+from sodlab.data.oracle import prepare_oracle_data
+from sodlab.evaluate import coco_eval
+from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
+from sodlab.recipes import BUDGETS, Budget, train_config
 
 TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, box_batch_size_per_image=32,
                      rpn_post_nms_top_n_test=30, box_detections_per_img=30)
@@ -23,14 +29,14 @@ TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, b
 
 def tiny_budget(**changes) -> Budget:
     """Smaller than quick: 2 iterations at batch 2 on 128 px images, 3 timed inferences, in-process."""
-    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, batch_size=2, warmup_iters=1,
-                               detector_overrides=TINY_DETECTOR, timing_images=3, timing_warmup=1, threads=1,
+    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, sr_iters=2, batch_size=2, warmup_iters=1,
+                               detector=TINY_DETECTOR, timing_images=3, timing_warmup=1, threads=1,
                                isolate=False, **changes)
 
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_bench_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -94,7 +100,8 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     oracle = json.loads((bench_dir / "runs" / "hr-oracle-seed0" / "config.json").read_text())
     assert oracle["detector"]["min_size"] == 2 * 128  # x2 twins are not resized back down
     sr = json.loads((bench_dir / "runs" / "sr-seed0" / "config.json").read_text())
-    assert sr["sr"]["schedule"] == "joint" and sr["sr"]["hr_source"] == "twin"
+    assert sr["sr_train"]["schedule"] == "staged" and sr["sr_train"]["hr_source"] == "twin"
+    assert sr["init_from"] == str(bench_dir / "runs" / "baseline-seed0")
 
     report = (bench_dir / "bench.md").read_text()
     assert "## Published on COCO (Gu et al.), not comparable" in report
@@ -106,15 +113,52 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
             assert image.format == "PNG" and image.width > 300
 
 
+def test_sr_variants_of_a_seed_share_the_baseline_detector_bytes(bench_dir):
+    def detector_state(run):
+        state = torch.load(bench_dir / "runs" / run / "checkpoints" / "last.pt", weights_only=False)["model"]
+        return {k.removeprefix("detector."): v for k, v in state.items() if not k.startswith(("generator.",
+                                                                                                "discriminator."))}
+
+    baseline = detector_state("baseline-seed0")
+    for method in ("sr", "sr-no-recon", "sr-cls-only"):
+        shared = detector_state(f"{method}-seed0")
+        assert shared.keys() == baseline.keys()
+        assert all(torch.equal(shared[k], baseline[k]) for k in baseline), method
+    records = json.loads((bench_dir / "bench.json").read_text())["records"]
+    sr = next(r for r in records if r["method"] == "sr")
+    assert sr["training"]["shared_detector"].endswith("baseline-seed0")
+
+
+def test_a_killed_bench_resumes_reusing_its_finished_runs(bench_dir, tmp_path):
+    killed = tmp_path / "bench-test"
+    shutil.copytree(bench_dir, killed, symlinks=True)
+    bench = json.loads((killed / "bench.json").read_text())
+    kept = [r for r in bench["records"] if r["method"] != "hr-oracle"]
+    (killed / "bench.json").write_text(json.dumps({**bench, "complete": False, "records": kept, "rows": None}))
+    shutil.rmtree(killed / "runs" / "hr-oracle-seed0")  # killed before the oracle's run finished
+    before = {r["method"]: r for r in kept}
+    run_bench(tiny_budget(), killed, data=bench["data"], progress=False)
+    after = json.loads((killed / "bench.json").read_text())
+    assert after["complete"] and [r["method"] for r in after["records"]] == list(METHOD_NAMES)
+    for record in after["records"]:
+        if record["method"] in before:
+            assert record == before[record["method"]]  # reused, not measured again
+    assert {row["method"] for row in after["rows"]} == set(METHOD_NAMES)
+
+
 def test_existing_output_is_refused_and_left_untouched(bench_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the embedded benchmark would be generated into ./data
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bench_dir.iterdir() if p.is_file()}
-    with pytest.raises(FileExistsError, match="already holds a bench"):
-        run_bench(tiny_budget(), bench_dir, data=str(tmp_path / "never-read"), progress=False)
-    with pytest.raises(FileExistsError):
-        run_from_args(parse(["--budget", "quick", "--runs", str(bench_dir.parent), "--name", "test"]))
+    data = json.loads((bench_dir / "bench.json").read_text())["data"]
+    with pytest.raises(FileExistsError, match="another budget .*iters"):
+        run_bench(dataclasses.replace(tiny_budget(), iters=3), bench_dir, data=data, progress=False)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bench_dir.iterdir() if p.is_file()} == before
-    assert not (tmp_path / "data").exists()  # refused before any data was generated
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a sodlab bench"):
+        run_bench(tiny_budget(), foreign, data=data, force=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 # --- pieces ------------------------------------------------------------------------------------------
@@ -191,10 +235,14 @@ def test_isolated_measurement_has_its_own_pid_and_peak_rss():
 # --- the paper's configuration ---------------------------------------------------------------------------
 
 def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
-    budget = budget_from_args(parse(["--budget", "default", "--iters", "600"]))
-    assert budget.iters == 600 and budget.images_seen == 600 * budget.batch_size
-    configs = [train_config(budget, "cpu", m, 0, "data/synth", tmp_path / m.name) for m in METHODS if m.train_as]
-    assert {c.iters for c in configs} == {600} and {c.optimizer for c in configs} == {"adamw"}
+    budget = budget_from_args(parse(["--budget", "default", "--iters", "600", "--sr-iters", "150"]))
+    assert (budget.iters, budget.sr_iters) == (600, 150)
+    configs = {m.name: train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
+                                    detector_run=tmp_path / "baseline" if m.shares_detector else None)
+               for m in METHODS if m.train_as}
+    assert {c.iters for m, c in configs.items() if not m.startswith("sr")} == {600}
+    assert {c.iters for m, c in configs.items() if m.startswith("sr")} == {150}
+    assert {c.optimizer for c in configs.values()} == {"adamw"}
     with pytest.raises(ValueError, match="--iters"):
         budget_from_args(parse(["--iters", "0"]))
 
@@ -202,11 +250,13 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
 def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):
     budget = budget_from_args(parse(["--paper"]))
     assert budget.presets == ("r50", "r50-fpn", "r101", "r101-fpn")
-    cfg = train_config(budget, "r101-fpn", METHODS[4], 0, "data/coco", tmp_path / "run")
+    cfg = train_config(budget, "baseline", tmp_path / "run", "data/coco", preset_name="r101-fpn")
     assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.schedule) == (90_000, 16, 0.02, "step")
     assert (cfg.optimizer, cfg.weight_decay) == ("sgd", 1e-4)  # torchvision's reference recipe, not AdamW
     assert (cfg.detector.min_size, cfg.detector.max_size, cfg.detector.pretrained) == (800, 1333, True)
-    assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017") and cfg.sr.schedule == "joint"
+    assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017")
+    sr = train_config(budget, "sr", tmp_path / "sr", "data/coco", preset_name="r101-fpn", detector_run=tmp_path / "run")
+    assert sr.sr_train.schedule == "staged" and sr.sr.discriminator_trunk == "resnet50"
 
 
 @pytest.fixture
@@ -223,7 +273,7 @@ def tiny_coco(tiny_synth, tmp_path):
 
 def test_paper_dry_run_on_a_handful_of_images(tiny_coco, tmp_path):
     """Both backbone depths, with and without FPN, every kind of method (the oracle: skipped, no twins)."""
-    out = run_from_args(parse(["--paper", "--dry-run", "--data", str(tiny_coco), "--no-pretrained",
+    out = cmd_bench(parse(["--paper", "--dry-run", "--data", str(tiny_coco), "--no-pretrained",
                                "--threads", "1", "--runs", str(tmp_path / "runs"),
                                "--presets", "r50,r101-fpn", "--methods", "baseline,sahi,sr,hr-oracle"]))
     bench = json.loads((out / "bench.json").read_text())

@@ -1,20 +1,47 @@
 """The command line: synth, train, eval and the error path, end to end on tiny data."""
+import dataclasses
 import json
 
 import pytest
 
-from sodlab.cli import build_parser, main
+from sodlab.cli import NESTED, build_parser, config_from_args, main
+from sodlab.config import TrainConfig
 from sodlab.io import read_json
 
 
 def test_every_config_knob_is_a_flag():
     args = build_parser().parse_args(["train", "--lr", "0.5", "--warmup-iters", "3", "--method", "sr",
-                                      "--sr-hr-source", "twin", "--sr-area-threshold", "256", "--no-sr-use-generator"])
-    from sodlab.cli import _config_from_args
-
-    cfg = _config_from_args(args)
+                                      "--sr-hr-source", "twin", "--sr-area-threshold", "256", "--no-sr-use-generator",
+                                      "--sr-weights-adv", "0.01", "--sr-lr-generator", "2e-4",
+                                      "--detector-min-size", "320", "--detector-anchor-sizes", "4,6 8,11 16,23 32,45 64,91",
+                                      "--detector-box-head", "4conv1fc", "--no-detector-fpn-norm"])
+    cfg = config_from_args(args)
     assert cfg.lr == 0.5 and cfg.warmup_iters == 3 and cfg.method == "sr"
-    assert cfg.sr.hr_source == "twin" and cfg.sr.area_threshold == 256 and cfg.sr.use_generator is False
+    assert cfg.sr_train.hr_source == "twin" and cfg.sr.area_threshold == 256 and cfg.sr.use_generator is False
+    assert cfg.sr_train.weights.adv == 0.01 and cfg.sr_train.lr_generator == 2e-4
+    assert cfg.detector.min_size == 320 and cfg.detector.anchor_sizes[0] == (4, 6) and cfg.detector.box_head == "4conv1fc"
+    assert cfg.detector.max_size == TrainConfig().detector.max_size  # a flag left out keeps the preset's value
+
+
+def test_help_lists_every_field_and_every_choice(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    flags = ["--" + prefix + f.name.replace("_", "-") for path, prefix, cls in NESTED for f in dataclasses.fields(cls)
+             if not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else 0)]
+    flags += ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+              if f.name not in ("detector", "sr", "sr_train")]
+    assert [f for f in flags if f not in text] == []
+    assert "{adamw,sgd}" in text and "{replace,mean}" in text and "{image,twin}" in text
+
+
+def test_resume_takes_unspecified_settings_from_the_saved_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = dataclasses.replace(TrainConfig(), data="elsewhere/data", method="sr-no-adv", iters=10, out=str(run))
+    (run / "config.json").write_text(json.dumps(saved.to_dict()))
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", str(run), "--resume", "--iters", "20"]))
+    assert cfg == dataclasses.replace(saved, iters=20)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ def test_two_process_ddp_ranks_agree_and_gathered_eval_equals_one_process(tiny_s
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "sodlab.train", "--data", str(tiny_synth), "--iters", "3",
+           f"--master_port={_free_port()}", "-m", "sodlab", "train", "--data", str(tiny_synth), "--iters", "3",
            "--batch-size", "2", "--warmup-iters", "1", "--lr", "0.01", "--out", str(run_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

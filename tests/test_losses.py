@@ -25,7 +25,7 @@ def test_adversarial_loss_g_values_both_forms():
     logits = torch.tensor([0.0, LN3])  # D = sigmoid: 0.5 and 0.75
     # non-saturating: mean(-log D) = (-ln 0.5 - ln 0.75) / 2 = (0.693147 + 0.287682) / 2 = 0.490415
     assert adversarial_loss_g(logits).item() == pytest.approx(0.490415, abs=1e-5)
-    # saturating (the seed literally): mean log(1 - D) = (ln 0.5 + ln 0.25) / 2 = -1.039721
+    # saturating (the paper literally): mean log(1 - D) = (ln 0.5 + ln 0.25) / 2 = -1.039721
     assert adversarial_loss_g(logits, saturating=True).item() == pytest.approx(-1.039721, abs=1e-5)
 
 

@@ -4,15 +4,16 @@ import dataclasses
 import pytest
 import torch
 
-from sodlab.config import SR_METHODS, make_config
+from sodlab.config import SR_METHODS, SRConfig, SRTrainConfig, method_variant
 from sodlab.data.coco import load_split
 from sodlab.io import read_json
 from sodlab.models import build_model
-from sodlab.models.sr_detector import SRConfig, SRDetector, sr_config_for
-from sodlab.train import train
+from sodlab.models.sr_detector import SRDetector
+from sodlab.runs import finish_run
+from sodlab.train import sr_step, train
 
 
-def _differences(a: SRConfig, b: SRConfig) -> set[str]:
+def _differences(a, b) -> set[str]:
     fa, fb = dataclasses.asdict(a), dataclasses.asdict(b)
     out = set()
     for k in fa:
@@ -24,15 +25,20 @@ def _differences(a: SRConfig, b: SRConfig) -> set[str]:
 
 
 def test_each_variant_changes_only_its_switch():
-    full = sr_config_for("sr")
-    assert full == SRConfig()
-    assert _differences(full, sr_config_for("sr-no-recon")) == {"use_generator"}
-    assert _differences(full, sr_config_for("sr-no-adv")) == {"weights.adv", "weights.d_adv"}
-    assert _differences(full, sr_config_for("sr-no-cls")) == {"weights.cls", "weights.d_cls"}
-    assert _differences(full, sr_config_for("sr-cls-only")) == {"boxes_from", "weights.reg", "weights.d_reg"}
+    full = method_variant("sr", SRConfig(), SRTrainConfig())
+    assert full == (SRConfig(), SRTrainConfig())
+
+    def changed(method):
+        sr, sr_train = method_variant(method, *full)
+        return _differences(full[0], sr) | _differences(full[1], sr_train)
+
+    assert changed("sr-no-recon") == {"use_generator"}
+    assert changed("sr-no-adv") == {"weights.adv", "weights.d_adv"}
+    assert changed("sr-no-cls") == {"weights.cls", "weights.d_cls"}
+    assert changed("sr-cls-only") == {"boxes_from", "weights.reg", "weights.d_reg"}
     # idempotent, so a config reloaded from config.json is the same config
     for m in SR_METHODS:
-        assert sr_config_for(m, sr_config_for(m)) == sr_config_for(m)
+        assert method_variant(m, *method_variant(m, *full)) == method_variant(m, *full)
 
 
 def _model(tiny_config, method, **sr_overrides):
@@ -62,9 +68,12 @@ def test_small_proposals_take_d_scores_and_boxes(tiny_config, tiny_synth):
     from sodlab.patches import lr_patches
 
     chosen = [r[(r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) < threshold] for r in s["rois"]]
-    d = model.discriminator(model.generator(lr_patches(images, chosen, 16, model.cfg.context)))
+    d = model.discriminator(model.generator(lr_patches(images, chosen, 16, model.context)))
     assert torch.allclose(s["class_logits"][mask], d["cls"], atol=1e-5)
     assert torch.allclose(s["box_regression"][mask], d["box"], atol=1e-5)
+    # ... which is the one path the widgets and the SR quality report take too
+    out = model.reconstruct(images, chosen)
+    assert torch.allclose(out["cls"], d["cls"], atol=1e-5) and out["lr_patch"].shape[-1] == 16
 
 
 def test_cls_only_keeps_the_detector_boxes_and_scope_all_covers_everything(tiny_config, tiny_synth):
@@ -102,12 +111,12 @@ def test_sampled_rois_are_small_labelled_and_encoded(tiny_config, tiny_synth):
     losses, batch = model.training_forward(list(images), list(targets))
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
     m = len(batch["labels"])
-    assert 0 < m <= 2 * (model.cfg.rois_per_image + model.cfg.hr_rois_per_image)
-    assert batch["lr"].shape == (m, 3, 16, 16) and batch["hr"].shape == (m, 3, 64, 64)
+    assert 0 < m <= 2 * (model.rois_per_image + model.hr_rois_per_image)
+    assert batch["lr_patch"].shape == (m, 3, 16, 16) and batch["hr_patch"].shape == (m, 3, 64, 64)
     rois = torch.cat(batch["rois"])
     small = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]) < 32**2
     # small RoIs for the branch, plus a few large enough for a real HR target from the image itself
-    assert small.sum() >= m - 2 * model.cfg.hr_rois_per_image
+    assert small.sum() >= m - 2 * model.hr_rois_per_image
     assert torch.equal(batch["hr_valid"], ~small & batch["hr_valid"]), "only big RoIs have real HR in the image"
     assert (batch["labels"] > 0).any(), "jittered ground truth guarantees foreground RoIs"
     # t* decodes back onto the matched ground truth for foreground RoIs
@@ -121,10 +130,9 @@ def test_sampled_rois_are_small_labelled_and_encoded(tiny_config, tiny_synth):
 
 @pytest.mark.slow
 def test_sr_detector_trains_and_detects(tiny_config):
-    tiny_config.method = "sr"
-    tiny_config.sr = SRConfig(hr_source="twin")
-    tiny_config.iters = 4
-    run_dir = train(tiny_config, progress=False)
+    cfg = dataclasses.replace(tiny_config, method="sr", sr_train=SRTrainConfig(hr_source="twin"), iters=4)
+    run_dir = train(cfg, progress=False)
+    finish_run(run_dir, progress=False)
     log = [l for l in open(run_dir / "metrics.jsonl")]
     assert len(log) == 4
     import json
@@ -153,10 +161,10 @@ def test_sr_detector_trains_and_detects(tiny_config):
 
 @pytest.mark.slow
 def test_staged_schedule_freezes_the_detector(tiny_config, tmp_path):
-    base = train(tiny_config, progress=False, evaluate=False)
+    base = train(tiny_config, progress=False)
     cfg = dataclasses.replace(tiny_config, method="sr", out=str(tmp_path / "staged"), init_from=str(base),
-                              sr=SRConfig(schedule="staged"), iters=3)
-    run_dir = train(cfg, progress=False, evaluate=False)
+                              sr_train=SRTrainConfig(schedule="staged"), iters=3)
+    run_dir = train(cfg, progress=False)
     before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
     after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(before[k], after["detector." + k]) for k in before)
@@ -169,10 +177,10 @@ def test_joint_schedule_trains_the_detector_exactly_as_the_baseline(tiny_config,
     """Equal budget in the strictest sense: the SR branch's weight init and RoI sampling draw from
     their own random streams, so the joint SR run's detector ends bitwise equal to the baseline's
     of the same seed, and SR and baseline rows differ by the SR branch alone."""
-    tiny_config.iters = 3
-    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False, evaluate=False)
+    tiny_config = dataclasses.replace(tiny_config, iters=3)
+    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
     joint = train(dataclasses.replace(tiny_config, method="sr", out=str(tmp_path / "joint"),
-                                      sr=SRConfig(hr_source="twin")), progress=False, evaluate=False)
+                                      sr_train=SRTrainConfig(hr_source="twin")), progress=False)
     before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
     after = torch.load(joint / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(before[k], after["detector." + k]) for k in before)
@@ -180,3 +188,40 @@ def test_joint_schedule_trains_the_detector_exactly_as_the_baseline(tiny_config,
     torch.manual_seed(tiny_config.seed)
     fresh = build_model(tiny_config, 9).state_dict()
     assert any(not torch.equal(fresh[k], before[k]) for k in before if before[k].is_floating_point())
+
+
+def test_sr_step_freezes_d_during_gs_step_and_steps_both(tiny_config, tiny_synth):
+    """BasicSR's order: D's step, then G's through D with D's parameters frozen, so G's loss
+    leaves no gradient on D and only G moves in the second step."""
+    cfg = dataclasses.replace(tiny_config, method="sr")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=9).train()
+    train_set = load_split(tiny_synth, "train", train=False)
+    images, targets = zip(*[train_set[i] for i in range(2)])
+    _, batch = model.training_forward(list(images), list(targets))
+    from sodlab.train import make_optimizers
+
+    optimizers = make_optimizers(cfg, model)
+    seen = {}
+
+    def spy(name, optimizer):
+        step = optimizer.step
+
+        def wrapped(*args, **kwargs):
+            seen[name] = {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+                          for n, p in model.discriminator.named_parameters()}
+            seen[name + "_requires_grad"] = any(p.requires_grad for p in model.discriminator.parameters())
+            return step(*args, **kwargs)
+        optimizer.step = wrapped
+
+    spy("discriminator", optimizers["discriminator"])
+    spy("generator", optimizers["generator"])
+    d_before = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    g_before = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    record = sr_step(model, batch, optimizers, cfg, it=0)
+    assert any(seen["discriminator"].values()), "D's own step has gradients"
+    assert seen["generator_requires_grad"] is False, "D is frozen while G steps"
+    assert all(p.requires_grad for p in model.discriminator.parameters()), "and unfrozen afterwards"
+    assert any(not torch.equal(d_before[k], v) for k, v in model.discriminator.state_dict().items())
+    assert any(not torch.equal(g_before[k], v) for k, v in model.generator.state_dict().items())
+    assert {"d_total", "g_total", "g_mse"} <= set(record)

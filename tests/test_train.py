@@ -1,4 +1,5 @@
 """The training loop: loss goes down, runs are reproducible, resume continues where it stopped."""
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 
 from sodlab.config import TrainConfig
 from sodlab.io import read_json
+from sodlab.runs import train_and_finish
 from sodlab.train import autocast_dtype, batch_indices, load_trained_model, lr_factor, train
 
 
@@ -56,8 +58,8 @@ def test_float32_and_amp_runs_both_train(tiny_config, tmp_path):
     there, or the switch would be dead."""
     digests = {}
     for amp in (False, True):
-        tiny_config.amp, tiny_config.iters, tiny_config.out = amp, 2, str(tmp_path / f"amp{amp}")
-        run_dir = train(tiny_config, progress=False, evaluate=False)
+        run_dir = train(dataclasses.replace(tiny_config, amp=amp, iters=2, out=str(tmp_path / f"amp{amp}")),
+                        progress=False)
         digests[amp] = sum(v.double().sum().item() for v in _weights(run_dir).values() if v.is_floating_point())
         assert all(math.isfinite(m["loss"]) for m in _metrics(run_dir))
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -66,9 +68,8 @@ def test_float32_and_amp_runs_both_train(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_short_training_lowers_the_loss(tiny_config):
-    tiny_config.iters = 40
-    tiny_config.warmup_iters = 5
-    run_dir = train(tiny_config, progress=False)
+    tiny_config = dataclasses.replace(tiny_config, iters=40, warmup_iters=5)
+    run_dir = train_and_finish(tiny_config, progress=False)
     losses = [m["loss"] for m in _metrics(run_dir)]
     assert len(losses) == 40 and all(map(torch.isfinite, torch.tensor(losses)))
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
@@ -81,24 +82,24 @@ def test_short_training_lowers_the_loss(tiny_config):
 
 
 def test_existing_run_is_never_overwritten(tiny_config):
-    run_dir = train(tiny_config, progress=False, evaluate=False)
+    run_dir = train(tiny_config, progress=False)
     before = (run_dir / "metrics.jsonl").read_bytes()
     with pytest.raises(FileExistsError, match="already holds a run"):
-        train(tiny_config, progress=False, evaluate=False)
+        train(tiny_config, progress=False)
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
 def test_resume_refuses_a_changed_config(tiny_config):
-    train(tiny_config, progress=False, evaluate=False)
-    tiny_config.lr = 0.5
+    train(tiny_config, progress=False)
+    tiny_config = dataclasses.replace(tiny_config, lr=0.5)
     with pytest.raises(ValueError, match="changed config.*lr"):
-        train(tiny_config, resume=True, progress=False, evaluate=False)
+        train(tiny_config, resume=True, progress=False)
 
 
 def test_same_seed_same_weights(tiny_config, tmp_path):
-    a = train(tiny_config, progress=False, evaluate=False)
-    tiny_config.out = str(tmp_path / "again")
-    b = train(tiny_config, progress=False, evaluate=False)
+    a = train(tiny_config, progress=False)
+    tiny_config = dataclasses.replace(tiny_config, out=str(tmp_path / "again"))
+    b = train(tiny_config, progress=False)
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -106,14 +107,15 @@ def test_same_seed_same_weights(tiny_config, tmp_path):
 @pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_config, tmp_path):
     """SIGTERM mid-run saves a checkpoint; --resume ends with bitwise the same weights."""
-    tiny_config.iters = 8
-    reference = train(tiny_config, progress=False, evaluate=False)
+    tiny_config = dataclasses.replace(tiny_config, iters=8)
+    reference = train(tiny_config, progress=False)
 
-    tiny_config.out = str(tmp_path / "interrupted")
+    tiny_config = dataclasses.replace(tiny_config, out=str(tmp_path / "interrupted"))
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(json.dumps(tiny_config.to_dict()))
-    script = ("import json,sys; from sodlab.config import TrainConfig; from sodlab.train import train;"
-              "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))), progress=False, evaluate=False)")
+    script = ("import json,sys; from sodlab.config import TrainConfig; from sodlab.train import TrainingStopped, train\n"
+              "try: train(TrainConfig.from_dict(json.load(open(sys.argv[1]))), progress=False)\n"
+              "except TrainingStopped as e: sys.exit(e.exit_status)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(cfg_json)])
     metrics = tmp_path / "interrupted" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -122,11 +124,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_config, tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == 143, "a stopped run exits as the shell expects of SIGTERM (128 + 15)"
     stopped_at = torch.load(tmp_path / "interrupted" / "checkpoints" / "last.pt", weights_only=False)["iteration"]
     assert 3 <= stopped_at < 8, "the signal arrived mid-run and the checkpoint records where"
 
-    resumed = train(tiny_config, resume=True, progress=False, evaluate=False)
+    resumed = train(tiny_config, resume=True, progress=False)
     iters = [m["iter"] for m in _metrics(resumed)]
     assert iters == list(range(1, 9)), "resume continues from the saved iteration"
     w_ref, w_res = _weights(reference), _weights(resumed)
@@ -134,7 +136,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_config, tmp_path):
 
 
 def test_load_trained_model_round_trip(tiny_config):
-    run_dir = train(tiny_config, progress=False, evaluate=False)
+    run_dir = train(tiny_config, progress=False)
     cfg, model = load_trained_model(run_dir)
     assert cfg.method == "baseline" and not model.training
     w = _weights(run_dir)
@@ -161,9 +163,9 @@ def test_nan_loss_stops_with_the_term_named_and_keeps_the_last_good_checkpoint(t
         return model
 
     monkeypatch.setattr(train_module, "build_model", poisoned_build)
-    tiny_config.ckpt_every = 2
+    tiny_config = dataclasses.replace(tiny_config, ckpt_every=2)
     with pytest.raises(FloatingPointError, match=r"iteration 5: loss loss_box_reg is not finite"):
-        train(tiny_config, progress=False, evaluate=False)
+        train(tiny_config, progress=False)
     run_dir = tiny_config.out
     ckpt = torch.load(f"{run_dir}/checkpoints/last.pt", weights_only=False)
     assert ckpt["iteration"] == 4

@@ -1,4 +1,4 @@
-"""sodlab.viz: budgets and reuse, statistics, PSNR/SSIM, the SR inspection and its widgets."""
+"""sodlab.viz: statistics, PSNR/SSIM, the SR inspection and its widgets."""
 import dataclasses
 import json
 import math
@@ -12,93 +12,9 @@ import torch
 from sodlab import viz
 from sodlab.data.coco import load_split
 from sodlab.models import build_model
-from sodlab.models.sr_detector import SRConfig
+from sodlab.config import SRConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# --- paths and budgets ------------------------------------------------------------------------
-
-def test_project_root_is_found_from_the_notebooks_folder_and_the_root():
-    assert viz.project_root(ROOT / "notebooks") == ROOT
-    assert viz.project_root(ROOT) == ROOT
-    assert viz.project_root(ROOT / "sodlab" / "data") == ROOT
-
-
-def test_project_root_falls_back_to_the_package_checkout(tmp_path):
-    assert viz.project_root(tmp_path) == ROOT  # this checkout is where sodlab was imported from
-
-
-def test_budget_paths_live_under_the_root_and_the_env_var_picks_one(tmp_path, monkeypatch):
-    quick = viz.get_budget("quick", root=tmp_path)
-    assert quick.data_dir == tmp_path / "data" / "synth-quick"
-    assert quick.run_dir("sr") == tmp_path / "runs" / "notebooks" / "quick" / "sr"
-    assert quick.owns_data and not viz.get_budget("default", root=tmp_path).owns_data
-    monkeypatch.setenv("SODLAB_BUDGET", "default")
-    assert viz.get_budget(root=tmp_path).data_dir == tmp_path / "data" / "synth"
-    monkeypatch.setenv("SODLAB_BUDGET", "huge")
-    with pytest.raises(ValueError, match="unknown budget 'huge'"):
-        viz.get_budget(root=tmp_path)
-
-
-def test_train_config_follows_the_budget(tmp_path):
-    budget = viz.get_budget("quick", root=tmp_path)
-    cfg = viz.train_config(budget, "sr-no-adv")
-    assert cfg.out == str(budget.run_dir("sr-no-adv")) and cfg.data == str(budget.data_dir)
-    assert cfg.iters == budget.sr_iters and cfg.detector.min_size == 128
-    assert cfg.sr.hr_source == "twin" and cfg.sr.rois_per_image == 8
-    # the staged schedule on the budget's baseline run, as `sodlab demo` trains its SR row
-    assert cfg.sr.schedule == "staged" and cfg.init_from == str(budget.run_dir("baseline"))
-    assert cfg.sr.fusion == "mean"
-    assert cfg.sr.weights.adv == 0.0  # the variant's switch is applied on top
-    baseline = viz.train_config(budget, "baseline", name="b2", iters=3)
-    assert baseline.out.endswith("b2") and baseline.iters == 3 and baseline.init_from == ""
-
-
-def _tiny_budget(tiny_synth, tmp_path, **changes):
-    budget = viz.Budget(name="tiny", data_dir=Path(tiny_synth), runs_dir=tmp_path / "runs", n_train=12, n_val=6,
-                        image_size=128, iters=2, sr_iters=1, batch_size=2, warmup_iters=1,
-                        detector=dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100,
-                                      box_batch_size_per_image=32, rpn_post_nms_top_n_test=50),
-                        sr=dict(rois_per_image=4))
-    return dataclasses.replace(budget, **changes)
-
-
-@pytest.mark.slow
-def test_ensure_run_trains_what_is_missing_once_then_reuses_it(tiny_synth, tmp_path):
-    budget = _tiny_budget(tiny_synth, tmp_path)
-    assert viz.ensure_run(budget, "sr", train_missing=False) is None
-    # a staged SR run needs its baseline: asking for the SR run trains both
-    sr_dir = viz.ensure_run(budget, "sr", progress=False)
-    baseline_dir = budget.run_dir("baseline")
-    assert viz.run_is_complete(baseline_dir, viz.train_config(budget, "baseline"))
-    assert viz.run_is_complete(sr_dir, viz.train_config(budget, "sr"))
-    checkpoints = [d / "checkpoints" / "last.pt" for d in (baseline_dir, sr_dir)]
-    before = [p.stat().st_mtime_ns for p in checkpoints]
-    assert viz.ensure_run(budget, "baseline", progress=False) == baseline_dir
-    assert viz.ensure_run(budget, "sr", progress=False) == sr_dir
-    assert [p.stat().st_mtime_ns for p in checkpoints] == before  # reused, not retrained
-    assert len(viz.read_metrics(baseline_dir)) == 2 and len(viz.read_metrics(sr_dir)) == 1
-    # a baseline trained again makes the SR run built on it stale
-    os.utime(checkpoints[0], ns=(before[1] + 10**9, before[1] + 10**9))
-    assert viz.ensure_run(budget, "sr", train_missing=False) is None
-    # another budget's config in the same place is not reused (ensure_run would train it again)
-    longer = dataclasses.replace(budget, iters=3)
-    assert not viz.run_is_complete(baseline_dir, viz.train_config(longer, "baseline"))
-    assert viz.ensure_run(longer, "baseline", train_missing=False) is None
-    assert viz.completed_runs(budget.runs_dir, ["sr-no-adv", "baseline", "sr"]) == \
-        {"baseline": baseline_dir, "sr": sr_dir}
-
-
-def test_ensure_data_refuses_a_benchmark_without_twins(tmp_path):
-    data = tmp_path / "data"
-    (data / "annotations").mkdir(parents=True)
-    for split in ("train", "val"):
-        (data / "annotations" / f"instances_{split}.json").write_text('{"images": [], "annotations": [], "categories": []}')
-    budget = viz.Budget(name="x", data_dir=data, runs_dir=tmp_path, n_train=1, n_val=1, image_size=64, iters=1,
-                        sr_iters=1, batch_size=1, warmup_iters=0)
-    with pytest.raises(ValueError, match="no x4 twins"):
-        viz.ensure_data(budget)
 
 
 # --- data statistics --------------------------------------------------------------------------
@@ -247,10 +163,9 @@ def test_bench_reports_newest_first(tmp_path):
 @pytest.fixture(scope="module")
 def sr_model():
     from sodlab.config import make_config
-    from sodlab.models.detector import preset
 
-    cfg = make_config("cpu", method="sr", sr=SRConfig(hr_source="twin", generator_channels=8, generator_blocks=1))
-    cfg.detector = preset("cpu", min_size=128, max_size=128, rpn_post_nms_top_n_test=60)
+    cfg = make_config("cpu", detector=dict(min_size=128, max_size=128, rpn_post_nms_top_n_test=60), method="sr",
+                      sr=SRConfig(generator_channels=8, generator_blocks=1))
     torch.manual_seed(0)
     return build_model(cfg, num_classes=9).eval()
 

@@ -1,14 +1,35 @@
 """Models: torchvision Faster R-CNN baselines, the SR generator G, the multi-task discriminator D."""
 from __future__ import annotations
 
+import torch
+
 from sodlab.models.detector import DetectorConfig, build_detector, preset
 
 
 def build_model(cfg, num_classes: int):
-    """The model a TrainConfig names: a Faster R-CNN baseline, or the SR detector around one."""
+    """The model a TrainConfig names: a Faster R-CNN baseline, or the SR detector around one.
+
+    The one place a config becomes constructor arguments (detectron2's ``from_config`` idea):
+    the modules themselves take plain values.
+    """
     detector = build_detector(cfg.detector, num_classes, image_scale=cfg.input_scale)
     if not cfg.is_sr:
         return detector
+    from sodlab.models.discriminator import MultiTaskDiscriminator
+    from sodlab.models.generator import SRGenerator
     from sodlab.models.sr_detector import SRDetector
 
-    return SRDetector(detector, num_classes, cfg.sr)
+    sr, sampling = cfg.sr, cfg.sr_train
+    # G and D draw their initial weights from a fork of the global RNG, seeded from it: building
+    # them leaves the global stream (which the data flips and the detector's RoI samplers draw
+    # from) untouched, so in the joint schedule the detector trains exactly as the baseline of
+    # the same seed does, and an SR row differs from its baseline by the SR branch alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        generator = SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale) if sr.use_generator else None
+        discriminator = MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk)
+    return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
+                      area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, fusion=sr.fusion,
+                      boxes_from=sr.boxes_from, rois_per_image=sampling.rois_per_image,
+                      hr_rois_per_image=sampling.hr_rois_per_image, fg_fraction=sampling.fg_fraction,
+                      gt_jitter=sampling.gt_jitter, jitters_per_gt=sampling.jitters_per_gt)

@@ -5,9 +5,7 @@ and the sampling sizes. A preset is a plain ``DetectorConfig``; every knob is a 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,73 +17,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
+from sodlab.config import PRESETS, DetectorConfig, preset  # noqa: F401 (the presets' builders live here)
+
 RESNETS = {
     "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
 }
-
-
-@dataclass
-class DetectorConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
-    fpn: bool = True  # False: a single C4 feature map (stride 16), as in the paper's non-FPN rows
-    fpn_channels: int = 128
-    # Anchor sizes per FPN level (strides 4..64), the same count on every level; without FPN all
-    # sizes sit on the C4 map. Two octave scales per level (s, s*sqrt 2) reach 181 px, so a
-    # 150-250 px object still has an anchor with IoU > 0.5.
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((8, 11), (16, 23), (32, 45), (64, 91), (128, 181))
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    # GeneralizedRCNNTransform resizes so the short side is min_size (long side at most max_size).
-    min_size: int = 256
-    max_size: int = 256
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n_train: int = 1000
-    rpn_post_nms_top_n_train: int = 500
-    rpn_pre_nms_top_n_test: int = 500
-    rpn_post_nms_top_n_test: int = 300
-    box_batch_size_per_image: int = 128
-    box_representation_size: int = 512
-    # "2mlp": torchvision's TwoMLPHead. "4conv1fc": four 3x3 convs with GroupNorm and one fc, as in
-    # fasterrcnn_resnet50_fpn_v2 and "Rethinking ImageNet Pre-training" (He et al. 2019), with
-    # GroupNorm in the FPN too (fpn_norm). On the embedded benchmark it did not learn faster than
-    # 2mlp in the first 200 SGD iterations and costs ~20% more per step, so it is an option only.
-    box_head: str = "2mlp"
-    fpn_norm: bool = False
-    box_detections_per_img: int = 100
-    box_score_thresh: float = 0.05
-    pretrained: bool = False  # ImageNet weights for the backbone, from the torch cache only
-    trainable_layers: int = 3  # used only with pretrained weights; from scratch all layers train
-
-
-# The paper's four baselines at COCO scale (torchvision's defaults: 800/1333 px, 512 RoIs per
-# image, 32-512 px anchors), and the CPU preset that learns the embedded benchmark in minutes.
-_COCO_SCALE = dict(
-    fpn_channels=256,
-    anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
-    min_size=800,
-    max_size=1333,
-    rpn_pre_nms_top_n_train=2000,
-    rpn_post_nms_top_n_train=2000,
-    rpn_pre_nms_top_n_test=1000,
-    rpn_post_nms_top_n_test=1000,
-    box_batch_size_per_image=512,
-    box_representation_size=1024,
-    pretrained=True,
-)
-PRESETS: dict[str, DetectorConfig] = {
-    "cpu": DetectorConfig(),
-    "r50": DetectorConfig(backbone="resnet50", fpn=False, **_COCO_SCALE),
-    "r50-fpn": DetectorConfig(backbone="resnet50", fpn=True, **_COCO_SCALE),
-    "r101": DetectorConfig(backbone="resnet101", fpn=False, **_COCO_SCALE),
-    "r101-fpn": DetectorConfig(backbone="resnet101", fpn=True, **_COCO_SCALE),
-}
-
-
-def preset(name: str, **overrides) -> DetectorConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown detector preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 def imagenet_weights(backbone: str):

@@ -1,7 +1,7 @@
 """D: the multi-task discriminator of the reconstruction module.
 
 D looks at one RoI patch (a real HR patch z_HR or an SR patch G(z_LR)) and answers three questions
-at once, as in SOD-MTGAN and the seed's objective:
+at once, as in SOD-MTGAN and the paper's objective:
 
     "adv": is the patch a real HR patch?            D_thetaD   -> [B] logit
     "cls": which class is in it (0 = background)?   D_cls      -> [B, num_classes] logits

@@ -19,9 +19,7 @@ deltas computed in the original frame apply unchanged to the resized proposals.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,72 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.ops import box_area, box_iou
 
-from sodlab.losses import GANLossWeights
-from sodlab.models.discriminator import MultiTaskDiscriminator
-from sodlab.models.generator import SRGenerator
 from sodlab.patches import DEFAULT_CONTEXT, lr_hr_pairs, lr_patches
-
-
-@dataclass
-class SRConfig:
-    # patches
-    lr_size: int = 16  # z_LR side; G outputs lr_size * scale
-    scale: int = 4
-    context: float = DEFAULT_CONTEXT  # relative margin around each RoI
-    hr_source: str = "image"  # image: SOD-MTGAN's protocol (HR = RoI at hr_size, LR = HR reduced) | twin: exact xk twins
-    # which proposals go through G and D
-    area_threshold: float = 32.0**2  # input-image px^2 (COCO's "small")
-    sr_scope: str = "small"  # small | all
-    fusion: str = "replace"  # replace: D's scores/boxes stand in for the box head's | mean: averaged
-    # the variant switches (one field per ablation row)
-    use_generator: bool = True  # False = sr-no-recon: D sees bilinear-upsampled patches, there is no G
-    boxes_from: str = "discriminator"  # detector = sr-cls-only: SR serves classification only
-    weights: GANLossWeights = field(default_factory=GANLossWeights)
-    # training
-    schedule: str = "joint"  # joint: detector, D and G every step | staged: detector frozen (init_from a run)
-    rois_per_image: int = 16
-    # RoIs large enough for a real HR target (jittered ground truth, any size): with
-    # hr_source="image" small RoIs never have one, so without these L_MSE, L_TV and D's real term
-    # would get no data. Their LR patch is their HR patch reduced: SOD-MTGAN's protocol.
-    hr_rois_per_image: int = 4
-    # Fast R-CNN's 25% foreground, closer to what D scores at inference (every small proposal,
-    # nearly all background). The 3-seed runs used 25%; 50% was not compared with it in isolation.
-    fg_fraction: float = 0.25
-    gt_jitter: float = 0.15  # relative shift/scale of the jittered ground-truth RoIs
-    jitters_per_gt: int = 2
-    lr_generator: float = 1e-4  # Adam, SRGAN's learning rate
-    # D learns a classifier and a box regressor from scratch besides real/fake: at SRGAN's 1e-4 its
-    # class loss fell only from 1.92 to 1.57 in 300 CPU iterations; the 3-seed runs used 5e-4.
-    lr_discriminator: float = 5e-4
-    # model size (compact for the CPU preset; the paper's scale is trunk resnet50/101, channels 64)
-    generator_channels: int = 32
-    generator_blocks: int = 4
-    discriminator_trunk: str = "compact"
-
-    def __post_init__(self):
-        if isinstance(self.weights, dict):
-            self.weights = GANLossWeights(**self.weights)
-        for name, allowed in (("hr_source", ("image", "twin")), ("sr_scope", ("small", "all")),
-                              ("fusion", ("replace", "mean")), ("boxes_from", ("discriminator", "detector")),
-                              ("schedule", ("joint", "staged"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SRConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
-
-def sr_config_for(method: str, base: SRConfig | None = None) -> SRConfig:
-    """The SRConfig of a --method name: each ablation changes exactly one switch of ``base``."""
-    base = base or SRConfig()
-    w = base.weights
-    variants = {
-        "sr": {},
-        "sr-no-recon": {"use_generator": False},
-        "sr-no-adv": {"weights": dataclasses.replace(w, adv=0.0, d_adv=0.0)},
-        "sr-no-cls": {"weights": dataclasses.replace(w, cls=0.0, d_cls=0.0)},
-        "sr-cls-only": {"boxes_from": "detector", "weights": dataclasses.replace(w, reg=0.0, d_reg=0.0)},
-    }
-    if method not in variants:
-        raise ValueError(f"{method!r} is not an SR method; choose one of {sorted(variants)}")
-    return dataclasses.replace(base, **variants[method])
 
 
 def _at_least_a_pixel(boxes: Tensor) -> Tensor:
@@ -102,39 +35,61 @@ def _at_least_a_pixel(boxes: Tensor) -> Tensor:
 
 
 class SRDetector(nn.Module):
-    """Faster R-CNN + reconstruction generator G + multi-task discriminator D."""
+    """Faster R-CNN + reconstruction generator G + multi-task discriminator D.
 
-    def __init__(self, detector: FasterRCNN, num_classes: int, cfg: SRConfig):
+    Args:
+        detector: the torchvision Faster R-CNN whose small proposals the branch serves.
+        generator: G, or None for plain bilinear upsampling (sr-no-recon).
+        discriminator: D (real/fake, class, box).
+        lr_size, scale, context: z_LR's side, G's factor, the margin around each RoI.
+        area_threshold, sr_scope: which proposals go through G and D ("small": area under the
+            threshold, in original-image px^2; "all").
+        fusion: "replace" (D's answers stand in for the box head's) or "mean".
+        boxes_from: "discriminator" (t_SR replaces/joins the head's deltas) or "detector".
+        rois_per_image, hr_rois_per_image, fg_fraction, gt_jitter, jitters_per_gt: the training
+            RoI sample of ``sample_rois``, as torchvision's RoIHeads takes its sampler's sizes.
+    """
+
+    def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
+                 lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
+                 area_threshold: float = 32.0**2, sr_scope: str = "small", fusion: str = "replace",
+                 boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
+                 fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
-        self.detector = detector
-        self.cfg = cfg
-        # G and D draw their initial weights from a fork of the global RNG, seeded from it: building
-        # them leaves the global stream (which the data flips and the detector's RoI samplers draw
-        # from) untouched, so in the joint schedule the detector trains exactly as the baseline of
-        # the same seed does, and an SR row differs from its baseline by the SR branch alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch.initial_seed() + 1)
-            self.generator = (SRGenerator(cfg.generator_channels, cfg.generator_blocks, cfg.scale)
-                              if cfg.use_generator else None)
-            self.discriminator = MultiTaskDiscriminator(num_classes, trunk=cfg.discriminator_trunk)
+        self.detector, self.generator, self.discriminator = detector, generator, discriminator
+        self.lr_size, self.scale, self.context = lr_size, scale, context
+        self.area_threshold, self.sr_scope, self.fusion, self.boxes_from = area_threshold, sr_scope, fusion, boxes_from
+        self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
+        self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
         # The box head's coder (weights 10, 10, 5, 5), so t_SR and the head's deltas are interchangeable.
         self.box_coder = detector.roi_heads.box_coder
         # RoI sampling for the SR branch draws from its own generator, so adding the branch leaves
         # the detector's random stream (and so its weights, in the joint schedule) untouched.
         self.sampling_rng = torch.Generator().manual_seed(0)
 
-    # -- the reconstruction module --------------------------------------------------------------
-    def super_resolve(self, lr: Tensor) -> Tensor:
+    # -- the reconstruction module: the one patches -> G -> D path ------------------------------
+    def super_resolve(self, lr_patch: Tensor) -> Tensor:
         """G(z_LR), or plain bilinear upsampling without the reconstruction module (sr-no-recon)."""
         if self.generator is None:
-            return F.interpolate(lr, scale_factor=self.cfg.scale, mode="bilinear", align_corners=False)
-        return self.generator(lr)
+            return F.interpolate(lr_patch, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return self.generator(lr_patch)
+
+    def reconstruct(self, images: list[Tensor], rois: list[Tensor]) -> dict[str, Tensor]:
+        """RoIs (per image, original-image pixels) through the module, as inference runs it.
+
+        Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (G(z_LR), unclamped: what D judges) and
+        D's outputs "adv" [N], "cls" [N, C] and "box" [N, 4C] (t_SR), batched over all RoIs.
+        Scoring, the notebooks' widgets and the SR quality report all go through here.
+        """
+        lr_patch = lr_patches(images, rois, self.lr_size, self.context)
+        sr = self.super_resolve(lr_patch)
+        return {"lr_patch": lr_patch, "sr_patch": sr, **self.discriminator(sr)}
 
     def _selected(self, boxes: Tensor) -> Tensor:
         """Which boxes (original-image pixels) the SR branch serves."""
-        if self.cfg.sr_scope == "all":
+        if self.sr_scope == "all":
             return torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-        return box_area(boxes) < self.cfg.area_threshold
+        return box_area(boxes) < self.area_threshold
 
     # -- detector internals, as in GeneralizedRCNN.forward -----------------------------------------
     def _proposals(self, images: list[Tensor], targets=None):
@@ -175,15 +130,14 @@ class SRDetector(nn.Module):
         sr_mask = torch.cat(chosen)
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
-            lr = lr_patches(images, [r[c] for r, c in zip(rois, chosen)], self.cfg.lr_size, self.cfg.context)
-            d = self.discriminator(self.super_resolve(lr))
-            if self.cfg.fusion == "replace":
+            d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
+            if self.fusion == "replace":
                 class_logits[sr_mask] = d["cls"]
             else:  # average the two classifiers' probabilities
                 mean = (head_logits[sr_mask].softmax(-1) + d["cls"].softmax(-1)) / 2
                 class_logits[sr_mask] = mean.clamp_min(1e-12).log()
-            if self.cfg.boxes_from == "discriminator":
-                box_regression[sr_mask] = d["box"] if self.cfg.fusion == "replace" else (head_deltas[sr_mask] + d["box"]) / 2
+            if self.boxes_from == "discriminator":
+                box_regression[sr_mask] = d["box"] if self.fusion == "replace" else (head_deltas[sr_mask] + d["box"]) / 2
         return {"image_list": image_list, "original_sizes": original_sizes, "proposals": proposals, "rois": rois,
                 "head_logits": head_logits, "head_deltas": head_deltas, "class_logits": class_logits,
                 "box_regression": box_regression, "sr_mask": sr_mask}
@@ -200,11 +154,17 @@ class SRDetector(nn.Module):
         return self.detector.transform.postprocess(detections, sizes, s["original_sizes"])
 
     # -- training ----------------------------------------------------------------------------------
-    def training_forward(self, images: list[Tensor], targets: list[dict], hr_images: list[Tensor] | None = None):
-        """Detector losses (empty in the staged schedule) and the SR branch's sampled RoI batch."""
+    def training_forward(self, images: list[Tensor], targets: list[dict], hr_images: list[Tensor] | None = None,
+                         train_detector: bool = True):
+        """Detector losses and the SR branch's sampled RoI batch.
+
+        ``hr_images`` are the images' exact xk twins (k = scale) when the HR targets come from
+        them, else None (SOD-MTGAN's protocol: HR from the image itself). With
+        ``train_detector=False`` (the staged schedule) the frozen detector only proposes: its
+        proposals come from the eval-mode RPN, and there are no detector losses.
+        """
         det = self.detector
-        if self.cfg.schedule == "staged":
-            # The detector is frozen: its proposals come from the eval-mode RPN, with no losses.
+        if not train_detector:
             det.eval()
             with torch.no_grad():
                 image_list, _, _, proposals, _, original_sizes = self._proposals(images)
@@ -214,18 +174,16 @@ class SRDetector(nn.Module):
             _, roi_losses = det.roi_heads(features, proposals, image_list.image_sizes, targets_t)
             losses = {**rpn_losses, **roi_losses}
         proposals = self._to_original([p.detach() for p in proposals], image_list.image_sizes, original_sizes)
-        twins = hr_images is not None and self.cfg.hr_source == "twin"
-        rois, labels, regression_targets = self.sample_rois(proposals, targets, self.cfg.scale if twins else 1)
-        lr, hr, hr_valid = lr_hr_pairs(
-            images, rois, self.cfg.lr_size, self.cfg.scale, self.cfg.context,
-            hr_images=hr_images if twins else None)
-        batch = {"lr": lr, "hr": hr, "hr_valid": hr_valid, "labels": torch.cat(labels),
+        rois, labels, regression_targets = self.sample_rois(proposals, targets, self.scale if hr_images else 1)
+        lr_patch, hr_patch, hr_valid = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context,
+                                                   hr_images=hr_images)
+        batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "labels": torch.cat(labels),
                  "regression_targets": torch.cat(regression_targets), "rois": rois}
         return losses, batch
 
     def _jitter(self, boxes: Tensor, copies: int) -> Tensor:
         """``copies`` randomly shifted and rescaled versions of each box (relative ``gt_jitter``)."""
-        g, j = self.sampling_rng, self.cfg.gt_jitter
+        g, j = self.sampling_rng, self.gt_jitter
         wh = (boxes[:, 2:] - boxes[:, :2]).repeat(copies, 1)
         centre = (boxes[:, 2:] + boxes[:, :2]).repeat(copies, 1) / 2
         shift = torch.rand(centre.shape, generator=g).to(wh.device) * 2 - 1
@@ -243,18 +201,18 @@ class SRDetector(nn.Module):
         target in a grid ``hr_scale`` x finer than the image. Returns per-image rois, labels u_i
         and regression targets t*.
         """
-        cfg, g = self.cfg, self.sampling_rng
-        hr_size = cfg.lr_size * cfg.scale
+        g = self.sampling_rng
+        hr_size = self.lr_size * self.scale
         out_rois, out_labels, out_targets = [], [], []
         for props, target in zip(proposals, targets):
             gt_boxes, gt_labels = target["boxes"].as_subclass(Tensor), target["labels"]
             gt_small = gt_boxes[self._selected(gt_boxes)]
-            candidates = torch.cat([props, gt_small, self._jitter(gt_small, cfg.jitters_per_gt)])
+            candidates = torch.cat([props, gt_small, self._jitter(gt_small, self.jitters_per_gt)])
             candidates = candidates[self._selected(candidates) & _at_least_a_pixel(candidates)]
             side = (gt_boxes[:, 2:] - gt_boxes[:, :2]).min(dim=1).values
-            hr_capable = self._jitter(gt_boxes[side * (1 + 2 * cfg.context) * hr_scale >= hr_size], 1)
+            hr_capable = self._jitter(gt_boxes[side * (1 + 2 * self.context) * hr_scale >= hr_size], 1)
             hr_capable = hr_capable[_at_least_a_pixel(hr_capable)]
-            hr_capable = hr_capable[torch.randperm(len(hr_capable), generator=g)[:cfg.hr_rois_per_image].to(hr_capable.device)]
+            hr_capable = hr_capable[torch.randperm(len(hr_capable), generator=g)[:self.hr_rois_per_image].to(hr_capable.device)]
             num_small = len(candidates)
             candidates = torch.cat([candidates, hr_capable])
 
@@ -267,8 +225,8 @@ class SRDetector(nn.Module):
                 matched_boxes = candidates
             is_small = torch.arange(len(candidates), device=labels.device) < num_small
             fg, bg = torch.where((labels > 0) & is_small)[0], torch.where((labels == 0) & is_small)[0]
-            num_fg = min(len(fg), round(cfg.rois_per_image * cfg.fg_fraction))
-            num_bg = min(len(bg), cfg.rois_per_image - num_fg)
+            num_fg = min(len(fg), round(self.rois_per_image * self.fg_fraction))
+            num_bg = min(len(bg), self.rois_per_image - num_fg)
             keep = torch.cat([fg[torch.randperm(len(fg), generator=g)[:num_fg].to(fg.device)],
                               bg[torch.randperm(len(bg), generator=g)[:num_bg].to(bg.device)],
                               torch.where(~is_small)[0]])

@@ -1,0 +1,198 @@
+"""sodlab bench: every method at an equal budget -> bench.json, bench.md and two plots.
+
+Rows (``methods.METHODS``): the baseline Faster R-CNN; ``upscale`` (trained and run on input
+upsampled x2); ``sahi``, sliced inference on the baseline's weights; the SR methods
+``sr-cls-only`` and ``sr`` and the ablations ``sr-no-recon``, ``sr-no-adv``, ``sr-no-cls``; and
+the HR oracle, the baseline trained and evaluated on the data's exact xk twins.
+
+Shared work is done once per seed. The SR branch never back-propagates into the detector, so
+every SR variant of a seed trains its branch (``budget.sr_iters``, the staged schedule) on that
+seed's baseline detector, frozen: the rows of a seed differ by the SR branch alone, and the
+detector's training is counted once. SAHI reuses the baseline's weights. ``upscale`` and
+``hr-oracle`` see other images, so they train detectors of their own, at the baseline's budget.
+
+A bench is resumable: a killed bench continues where it stopped when started again with the same
+budget, reusing every run it finished (its measurement is saved beside it in bench_record.json).
+
+Layout::
+
+    runs/bench-NAME/bench.json, bench.md, ap_by_size.png, speed_accuracy.png
+    runs/bench-NAME/runs/METHOD-seedS/        a normal run directory (``sodlab eval`` works on it)
+    runs/bench-NAME/oracle-data-xK/           the oracle's COCO view of the twins (annotations x K)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sodlab.bench.measure import (InferenceJob, TrainJob, measure_inference, measure_training, run_measurement)
+from sodlab.bench.methods import METHODS, Method, select_methods
+from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_speed_accuracy, summarize
+from sodlab.data.coco import load_split
+from sodlab.data.oracle import prepare_oracle_data
+from sodlab.io import atomic_write_bytes, atomic_write_json, read_json, replace_dir
+from sodlab.models.detector import DetectorConfig, preset
+from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
+from sodlab.recipes import Budget, ensure_data, train_config
+from sodlab.runs import config_mismatch
+from sodlab.train import git_revision
+
+__all__ = ["METHODS", "Budget", "run_bench"]
+
+
+def resolve_hr_source(budget: Budget, data_dir: Path) -> tuple[str, str]:
+    """The SR methods' HR patch source (the exact twins when the data has them) and a note saying why."""
+    from sodlab.config import SRConfig
+
+    scale = SRConfig(**budget.sr).scale
+    if (data_dir / f"{budget.train_split}_x{scale}").is_dir():
+        return "twin", f"SR methods: HR patches cut from the exact x{scale} twins ({budget.train_split}_x{scale}/)"
+    return "image", (f"SR methods: no x{scale} twins in {data_dir}, so HR patches come from the image itself, which "
+                     f"has a real HR patch only for RoIs >= {SRConfig().lr_size * scale} px: small RoIs get none")
+
+
+def backbone_label(detector: DetectorConfig) -> str:
+    return f"ResNet-{detector.backbone.removeprefix('resnet')}" + ("-FPN" if detector.fpn else "")
+
+
+def run_name(method: Method, preset_name: str, seed: int, budget: Budget) -> str:
+    return f"{method.name}-{preset_name}-seed{seed}" if len(budget.presets) > 1 else f"{method.name}-seed{seed}"
+
+
+def _is_bench(path: Path) -> bool:
+    return (path / "bench.json").is_file()
+
+
+def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
+    """The bench directory, and the records a killed bench of the same budget had finished.
+
+    A bench with another budget is refused (with the differing fields) unless ``force``
+    replaces it; a folder that is not a bench is never deleted.
+    """
+    if not force and _is_bench(out_dir):
+        saved = read_json(out_dir / "bench.json")
+        wanted = json.loads(json.dumps(dataclasses.asdict(budget)))
+        changed = sorted(k for k in wanted if saved.get("budget", {}).get(k) != wanted[k])
+        if changed:
+            raise FileExistsError(f"{out_dir}: holds a bench with another budget ({', '.join(changed)}); "
+                                  "choose another --name or pass --force to replace it")
+        return {(r["method"], r["preset"], r["seed"]): r for r in saved.get("records", [])}
+    replace_dir(out_dir, force, _is_bench, "bench", hint="choose another --name")
+    return {}
+
+
+def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, methods: list[str] | None = None,
+              force: bool = False, progress: bool = True) -> Path:
+    """Train, measure and evaluate every method; write bench.json, bench.md and the plots.
+
+    ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
+    if absent).
+    """
+    out_dir = Path(out_dir)
+    chosen = select_methods(methods)
+    for preset_name in budget.presets:
+        preset(preset_name)  # an unknown preset fails here, before anything is written
+    data_dir = Path(data) if data else ensure_data(budget, progress=progress)
+    lr_val = load_split(data_dir, budget.val_split, train=False)  # fail early on a missing split
+    finished = open_bench_dir(out_dir, budget, force)
+    started = time.perf_counter()
+    hr_source, note = resolve_hr_source(budget, data_dir)
+    notes = [note] if any(m.train_as and m.train_as.startswith("sr") for m in chosen) else []
+    oracle_dir = None
+    if any(m.twins for m in chosen):
+        oracle_dir, note = prepare_oracle_data(data_dir, budget.oracle_scale,
+                                               out_dir / f"oracle-data-x{budget.oracle_scale}",
+                                               (budget.train_split, budget.val_split))
+        notes.append(note)
+        if oracle_dir is None:
+            chosen = [m for m in chosen if not m.twins]
+    header = bench_header(out_dir, budget, chosen, data_dir, lr_val, hr_source, oracle_dir, notes)
+    atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": list(finished.values())})
+
+    records: list[dict] = []
+    jobs = [(p, s, m) for p in budget.presets for s in range(budget.seeds) for m in chosen]
+    for number, (preset_name, seed, method) in enumerate(jobs, start=1):
+        run_dir = out_dir / "runs" / run_name(method, preset_name, seed, budget)
+        key = (method.name, preset_name, seed)
+        if key in finished:
+            if progress:
+                print(f"bench [{number}/{len(jobs)}] {method.name} ({preset_name}, seed {seed}): finished before, reused")
+            records.append(finished[key])
+            continue
+        if progress:
+            print(f"bench [{number}/{len(jobs)}] {method.name} ({preset_name}, seed {seed})", flush=True)
+        detector_run = out_dir / "runs" / run_name(METHODS[0], preset_name, seed, budget)
+        method_data = oracle_dir if method.twins else data_dir
+        if method.train_as:
+            cfg = train_config(budget, method.train_as, run_dir, method_data, seed, preset_name,
+                               detector_run=detector_run if method.shares_detector else None, hr_source=hr_source)
+            if (run_dir / "config.json").is_file() and config_mismatch(run_dir, cfg):
+                raise FileExistsError(f"{run_dir}: a run with another config ({', '.join(config_mismatch(run_dir, cfg))})"
+                                      "; pass --force to replace the bench")
+            training = run_measurement(measure_training, TrainJob(cfg, budget.threads), budget.isolate)
+            model_run = run_dir
+        else:  # SAHI: the baseline's weights, and so its training
+            reused = next(r for r in records
+                          if (r["method"], r["preset"], r["seed"]) == (method.reuse, preset_name, seed))
+            training, model_run = {**reused["training"], "reused_from": reused["run_dir"]}, Path(reused["run_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "sahi.json", {"model_run": str(model_run), **header["sahi"]})
+        if method.shares_detector:
+            training["shared_detector"] = str(detector_run)
+        job = InferenceJob(
+            run_dir=str(run_dir), model_run=str(model_run), inference=method.inference, data=str(method_data),
+            val_split=budget.val_split, eval_ann_file=str(lr_val.ann_file),
+            box_scale=1 / budget.oracle_scale if method.twins else 1.0, threads=budget.threads,
+            timing_images=budget.timing_images, timing_warmup=budget.timing_warmup,
+            eval_batch_size=budget.eval_batch_size, max_eval_images=budget.max_eval_images,
+            sahi_slice=budget.sahi_slice, sahi_overlap=budget.sahi_overlap)
+        inference = run_measurement(measure_inference, job, budget.isolate)
+        records.append({"method": method.name, "preset": preset_name, "seed": seed, "run_dir": str(run_dir),
+                        "backbone": backbone_label(preset(preset_name)),
+                        "training": training, "eval": inference.pop("eval"), "inference": inference})
+        if progress:
+            print("  " + record_summary(records[-1]), flush=True)
+        atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": records})
+
+    rows = summarize(records, chosen, budget.presets)
+    header["seconds"] = time.perf_counter() - started
+    atomic_write_json(out_dir / "bench.json", {**header, "complete": True, "records": records, "rows": rows})
+    atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows).encode())
+    atomic_write_bytes(out_dir / "ap_by_size.png", plot_ap_by_size(rows))
+    atomic_write_bytes(out_dir / "speed_accuracy.png", plot_speed_accuracy(rows))
+    return out_dir
+
+
+def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir: Path, lr_val, hr_source: str,
+                 oracle_dir: Path | None, notes: list[str]) -> dict:
+    """What bench.json says about the whole bench, before its records."""
+    from sodlab.recipes import SR_RECIPE
+
+    evaluated = len(lr_val) if budget.max_eval_images is None else min(len(lr_val), budget.max_eval_images)
+    return {
+        "name": out_dir.name, "budget": dataclasses.asdict(budget), "methods": [m.name for m in methods],
+        "data": str(data_dir), "val_images": len(lr_val), "evaluated_images": evaluated,
+        "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
+        "sr_hr_source": hr_source, "sr_fusion": {**SR_RECIPE, **budget.sr}.get("fusion", "replace"),
+        "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
+        "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
+                 **POSTPROCESS, "package_version": sahi_version()},
+        "torch_threads": budget.threads, "isolated_processes": budget.isolate, "peak_rss": "VmHWM",
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "device": "cuda" if torch.cuda.is_available() else "cpu", "git": git_revision(),
+                        "cpu": platform.processor() or platform.machine(),
+                        "bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())},
+        "notes": notes,
+    }
+
+
+def record_summary(record: dict) -> str:
+    t, i, e = record["training"], record["inference"], record["eval"]
+    return (f"AP {100 * e['AP']:.1f}  APs {100 * e['APs']:.1f}  train {t['seconds']:.0f} s "
+            f"({t['images_per_s']:.1f} img/s)  infer {i['ms_per_image']:.0f} ms/img")

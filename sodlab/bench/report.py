@@ -1,0 +1,208 @@
+"""The bench's report: rows aggregated over seeds, ratios to the baseline, bench.md and two plots."""
+from __future__ import annotations
+
+import statistics
+
+from sodlab.bench.methods import PUBLISHED_ABLATION, PUBLISHED_MAIN, Method
+from sodlab.evaluate import FINE_BIN_LABELS, PAPER_COLUMNS, STAT_NAMES, format_fine_bins_table, format_table
+
+
+def gap_closed(aps_method: float | None, aps_baseline: float | None, aps_oracle: float | None) -> float | None:
+    """(APs_method - APs_baseline) / (APs_oracle - APs_baseline): 0 at the baseline, 1 at the oracle.
+
+    None without an oracle, when oracle and baseline tie (nothing to close), or when a value is
+    missing or COCO's -1 (no small ground truth).
+    """
+    values = (aps_method, aps_baseline, aps_oracle)
+    if any(v is None or v < 0 for v in values):
+        return None
+    denominator = aps_oracle - aps_baseline
+    if denominator == 0:
+        return None
+    return (aps_method - aps_baseline) / denominator
+
+
+COST_KEYS = ("train_seconds", "train_images_per_s", "train_peak_rss_mb", "infer_ms_per_image",
+             "infer_peak_rss_mb", "parameters")
+
+
+def _cost(record: dict) -> dict:
+    t, i = record["training"], record["inference"]
+    return {"train_seconds": t["seconds"], "train_images_per_s": t["images_per_s"],
+            "train_peak_rss_mb": t["peak_rss_mb"], "infer_ms_per_image": i["ms_per_image"],
+            "infer_peak_rss_mb": i["peak_rss_mb"], "parameters": i["parameters"]}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std over seeds (None for one seed); COCO's -1 (no ground truth) stays -1."""
+    if any(v < 0 for v in values):
+        return -1.0, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _aggregate_eval(stats: list[dict]) -> tuple[dict, dict | None]:
+    mean, std = {}, {}
+    for name in STAT_NAMES:
+        mean[name], std[name] = _mean_std([s[name] for s in stats])
+    mean["fine_bins"], std["fine_bins"] = {}, {}
+    for label in FINE_BIN_LABELS:
+        bins = [s["fine_bins"][label] for s in stats]
+        mean["fine_bins"][label] = {"num_gt": bins[0]["num_gt"]}
+        std["fine_bins"][label] = {}
+        for metric in ("AP", "AP50", "AR100"):
+            mean["fine_bins"][label][metric], std["fine_bins"][label][metric] = _mean_std([b[metric] for b in bins])
+    return mean, (std if len(stats) > 1 else None)
+
+
+def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ...]) -> list[dict]:
+    """One row per (preset, method): eval mean (+ std), cost means, ratios to the baseline, gap closed."""
+    rows = []
+    for preset_name in presets:
+        by_method = {m.name: [r for r in records if r["method"] == m.name and r["preset"] == preset_name]
+                     for m in methods}
+        preset_rows = {}
+        for method in methods:
+            group = by_method[method.name]
+            if not group:
+                continue
+            eval_mean, eval_std = _aggregate_eval([r["eval"] for r in group])
+            costs = [_cost(r) for r in group]
+            cost = {k: statistics.fmean(c[k] for c in costs) for k in COST_KEYS}
+            cost["parameters"] = round(cost["parameters"])
+            training = group[0]["training"]
+            preset_rows[method.name] = {
+                "method": method.name, "description": method.description, "preset": preset_name,
+                "backbone": group[0]["backbone"], "seeds": len(group), "eval": eval_mean, "eval_std": eval_std,
+                "budget": {"iters": training["iters"], "batch_size": training["batch_size"],
+                           "images_seen": training["images_seen"], "train_seconds": cost["train_seconds"],
+                           "reused_from": "baseline" if method.reuse else None},
+                "cost": cost,
+            }
+        base, oracle = preset_rows.get("baseline"), preset_rows.get("hr-oracle")
+        for row in preset_rows.values():
+            row["vs_baseline"] = {k: _ratio(row["cost"][k], base["cost"][k]) for k in COST_KEYS}
+            row["gap_closed"] = gap_closed(row["eval"]["APs"], base["eval"]["APs"],
+                                           oracle["eval"]["APs"] if oracle else None)
+        rows.extend(preset_rows.values())
+    return rows
+
+
+def _ratio(value: float, base: float) -> float | None:
+    return value / base if base else None
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def _published(rows) -> list[tuple[str, str, dict]]:
+    return [(name, backbone, {c: v / 100 for c, v in zip(PAPER_COLUMNS, values)}) for name, backbone, values in rows]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def cost_table(rows: list[dict]) -> str:
+    headers = ["Methods", "Backbone", "iters", "images seen", "train s", "train img/s", "x", "infer ms/img", "x",
+               "train peak RSS MB", "x", "infer peak RSS MB", "x", "params M", "x", "gap closed (APs)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        c, r, b = row["cost"], row["vs_baseline"], row["budget"]
+        reused = " (baseline's)" if b["reused_from"] else ""
+        cells = [row["method"], row["backbone"], str(b["iters"]) + reused, str(b["images_seen"]),
+                 _fmt(c["train_seconds"], 0), _fmt(c["train_images_per_s"], 2), _fmt(r["train_images_per_s"], 2),
+                 _fmt(c["infer_ms_per_image"]), _fmt(r["infer_ms_per_image"], 2),
+                 _fmt(c["train_peak_rss_mb"], 0), _fmt(r["train_peak_rss_mb"], 2),
+                 _fmt(c["infer_peak_rss_mb"], 0), _fmt(r["infer_peak_rss_mb"], 2),
+                 _fmt(c["parameters"] / 1e6, 2), _fmt(r["parameters"], 2), _fmt(row["gap_closed"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_bench_markdown(header: dict, rows: list[dict]) -> str:
+    budget = header["budget"]
+    seeds = budget["seeds"]
+    table_rows = [(row["method"], row["backbone"], row["eval"]) for row in rows]
+    sahi = header["sahi"]
+    parts = [
+        f"# sodlab bench: {header['name']}",
+        "",
+        f"- budget `{budget['name']}`: {budget['iters']} iterations x batch {budget['batch_size']} = "
+        f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
+        f"same order, same detector preset); each SR variant then trains its branch for {budget['sr_iters']} "
+        f"iterations on the same seed's baseline detector, frozen (the staged schedule: the rows of a seed share "
+        f"one detector, whose training is counted once); {budget['optimizer']} lr {budget['lr']}, "
+        f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations",
+        f"- SR methods: HR patches from the {header['sr_hr_source']}; D's class scores and boxes on small "
+        f"proposals {'are averaged with' if header.get('sr_fusion') == 'mean' else 'replace'} the box head's "
+        f"(fusion `{header.get('sr_fusion', 'replace')}`)",
+        f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
+        f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
+        f"- SAHI {sahi['package_version']}: {sahi['slice']}x{sahi['slice']} px slices, overlap {sahi['overlap']}, "
+        f"each resized by the detector to its min_size, plus one full-image pass; merged by class-wise "
+        f"{sahi['postprocess_type']} at {sahi['postprocess_match_metric']} {sahi['postprocess_match_threshold']}",
+        f"- inference: batch 1, median over {budget['timing_images']} images after {budget['timing_warmup']} "
+        f"warm-up; torch threads {header['torch_threads']}; peak RSS is VmHWM of "
+        + ("a fresh process per training / inference" if header["isolated_processes"]
+           else "this process, reset before each measurement"),
+        f"- {header['environment']['device']}, {header['environment']['cpus']} CPUs, torch "
+        f"{header['environment']['torch']}, git {header['environment']['git']}; bench took "
+        f"{header.get('seconds', 0) / 60:.1f} min",
+        *[f"- {note}" for note in header["notes"]],
+        "",
+        "## Accuracy (COCO AP, percent): this bench",
+        "",
+        format_table(table_rows),
+    ]
+    if seeds > 1:
+        parts += ["", f"Standard deviation over {seeds} seeds:", "",
+                  format_table([(row["method"], row["backbone"], row["eval_std"]) for row in rows])]
+    parts += [
+        "",
+        "## Published on COCO (Gu et al.), not comparable",
+        "",
+        "COCO at 800 px with ImageNet-pretrained ResNets, from the paper; a different dataset, scale and "
+        "budget from this bench. `cf.` names the nearest row above, not the same method.",
+        "",
+        format_table(_published(PUBLISHED_MAIN)),
+        "",
+        "Ablation (published on COCO (Gu et al.), not comparable):",
+        "",
+        format_table(_published(PUBLISHED_ABLATION)),
+        "",
+        "## AP by object size (fine bins of sqrt(area), percent)",
+        "",
+        format_fine_bins_table(table_rows),
+        "",
+        "## Cost, as ratios (x) to the baseline of this bench",
+        "",
+        "gap closed = (APs - APs baseline) / (APs oracle - APs baseline). SAHI reuses the baseline's training; an "
+        "SR variant's train s is its branch alone, on the baseline's detector.",
+        "",
+        cost_table(rows),
+        "",
+        "## Methods",
+        "",
+        *[f"- `{row['method']}`: {row['description']}" for row in rows if row["preset"] == rows[0]["preset"]],
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _label(row: dict, rows: list[dict]) -> str:
+    return row["method"] if len({r["preset"] for r in rows}) == 1 else f"{row['method']} ({row['preset']})"
+
+
+def plot_ap_by_size(rows: list[dict]) -> bytes:
+    """AP per fine size bin, one line per method (and preset), with std bars over seeds."""
+    from sodlab.viz import figure_png, plot_ap_by_size as plot
+
+    return figure_png(plot([(_label(r, rows), r["eval"]) for r in rows],
+                           errors={_label(r, rows): r["eval_std"] for r in rows}), dpi=120)
+
+
+def plot_speed_accuracy(rows: list[dict]) -> bytes:
+    """APs against inference ms/image, one point per method (and preset)."""
+    from sodlab.viz import figure_png, plot_speed_accuracy as plot
+
+    return figure_png(plot([(_label(r, rows), r["cost"]["infer_ms_per_image"], r["eval"]["APs"],
+                             r["eval_std"]["APs"] if r["eval_std"] else None) for r in rows]), dpi=120)

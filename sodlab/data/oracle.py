@@ -1,0 +1,83 @@
+"""The HR oracle's dataset: a COCO split's exact xk twins as images, every annotation scaled by k.
+
+The oracle is the baseline trained and evaluated on the twins: the upper limit that
+super-resolving the small objects can approach. Its boxes are mapped back by 1/k and scored
+against the LR ground truth, so its size buckets are the LR objects'.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sodlab.data.coco import load_coco_json
+from sodlab.data.synth import area_downsample, render_twin
+from sodlab.io import atomic_write_json
+
+
+def _twin_source(data_dir: Path, split: str, k: int) -> tuple[str, int] | None:
+    """How to get the xk twins of a split: ("written", k), ("reduce", m) from written xm twins
+    (m a multiple of k, area-averaged by m/k), ("render", k) from the scene file, or None."""
+    if (data_dir / f"{split}_x{k}").is_dir():
+        return "written", k
+    for m in sorted(int(p.name.rsplit("_x", 1)[1]) for p in data_dir.glob(f"{split}_x*")
+                    if p.is_dir() and p.name.rsplit("_x", 1)[1].isdigit()):
+        if m > k and m % k == 0:
+            return "reduce", m
+    if (data_dir / "annotations" / f"scenes_{split}.json").is_file():
+        return "render", k
+    return None
+
+
+def prepare_oracle_data(data_dir: str | Path, k: int, out_dir: Path,
+                        splits: tuple[str, ...]) -> tuple[Path | None, str]:
+    """The HR oracle's COCO dataset: the xk twins as images, every annotation scaled by k.
+
+    Images: DIR/{split}_xk/ linked; or DIR/{split}_xm/ (m = 2k, 4k, ...) area-averaged down to xk,
+    which keeps the LR image exactly the area average of the twin, as the generator makes it; or
+    rendered from DIR/annotations/scenes_{split}.json. Returns (dataset dir, note), or (None, why
+    not) when the data has no twins and no scene files. A split whose json is written is complete
+    (the json comes last) and is reused, so a resumed bench does not make it again.
+    """
+    from PIL import Image
+
+    data_dir = Path(data_dir)
+    sources = {split: _twin_source(data_dir, split, k) for split in splits}
+    for split, source in sources.items():
+        if source is None:
+            return None, (f"HR oracle skipped: {data_dir} has no twins ({split}_x*/) and no scene file "
+                          f"(annotations/scenes_{split}.json) for split {split!r}")
+    for split, (how, m) in sources.items():
+        if (out_dir / "annotations" / f"instances_{split}.json").is_file():
+            continue
+        coco = load_coco_json(data_dir / "annotations" / f"instances_{split}.json")
+        for image in coco["images"]:
+            image["width"], image["height"] = image["width"] * k, image["height"] * k
+        for ann in coco["annotations"]:
+            ann["bbox"] = [v * k for v in ann["bbox"]]
+            if ann.get("area") is not None:
+                ann["area"] = ann["area"] * k * k
+        coco.setdefault("info", {})["hr_oracle"] = {"scale": k, "lr_data": str(data_dir), "twins": how}
+        images_dir = out_dir / split
+        images_dir.parent.mkdir(parents=True, exist_ok=True)
+        if images_dir.is_symlink():
+            images_dir.unlink()
+        elif images_dir.is_dir():  # an interrupted earlier attempt
+            shutil.rmtree(images_dir)
+        if how == "written":
+            images_dir.symlink_to((data_dir / f"{split}_x{k}").resolve(), target_is_directory=True)
+        else:
+            images_dir.mkdir()
+            for image in coco["images"]:
+                if how == "reduce":
+                    with Image.open(data_dir / f"{split}_x{m}" / image["file_name"]) as twin:
+                        pixels = area_downsample(np.asarray(twin.convert("RGB")), m // k)
+                else:
+                    pixels = render_twin(data_dir, split, image["id"], k)
+                Image.fromarray(pixels).save(images_dir / image["file_name"])
+        atomic_write_json(out_dir / "annotations" / f"instances_{split}.json", coco, indent=None)
+    how = {"written": "the written twins", "reduce": "the x{m} twins area-averaged by {r}",
+           "render": "rendered from the scene files"}
+    used = "; ".join(f"{split}: " + how[h].format(m=m, r=m // k) for split, (h, m) in sources.items())
+    return out_dir, f"HR oracle at x{k} ({used}); its boxes are scaled by 1/{k} and evaluated against the LR val json"

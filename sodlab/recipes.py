@@ -1,0 +1,229 @@
+"""The one home of sodlab's recipes: budgets, the small-detector preset, the SR recipe, the data check.
+
+A ``Budget`` is everything the demo, the notebooks and the bench hold equal across methods: the
+embedded benchmark's size, the detector's and the SR branch's training lengths, the optimiser,
+and (for the bench) how it measures. ``train_config`` turns (budget, method) into the
+TrainConfig of a run, the same way for every caller:
+
+* detector methods (baseline, upscale, hr-oracle) train ``iters`` iterations;
+* SR methods train the reconstruction module for ``sr_iters`` iterations on a finished
+  detector run (the staged schedule, the detector frozen), so every SR row of a seed shares
+  the very same detector, and a difference between rows is the SR branch's doing. HR targets
+  come from the data's exact xk twins, and D's answers are averaged with the box head's
+  (fusion "mean": README, the 3-seed comparison).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sodlab.config import SR_METHODS, SRConfig, SRTrainConfig, TrainConfig, make_config
+
+# The cpu preset at 128 px with fewer RoIs: what the tests, the notebooks' quick budget and the
+# bench's quick budget train (128 px images are seen at their own size, not upsampled to 256).
+SMALL_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64,
+                      rpn_post_nms_top_n_test=100)
+
+# The SR recipe on top of SRConfig's and SRTrainConfig's defaults (the paper's literal choices).
+SR_RECIPE = dict(fusion="mean")
+SR_TRAIN_RECIPE = dict(schedule="staged", hr_source="twin")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data, training and measurement a demo, notebook session or bench gets."""
+
+    name: str
+    # data: the embedded benchmark at `data` (relative to the project root), with xk twins
+    data: str = "data/synth"
+    synth_train: int = 1200
+    synth_val: int = 200
+    synth_size: int = 256
+    synth_hr_scale: int = 4
+    train_split: str = "train"
+    val_split: str = "val"
+    runs: str = "runs/demo"  # where the demo and the notebooks keep this budget's runs
+    # training: the detector, then the SR branch on it (staged)
+    presets: tuple[str, ...] = ("cpu",)
+    iters: int = 600
+    sr_iters: int = 300
+    batch_size: int = 4
+    optimizer: str = TrainConfig.optimizer
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    warmup_iters: int = TrainConfig.warmup_iters
+    schedule: str = TrainConfig.schedule
+    pretrained: bool | None = None  # None: the preset's own choice
+    detector: dict = field(default_factory=dict)  # DetectorConfig overrides, for every preset
+    sr: dict = field(default_factory=dict)  # SRConfig fields on top of SR_RECIPE
+    sr_train: dict = field(default_factory=dict)  # SRTrainConfig fields on top of SR_TRAIN_RECIPE
+    workers: int = 0
+    eval_batch_size: int = 4
+    # bench only: seeds, the HR oracle's twins (xK images cost K^2 per step), SAHI's slices and
+    # the timing protocol
+    seeds: int = 1
+    oracle_scale: int = 2
+    sahi_slice: int = 128
+    sahi_overlap: float = 0.2
+    max_eval_images: int | None = None  # evaluate on the first N val images only (dry runs)
+    timing_images: int = 50
+    timing_warmup: int = 5
+    threads: int = 2  # torch.set_num_threads for every bench training and inference
+    isolate: bool = True  # a fresh process per bench training / inference, so peak RSS is per method
+
+    def data_dir(self, root: str | os.PathLike | None = None) -> Path:
+        return Path(root or project_root()) / self.data
+
+    def runs_dir(self, root: str | os.PathLike | None = None) -> Path:
+        return Path(root or project_root()) / self.runs
+
+    def describe(self) -> str:
+        return (f"budget {self.name!r}: data {self.data} ({self.synth_train} train / {self.synth_val} val images of "
+                f"{self.synth_size} px), {self.iters} detector + {self.sr_iters} SR iterations at batch "
+                f"{self.batch_size}")
+
+
+BUDGETS: dict[str, Budget] = {
+    # What the tests and `make test`'s notebooks run: a minute or two on 2 busy CPU cores.
+    "quick": Budget(name="quick", data="data/synth-quick", runs="runs/notebooks/quick", synth_train=40, synth_val=12, synth_size=128,
+                    iters=25, sr_iters=25, warmup_iters=5, detector=SMALL_DETECTOR, sr_train=dict(rois_per_image=8),
+                    sahi_slice=64, timing_images=5, timing_warmup=1),
+    # `sodlab demo`, and the notebooks' real-use budget (they reuse the demo's runs).
+    "demo": Budget(name="demo"),
+    # `sodlab bench`'s default: every method of the bench, trained (bench.md states the budget).
+    "default": Budget(name="default", data="data/synth-bench-default", synth_train=600, synth_val=100, iters=200,
+                      sr_iters=200),
+    # The paper's setting, for a GPU and COCO 2017: R50/R101 +- FPN at 800 px, the 1x schedule
+    # (90k iterations at batch 16, lr 0.02, x0.1 at 60k and 80k), the SR branch at the paper's scale.
+    "paper": Budget(name="paper", data="data/coco", train_split="train2017", val_split="val2017",
+                    presets=("r50", "r50-fpn", "r101", "r101-fpn"), iters=90_000, sr_iters=30_000, batch_size=16,
+                    optimizer="sgd", lr=0.02, weight_decay=1e-4, warmup_iters=1000, schedule="step", workers=8,
+                    eval_batch_size=8,
+                    sr=dict(generator_channels=64, generator_blocks=16, discriminator_trunk="resnet50"),
+                    sahi_slice=320),
+}
+
+
+def get_budget(name: str | None = None) -> Budget:
+    """The named budget (default: $SODLAB_BUDGET, else "quick")."""
+    name = name or os.environ.get("SODLAB_BUDGET", "quick")
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)} (SODLAB_BUDGET)")
+    return BUDGETS[name]
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The sodlab checkout: the first folder at or above ``start`` (default: the working
+    directory) holding both pyproject.toml and sodlab/; else the folder this package was
+    imported from (an editable install); else ``start`` itself."""
+    start = Path(start or os.getcwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "sodlab").is_dir():
+            return folder
+    package_parent = Path(__file__).resolve().parent.parent
+    return package_parent if (package_parent / "pyproject.toml").is_file() else start
+
+
+def detector_overrides(budget: Budget, twins_scale: int = 1, preset_name: str = "cpu") -> dict:
+    """The budget's DetectorConfig overrides; the HR oracle's images are K x larger, so its
+    detector resizes them as the upscale baseline does (min_size x K)."""
+    from sodlab.models.detector import preset
+
+    overrides = dict(budget.detector)
+    if budget.pretrained is not None:
+        overrides["pretrained"] = budget.pretrained
+    if twins_scale != 1:
+        base = preset(preset_name, **overrides)
+        overrides |= dict(min_size=base.min_size * twins_scale, max_size=base.max_size * twins_scale)
+    return overrides
+
+
+def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str | os.PathLike | None = None,
+                 seed: int = 0, preset_name: str = "cpu", detector_run: str | os.PathLike | None = None,
+                 hr_source: str = "twin", **overrides) -> TrainConfig:
+    """The TrainConfig of ``method`` at this budget (see the module docstring).
+
+    ``data`` defaults to the budget's embedded benchmark; ``detector_run`` is the finished
+    detector an SR method trains on (required for SR methods); ``overrides`` go to TrainConfig.
+    """
+    data = str(data or budget.data_dir())
+    values = dict(data=data, train_split=budget.train_split, val_split=budget.val_split, method=method,
+                  iters=budget.iters, batch_size=budget.batch_size, optimizer=budget.optimizer, lr=budget.lr,
+                  weight_decay=budget.weight_decay, warmup_iters=budget.warmup_iters, schedule=budget.schedule,
+                  seed=seed, workers=budget.workers, eval_batch_size=budget.eval_batch_size, out=str(out))
+    twins_scale = budget.oracle_scale if method == "hr-oracle" else 1
+    if method in SR_METHODS:
+        if detector_run is None:
+            raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")
+        values |= dict(iters=budget.sr_iters, init_from=str(detector_run),
+                       sr=SRConfig(**{**SR_RECIPE, **budget.sr}),
+                       sr_train=SRTrainConfig(**{**SR_TRAIN_RECIPE, "hr_source": hr_source, **budget.sr_train}))
+    values |= overrides
+    values["ckpt_every"] = values.get("ckpt_every", values["iters"])
+    return make_config(preset_name, detector=detector_overrides(budget, twins_scale, preset_name), **values)
+
+
+def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = None, **changes) -> Budget:
+    """The budget with other training lengths (``sodlab bench --iters``, ``sodlab demo --iters``)."""
+    lengths = {k: v for k, v in (("iters", iters), ("sr_iters", sr_iters)) if v is not None}
+    for key, value in lengths.items():
+        if value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    return dataclasses.replace(budget, **lengths, **changes)
+
+
+def ensure_data(budget: Budget, data_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The budget's embedded benchmark, generated (with its xk twins) unless it is there already.
+
+    The one data check of the demo, the notebooks and the bench. A complete dataset has both
+    instances jsons (generation writes them last) and the twins; an existing one made with other
+    parameters (image size, twin scale) is an error naming the way out, never silently reused.
+    A folder without both jsons is an interrupted generation and is written again.
+    """
+    from sodlab.data.synth import generate
+    from sodlab.io import read_json
+
+    data_dir = Path(data_dir or budget.data_dir())
+    splits = (budget.train_split, budget.val_split)
+    annotations = [data_dir / "annotations" / f"instances_{split}.json" for split in splits]
+    wanted = {"size": [budget.synth_size, budget.synth_size], "hr_scale": budget.synth_hr_scale}
+    if all(path.is_file() for path in annotations):
+        params = read_json(annotations[1]).get("info", {}).get("sodlab_synth", {})
+        found = {k: params.get(k) for k in wanted}
+        missing_twins = [s for s in splits if not (data_dir / f"{s}_x{budget.synth_hr_scale}").is_dir()]
+        if found != wanted or missing_twins:
+            raise ValueError(f"{data_dir}: holds a benchmark with {found}, but budget {budget.name!r} needs {wanted}; "
+                             f"write it again with `sodlab synth --out {data_dir} --size {budget.synth_size} "
+                             f"--hr-scale {budget.synth_hr_scale} --force`, or pass another data folder")
+        if progress:
+            print(f"using the embedded benchmark at {data_dir}")
+        return data_dir
+    if progress:
+        print(f"synthesizing {budget.synth_train} train / {budget.synth_val} val images ({budget.synth_size} px, "
+              f"x{budget.synth_hr_scale} twins) into {data_dir}", flush=True)
+    # Only an interrupted generation is written over: a folder holding anything else is refused.
+    ours = {*splits, *(f"{s}_x{budget.synth_hr_scale}" for s in splits), "annotations"}
+    interrupted = data_dir.is_dir() and all(p.name in ours for p in data_dir.iterdir())
+    generate(data_dir, n_train=budget.synth_train, n_val=budget.synth_val, seed=0, size=budget.synth_size,
+             hr_scale=budget.synth_hr_scale, progress=progress, overwrite=interrupted)
+    return data_dir
+
+
+# A dry run keeps every architectural choice and shrinks only sizes: 128 px inputs and few RoIs
+# (the C4 presets' box head is a 50M-parameter fc layer, slow on a CPU at 512 RoIs x 2 images),
+# 4 SR RoIs per image (D is a ResNet-50 at the paper's scale).
+DRY_RUN_DETECTOR = dict(min_size=128, max_size=128, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=50,
+                        rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
+                        box_detections_per_img=20)
+
+
+def dry_run(budget: Budget) -> Budget:
+    """The same configuration on a handful of images: 2 iterations, 4 eval images, 128 px, few RoIs."""
+    return dataclasses.replace(
+        budget, name=f"{budget.name}-dry-run", data=f"data/synth-{budget.name}-dry-run", iters=2, sr_iters=2,
+        batch_size=2,
+        warmup_iters=1, workers=0, eval_batch_size=2, detector={**budget.detector, **DRY_RUN_DETECTOR},
+        sr_train={**budget.sr_train, "rois_per_image": 4}, synth_train=4, synth_val=4, synth_size=128,
+        max_eval_images=4, timing_images=2, timing_warmup=1, isolate=False)

@@ -1,0 +1,130 @@
+"""Runs as units: evaluate a trained run, reuse a finished one, train only what is missing.
+
+``train`` (sodlab.train) writes a run's weights; ``finish_run`` evaluates it (eval.json,
+detections_val.json, and for SR methods sr_quality.json and browsable patches). The demo, the
+notebooks, the bench and ``sodlab train`` all go through ``ensure_run`` / ``train_and_finish``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from sodlab.config import TrainConfig
+from sodlab.data.coco import load_split
+from sodlab.distributed import init_distributed
+from sodlab.evaluate import evaluate_run
+from sodlab.io import atomic_write_json, read_json
+from sodlab.sr_quality import evaluate_sr_quality, write_sr_patches
+from sodlab.train import load_trained_model, train
+
+
+def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Evaluate a trained run on its val split: eval.json and detections_val.json; for SR
+    methods also sr_quality.json (G against bicubic on held-out small RoIs) and sr_patches/.
+    Under torchrun every rank scores its share of the images and rank 0 writes. Returns the stats
+    (None on the other ranks)."""
+    ddp = init_distributed()
+    ddp.barrier()  # rank 0 wrote the final checkpoint
+    device = device or ddp.device
+    run_dir = Path(run_dir)
+    cfg, model = load_trained_model(run_dir, device)
+    val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
+    stats = evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
+                         rank=ddp.rank, world_size=ddp.world_size)
+    if cfg.is_sr and ddp.is_main:
+        held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
+        atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model, held_out))
+        # Browsable patches show the exact twin as HR whenever the data has one.
+        twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
+        write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
+    return stats
+
+
+def train_and_finish(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    run_dir = train(cfg, resume=resume, force=force, progress=progress)
+    finish_run(run_dir, progress=progress)
+    return run_dir
+
+
+def _comparable(config: dict) -> dict:
+    """A saved or fresh config as json values, without what does not change the result."""
+    config = TrainConfig.from_dict(config).to_dict()
+    config = json.loads(json.dumps(config))
+    for key in ("out", "ckpt_every", "eval_batch_size"):
+        config.pop(key, None)
+    for key in ("data", "init_from"):
+        config[key] = str(Path(config[key]).resolve()) if config.get(key) else ""
+    return config
+
+
+def config_mismatch(run_dir: str | os.PathLike, cfg: TrainConfig) -> list[str]:
+    """The TrainConfig fields where the run saved at run_dir differs from ``cfg``."""
+    saved, wanted = _comparable(read_json(Path(run_dir) / "config.json")), _comparable(cfg.to_dict())
+    return sorted(k for k in wanted if saved.get(k) != wanted[k])
+
+
+def run_is_complete(run_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> bool:
+    """True when run_dir holds an evaluated run (config, checkpoint, eval.json, detections) and,
+    if ``cfg`` is given, was trained with that config."""
+    run_dir = Path(run_dir)
+    needed = [run_dir / "config.json", run_dir / "eval.json", run_dir / "detections_val.json",
+              run_dir / "checkpoints" / "last.pt"]
+    if not all(path.is_file() for path in needed):
+        return False
+    return cfg is None or not config_mismatch(run_dir, cfg)
+
+
+def _checkpoint_time(run_dir: Path) -> int:
+    path = run_dir / "checkpoints" / "last.pt"
+    return path.stat().st_mtime_ns if path.is_file() else -1
+
+
+def ensure_run(cfg: TrainConfig, train_missing: bool = True, progress: bool = True) -> Path | None:
+    """cfg's run directory: reused when it is complete and was trained with the same config,
+    trained (and evaluated) otherwise, replacing an interrupted or different run.
+
+    An SR run on a detector run (``init_from``) older than that detector's checkpoint is stale
+    (the detector was trained again since) and is trained again too. With
+    ``train_missing=False`` nothing is trained: returns None when the run is missing or stale.
+    """
+    run_dir = Path(cfg.out)
+    start = Path(cfg.init_from) if cfg.init_from else None
+    fresh = start is None or _checkpoint_time(run_dir) >= _checkpoint_time(start) >= 0
+    if fresh and run_is_complete(run_dir, cfg):
+        if progress:
+            print(f"reusing {run_dir} (evaluated, same config)")
+        return run_dir
+    if not train_missing:
+        return None
+    return train_and_finish(cfg, force=True, progress=progress)
+
+
+def ensure_method(budget, method: str, train_missing: bool | None = None, progress: bool = True) -> Path | None:
+    """The run of ``method`` in the budget's runs folder (runs/demo for the demo budget): reused
+    when complete, trained otherwise. An SR method trains on the budget's baseline run, which is
+    ensured first. By default only the quick budget trains what is missing; for the demo budget a
+    missing run is an error naming the command that makes it (`make demo`).
+    """
+    from sodlab.recipes import ensure_data, train_config
+
+    train_missing = budget.name == "quick" if train_missing is None else train_missing
+    runs_dir = budget.runs_dir()
+    cfg = train_config(budget, method, runs_dir / method, detector_run=runs_dir / "baseline")
+    if cfg.init_from and train_missing:
+        ensure_method(budget, "baseline", train_missing, progress)
+    if train_missing:
+        ensure_data(budget, progress=progress)
+    run_dir = ensure_run(cfg, train_missing=train_missing, progress=progress)
+    if run_dir is None and budget.name == "demo":
+        raise FileNotFoundError(f"{cfg.out}: no finished {method} run of the demo budget; make it with `make demo` "
+                                "(or `sodlab demo`), or set SODLAB_BUDGET=quick")
+    return run_dir
+
+
+def completed_runs(runs_dir: str | os.PathLike, names) -> dict[str, Path]:
+    """{name: runs_dir/name} for the names whose run has been evaluated, in the order given."""
+    runs_dir = Path(runs_dir)
+    return {name: runs_dir / name for name in names if (runs_dir / name / "eval.json").is_file()}
