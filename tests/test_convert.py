@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from sodlab.data.coco import CocoDetection, load_split, read_rgb_image
-from sodlab.data.convert import (VISDRONE_CLASSES, convert, convert_visdrone, convert_voc, convert_yolo,
-                                 make_twins)
+from sodlab.data.convert import VISDRONE_CLASSES, convert, convert_visdrone, convert_voc, make_twins
 from sodlab.evaluate import coco_eval
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "hit-uav-voc"

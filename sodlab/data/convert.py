@@ -241,7 +241,8 @@ def convert_voc(src: str | os.PathLike, out: str | os.PathLike, splits: Iterable
             if size is not None:
                 declared = [size.findtext(tag, "").strip() for tag in ("width", "height")]
                 if all(declared) and declared != ["0", "0"]:
-                    declared_wh = tuple(_number(v, f"{xml}: <size>", tag) for v, tag in zip(declared, ("width", "height")))
+                    declared_wh = tuple(_number(v, f"{xml}: <size>", tag)
+                                        for v, tag in zip(declared, ("width", "height")))
                     if declared_wh != (width, height):
                         raise ValueError(f"{xml}: <size> says {declared[0]}x{declared[1]} but {path.name} is "
                                          f"{width}x{height} (after EXIF orientation)")
@@ -333,10 +334,12 @@ def convert_yolo(src: str | os.PathLike, out: str | os.PathLike, names: str | os
                 where = f"{label_file}: line {line_number}"
                 values = line.split()
                 if len(values) != 5:
-                    raise ValueError(f"{where}: expected 'class cx cy w h' (5 values), got {len(values)}: {line.strip()!r}")
+                    raise ValueError(f"{where}: expected 'class cx cy w h' (5 values), got {len(values)}: "
+                                     f"{line.strip()!r}")
                 index = _number(values[0], where, "class")
                 if index != int(index) or not 0 <= index < len(class_list):
-                    raise ValueError(f"{where}: class {values[0]!r} is not an index of the {len(class_list)} class names")
+                    raise ValueError(f"{where}: class {values[0]!r} is not an index of the {len(class_list)} "
+                                     "class names")
                 name = class_list[int(index)]
                 where = f"{where} ({name!r})"
                 cx, cy, w, h = (_number(v, where, what) for v, what in zip(values[1:], ("cx", "cy", "w", "h")))
