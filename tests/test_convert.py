@@ -251,6 +251,23 @@ def test_refuses_a_non_empty_out_and_replaces_it_with_overwrite(tmp_path):
     assert not (out / "keep.txt").exists() and (out / "annotations" / "instances_val.json").is_file()
 
 
+def test_convert_checks_its_options_before_writing(tmp_path):
+    src = write_voc(tmp_path / "voc", VOC_A, VOC_B)
+    out = tmp_path / "out"
+    for kwargs, message in (({"format": "coco"}, "unknown format 'coco'"),
+                            ({"format": "yolo"}, "YOLO labels hold class indices"),
+                            ({"format": "visdrone", "names": "n.txt"}, "VisDrone has its own class list"),
+                            ({"format": "yolo", "names": "n.txt", "coordinates": "one-based"}, "a VOC option"),
+                            ({"format": "voc", "twins": 1}, "twin scale must be an integer >= 2")):
+        with pytest.raises(ValueError, match=message):
+            convert(src=src, out=out, **kwargs)
+    assert not out.exists()
+    (tmp_path / "names.txt").write_text("Person\nCar\nDontCare\n")  # DontCare stays an ignore region
+    summary = convert("voc", src, out, names=tmp_path / "names.txt", splits=["train"], coordinates="one-based")
+    assert summary["categories"] == ["Person", "Car"] and list(summary["splits"]) == ["train"]
+    assert summary["splits"]["train"]["ignore_regions"] == 1
+
+
 def _area_average(pixels, k):
     """k x k block means rounded half up, in float64: independent of synth.area_downsample."""
     h, w = pixels.shape[:2]

@@ -189,6 +189,7 @@ def convert_voc(src: str | os.PathLike, out: str | os.PathLike, splits: Iterable
     cannot be, else one-based. The choice is in the summary and in the json's ``info``.
     """
     src, started = Path(src), time.perf_counter()
+    _check_out(Path(out), overwrite)  # before reading the whole dataset
     if coordinates not in ("auto", "one-based", "zero-based"):
         raise ValueError(f"coordinates must be auto, one-based or zero-based, got {coordinates!r}")
     main = src / "ImageSets" / "Main"
@@ -305,6 +306,7 @@ def convert_yolo(src: str | os.PathLike, out: str | os.PathLike, names: str | os
     (default: all).
     """
     src, started = Path(src), time.perf_counter()
+    _check_out(Path(out), overwrite)
     class_list = read_class_names(names) if isinstance(names, (str, os.PathLike)) else list(names)
     ignore = set(ignore_names)
     categories = _category_names(class_list, set(class_list) - ignore, ignore, src)
@@ -374,6 +376,7 @@ def convert_visdrone(src: str | os.PathLike, out: str | os.PathLike, splits: Ite
     annotation fields.
     """
     src, started = Path(src), time.perf_counter()
+    _check_out(Path(out), overwrite)
     if (src / "images").is_dir() and (src / "annotations").is_dir():
         folders = {_visdrone_split_name(src): src}
     else:
@@ -515,36 +518,44 @@ def _write_dataset(records: dict[str, list[_Image]], names: list[str], src: Path
 
 
 def convert(format: str, src: str | os.PathLike, out: str | os.PathLike, names: str | os.PathLike | None = None,
-            twins: int | None = None, copy: bool = False, overwrite: bool = False, **options) -> dict:
+            splits: Iterable[str] | None = None, coordinates: str = "auto", twins: int | None = None,
+            copy: bool = False, overwrite: bool = False) -> dict:
     """``sodlab convert``: ``convert_voc`` / ``convert_yolo`` / ``convert_visdrone`` by ``format``.
 
-    ``names``: the class-names file (needed for YOLO; for VOC it fixes the category order).
-    ``twins=k``: OUT becomes the LR working dataset with the native images as its xk HR twins
-    (``make_twins``); the plain COCO conversion is then only an intermediate.
+    ``names``: the class-names file (required for YOLO; for VOC it fixes the category order).
+    ``splits``: the splits to convert (default: all). ``coordinates``: VOC's box convention
+    (see ``convert_voc``). ``twins=k``: OUT becomes the LR working dataset whose xk HR twins are
+    the native images (``make_twins``); the plain COCO conversion is then an intermediate
+    (images linked, whatever ``copy`` says) that is removed afterwards.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "yolo" and names is None:
         raise ValueError("YOLO labels hold class indices: give the class-names file (--names FILE)")
-    if format == "voc" and names is not None:
-        options["class_names"] = read_class_names(names)
     if format == "visdrone" and names is not None:
         raise ValueError("VisDrone has its own class list; --names does not apply")
+    if format != "voc" and coordinates != "auto":
+        raise ValueError(f"the box coordinate convention is a VOC option; {format} boxes have one convention")
+    if twins is not None and not (isinstance(twins, int) and twins >= 2):
+        raise ValueError(f"the twin scale must be an integer >= 2, got {twins!r}")
     out = Path(out)
     if twins is None:
         target, intermediate = out, None
     else:
         _check_out(out, overwrite)  # refuse a non-empty OUT before the work, not after it
         intermediate = out.parent / f".{out.name}.coco-{os.getpid()}"
-        target = intermediate
+        target, copy = intermediate, False
+    overwrite_target = overwrite if twins is None else True
     started = time.perf_counter()
     try:
         if format == "voc":
-            summary = convert_voc(src, target, copy=copy, overwrite=True if twins else overwrite, **options)
+            class_names = read_class_names(names) if names is not None else None
+            summary = convert_voc(src, target, splits, class_names, coordinates=coordinates, copy=copy,
+                                  overwrite=overwrite_target)
         elif format == "yolo":
-            summary = convert_yolo(src, target, names, copy=copy, overwrite=True if twins else overwrite, **options)
+            summary = convert_yolo(src, target, names, splits, copy=copy, overwrite=overwrite_target)
         else:
-            summary = convert_visdrone(src, target, copy=copy, overwrite=True if twins else overwrite, **options)
+            summary = convert_visdrone(src, target, splits, copy=copy, overwrite=overwrite_target)
         if twins is not None:
             summary["twins"] = make_twins(intermediate, out, twins, overwrite=overwrite)
             summary["out"] = str(out)
