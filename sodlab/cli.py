@@ -103,6 +103,9 @@ def config_from_args(args) -> TrainConfig:
     from sodlab.io import read_json
 
     values = given_config_values(args)
+    if values.get("tile"):  # tiles are seen at native resolution: the detector does not resize them
+        values.setdefault("detector.min_size", values["tile"])
+        values.setdefault("detector.max_size", values["tile"])
     if getattr(args, "resume", False):
         out = Path(values.get("out", TrainConfig.out))
         config_path = out / "config.json"
@@ -118,6 +121,18 @@ def cmd_synth(args) -> None:
     summary = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed, size=args.size,
                        hr_scale=args.hr_scale, workers=args.workers, overwrite=args.force)
     print(summary)
+
+
+def cmd_convert(args) -> None:
+    from sodlab.data.convert import convert
+
+    summary = convert(args.format, args.src, args.out, names=args.names,
+                      splits=args.splits.split(",") if args.splits else None, coordinates=args.voc_coordinates,
+                      twins=args.twins, copy=args.copy, overwrite=args.overwrite)
+    import json
+
+    print(json.dumps(summary, indent=1, default=str))
+    print(f"written to {args.out}/ (annotations/instances_{{split}}.json, {{split}}/)")
 
 
 def cmd_train(args) -> None:
@@ -264,6 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset directory")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="VOC / YOLO / VisDrone -> sodlab's COCO layout (data/README.md)")
+    p.add_argument("--format", required=True, choices=("voc", "yolo", "visdrone"), help="the source's annotation format")
+    p.add_argument("--src", required=True, help="the source dataset folder")
+    p.add_argument("--out", required=True, help="the COCO-format folder to write")
+    p.add_argument("--names", default=None, help="YOLO: the class-names file, one name per line")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default: every split found)")
+    p.add_argument("--voc-coordinates", default="auto", choices=("auto", "one-based", "zero-based"),
+                   help="VOC pixel indexing (auto: zero-based when a box starts at 0)")
+    p.add_argument("--twins", type=int, default=None, metavar="K",
+                   help="treat the native images as exact xK HR twins and write their area-averaged x1/K copy as "
+                        "the working LR dataset")
+    p.add_argument("--copy", action="store_true", help="copy images instead of linking them")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a detector; writes runs/NAME/")
     add_train_config_flags(p)

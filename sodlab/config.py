@@ -219,6 +219,13 @@ class TrainConfig:
     sr_train: SRTrainConfig = field(default_factory=SRTrainConfig)
     # staged schedule: a finished run whose detector weights start this one (then frozen)
     init_from: str = ""
+    # Native-resolution tiles (SAHI's slicing-aided fine-tuning), for large images of small
+    # objects: training samples one tile x tile crop per image and visit, evaluation slices each
+    # image into overlapping tiles plus a full-image pass, merged by class-wise NMS
+    # (sodlab/data/tiles.py). 0: whole images, resized by the preset. The detector's
+    # min_size = max_size = tile, so a tile is never resized.
+    tile: int = 0
+    tile_overlap: float = 0.2
     # optimisation. From scratch (the cpu preset) AdamW at lr 1e-3, weight decay 0.05 learns the
     # embedded benchmark several times faster than SGD (README: the from-scratch recipe). With
     # ImageNet weights (the paper's presets on COCO) use torchvision's reference recipe instead:
@@ -253,6 +260,9 @@ class TrainConfig:
             object.__setattr__(self, "sr_train", sr_train)
             if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
+        if self.tile and (self.detector.min_size, self.detector.max_size) != (self.tile, self.tile):
+            raise ValueError(f"tile {self.tile}: the detector must not resize its tiles; set its min_size and "
+                             f"max_size to {self.tile} (the command line does so when --tile is given alone)")
 
     @property
     def is_sr(self) -> bool:

@@ -276,18 +276,31 @@ def evaluate_run(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    tile: int = 0,
+    tile_overlap: float = 0.2,
 ) -> dict[str, Any] | None:
     """Evaluate ``model`` on ``dataset``; write run_dir/detections_val.json and run_dir/eval.json; return the stats.
 
     Distributed (``world_size`` > 1, a process group initialised): every rank scores every
     world_size-th image, the results are gathered on all ranks, and rank 0 alone scores them and
     writes the files (other ranks return None). The gathered results are put back in dataset
-    order, so the files equal a one-process evaluation's.
+    order, so the files equal a one-process evaluation's. With ``tile``, each image is scored by
+    sliced inference (overlapping tiles plus a full-image pass, class-wise NMS) at native
+    resolution (sodlab.data.tiles), against the same native-resolution ground truth.
     """
     run_dir = Path(run_dir)
     base = _base_dataset(dataset)
     shard = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
-    results, outputs = evaluate_model(model, shard, device, batch_size, num_workers, progress)
+    if tile:
+        from sodlab.data.tiles import sliced_outputs
+
+        outputs = sliced_outputs(model, shard, tile, tile_overlap, device, progress)
+        results = predictions_to_coco_results(outputs, base.label_to_cat_id)
+        inference = {"mode": "sliced", "tile": tile, "overlap": tile_overlap, "full_image_pass": True,
+                     "merge": "class-wise NMS at IoU 0.5"}
+    else:
+        results, outputs = evaluate_model(model, shard, device, batch_size, num_workers, progress)
+        inference = {"mode": "whole image"}
     image_ids = list(outputs)
     if world_size > 1:
         import torch.distributed as dist
@@ -299,7 +312,7 @@ def evaluate_run(
         image_ids = sorted((i for _, ids in gathered for i in ids), key=position.__getitem__)
     if rank != 0:
         return None
-    stats = coco_eval(base.ann_file, results, image_ids=image_ids)
+    stats = {**coco_eval(base.ann_file, results, image_ids=image_ids), "inference": inference}
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
     return stats

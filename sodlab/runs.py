@@ -33,7 +33,7 @@ def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = N
     cfg, model = load_trained_model(run_dir, device)
     val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
     stats = evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
-                         rank=ddp.rank, world_size=ddp.world_size)
+                         rank=ddp.rank, world_size=ddp.world_size, tile=cfg.tile, tile_overlap=cfg.tile_overlap)
     if cfg.is_sr and ddp.is_main:
         held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
         atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model, held_out))

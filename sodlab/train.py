@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
+from sodlab.data.tiles import TiledDataset, count_pushed_under
 from sodlab.distributed import average_gradients, init_distributed
 from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, replace_dir
 from sodlab.losses import discriminator_objective, generator_objective
@@ -33,6 +34,14 @@ from sodlab.sr_quality import psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
+
+
+def resize_warning(cfg: TrainConfig, ann_file) -> str | None:
+    """A warning when the preset's input resize puts many objects under 8 px that are larger at
+    native resolution (train on tiles then)."""
+    scale = cfg.input_scale
+    return count_pushed_under(ann_file, cfg.detector.min_size * scale, cfg.detector.max_size * scale,
+                              input_scale=scale).warning()
 
 
 def seed_everything(seed: int) -> None:
@@ -384,6 +393,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                          hr_scale=cfg.hr_twin_scale)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
+    if cfg.tile:
+        dataset = TiledDataset(dataset, cfg.tile)
+    elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
+        tqdm.write(f"{cfg.out}: warning: {warning}")
     run_dir, device = Path(cfg.out), ddp.device
     if ddp.is_main:
         prepare_run_dir(cfg, resume, force)

@@ -374,3 +374,21 @@ def test_count_pushed_under(tmp_path):
     upscale = count_pushed_under(ann_file, 512, 512, input_scale=2.0)
     assert upscale.factor_range == pytest.approx((0.8, 5.12))
     assert (upscale.under_resized, upscale.pushed_under) == (1, 0)  # side 10 -> 8 px: not under 8
+
+
+@pytest.mark.slow
+def test_train_on_tiles_and_evaluate_sliced_from_the_command_line(tiny_synth, tmp_path):
+    """--tile alone sets the detector's input size to the tile, training draws tiles, and the
+    evaluation is sliced at native resolution (recorded in eval.json)."""
+    from sodlab.cli import main
+    from sodlab.io import read_json
+
+    run = tmp_path / "tiled"
+    assert main(["train", "--data", str(tiny_synth), "--tile", "64", "--iters", "2", "--batch-size", "2",
+                 "--warmup-iters", "1", "--out", str(run)]) == 0
+    config = read_json(run / "config.json")
+    assert config["tile"] == 64 and (config["detector"]["min_size"], config["detector"]["max_size"]) == (64, 64)
+    stats = read_json(run / "eval.json")
+    assert stats["inference"] == {"mode": "sliced", "tile": 64, "overlap": 0.2, "full_image_pass": True,
+                                  "merge": "class-wise NMS at IoU 0.5"}
+    assert 0 <= stats["AP"] <= 1
