@@ -139,6 +139,10 @@ class SRConfig:
     # which proposals go through G and D at inference
     area_threshold: float = 32.0**2  # input-image px^2 (COCO's "small")
     sr_scope: str = "small"  # small | all
+    # Gated inference: only the gate_top_k small proposals per image that the box head finds most
+    # likely foreground go through G and D (0: every small proposal). G and D on every small
+    # proposal cost several times the detector itself.
+    gate_top_k: int = 0
     # replace: D's class scores and boxes stand in for the box head's (the paper's literal choice)
     # mean: D's and the head's class probabilities and box deltas are averaged
     fusion: str = "replace"

@@ -225,3 +225,21 @@ def test_sr_step_freezes_d_during_gs_step_and_steps_both(tiny_config, tiny_synth
     assert any(not torch.equal(d_before[k], v) for k, v in model.discriminator.state_dict().items())
     assert any(not torch.equal(g_before[k], v) for k, v in model.generator.state_dict().items())
     assert {"d_total", "g_total", "g_mse"} <= set(record)
+
+
+def test_the_gate_keeps_exactly_k_small_proposals_and_leaves_the_rest_to_the_box_head(tiny_config, tiny_synth):
+    images = _images(tiny_synth)
+    ungated = _model(tiny_config, "sr", area_threshold=24.0**2).score_proposals(images)
+    gated = _model(tiny_config, "sr", area_threshold=24.0**2, gate_top_k=3).score_proposals(images)
+    sizes = [len(r) for r in gated["rois"]]
+    for in_scope, kept, fg in zip(ungated["sr_mask"].split(sizes), gated["sr_mask"].split(sizes),
+                                  (1 - gated["head_logits"].softmax(-1)[:, 0]).split(sizes)):
+        assert int(kept.sum()) == min(3, int(in_scope.sum())) and bool((kept <= in_scope).all())
+        # the kept ones are the most likely foreground of the small ones
+        assert (in_scope & ~kept).any(), "the test needs more small proposals than the gate keeps"
+        assert fg[kept].min() >= fg[in_scope & ~kept].max()
+    m = gated["sr_mask"]
+    assert torch.equal(gated["class_logits"][~m], gated["head_logits"][~m])
+    assert torch.equal(gated["box_regression"][~m], gated["head_deltas"][~m])
+    # the proposals that went through G and D got the same answer as without the gate
+    assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)

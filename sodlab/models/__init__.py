@@ -29,7 +29,8 @@ def build_model(cfg, num_classes: int):
         generator = SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale) if sr.use_generator else None
         discriminator = MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk)
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
-                      area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, fusion=sr.fusion,
+                      area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, gate_top_k=sr.gate_top_k,
+                      fusion=sr.fusion,
                       boxes_from=sr.boxes_from, rois_per_image=sampling.rois_per_image,
                       hr_rois_per_image=sampling.hr_rois_per_image, fg_fraction=sampling.fg_fraction,
                       gt_jitter=sampling.gt_jitter, jitters_per_gt=sampling.jitters_per_gt)

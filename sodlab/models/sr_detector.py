@@ -44,6 +44,8 @@ class SRDetector(nn.Module):
         lr_size, scale, context: z_LR's side, G's factor, the margin around each RoI.
         area_threshold, sr_scope: which proposals go through G and D ("small": area under the
             threshold, in original-image px^2; "all").
+        gate_top_k: at inference, only the k proposals in scope per image that the box head finds
+            most likely foreground go through G and D (0: all of them).
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
         boxes_from: "discriminator" (t_SR replaces/joins the head's deltas) or "detector".
         rois_per_image, hr_rois_per_image, fg_fraction, gt_jitter, jitters_per_gt: the training
@@ -52,13 +54,15 @@ class SRDetector(nn.Module):
 
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
-                 area_threshold: float = 32.0**2, sr_scope: str = "small", fusion: str = "replace",
+                 area_threshold: float = 32.0**2, sr_scope: str = "small", gate_top_k: int = 0,
+                 fusion: str = "replace",
                  boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
                  fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
-        self.area_threshold, self.sr_scope, self.fusion, self.boxes_from = area_threshold, sr_scope, fusion, boxes_from
+        self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
+        self.fusion, self.boxes_from = fusion, boxes_from
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
         # The box head's coder (weights 10, 10, 5, 5), so t_SR and the head's deltas are interchangeable.
@@ -90,6 +94,14 @@ class SRDetector(nn.Module):
         if self.sr_scope == "all":
             return torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
         return box_area(boxes) < self.area_threshold
+
+    def _gate(self, in_scope: Tensor, foreground: Tensor) -> Tensor:
+        """The ``gate_top_k`` proposals in scope with the highest foreground probability."""
+        candidates = torch.where(in_scope)[0]
+        keep = candidates[foreground[candidates].topk(min(self.gate_top_k, len(candidates))).indices]
+        gated = torch.zeros_like(in_scope)
+        gated[keep] = True
+        return gated
 
     # -- detector internals, as in GeneralizedRCNN.forward -----------------------------------------
     def _proposals(self, images: list[Tensor], targets=None):
@@ -127,6 +139,9 @@ class SRDetector(nn.Module):
 
         rois = self._to_original(proposals, image_list.image_sizes, original_sizes)
         chosen = [self._selected(r) for r in rois]
+        if self.gate_top_k:
+            foreground = 1 - head_logits.softmax(-1)[:, 0]
+            chosen = [self._gate(c, f) for c, f in zip(chosen, foreground.split([len(r) for r in rois]))]
         sr_mask = torch.cat(chosen)
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
