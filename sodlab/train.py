@@ -342,6 +342,8 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr_train.lr_discriminator * factor,
                    cfg.grad_clip, world_size=world_size)
     record = {f"d_{k}": v.item() for k, v in d_terms.items()}
+    model.update_box_errors(batch["head_deltas"], d_sr["box"], batch["labels"], batch["regression_targets"])
+    record |= dict(zip(("head_box_error", "d_box_error"), model.box_errors.tolist()))
     if "generator" in optimizers:
         model.discriminator.requires_grad_(False)
         try:

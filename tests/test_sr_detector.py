@@ -85,15 +85,36 @@ def test_cls_only_keeps_the_detector_boxes_and_scope_all_covers_everything(tiny_
     assert bool(s["sr_mask"].all())
 
 
-def test_mean_fusion_averages_probabilities(tiny_config, tiny_synth):
+def test_mean_fusion_averages_probabilities_and_weights_deltas_by_measured_error(tiny_config, tiny_synth):
     images = _images(tiny_synth)
     replace = _model(tiny_config, "sr", area_threshold=12.0**2).score_proposals(images)
-    fused = _model(tiny_config, "sr", area_threshold=12.0**2, fusion="mean").score_proposals(images)
+    fused_model = _model(tiny_config, "sr", area_threshold=12.0**2, fusion="mean")
+    fused = fused_model.score_proposals(images)
     m = replace["sr_mask"]
     expected = (replace["head_logits"][m].softmax(-1) + replace["class_logits"][m].softmax(-1)) / 2
     assert torch.allclose(fused["class_logits"][m].exp(), expected, atol=1e-5)
-    assert torch.allclose(fused["box_regression"][m], (replace["head_deltas"][m] + replace["box_regression"][m]) / 2,
-                          atol=1e-5)
+    # before D's box error is measured, D never moves (let alone halves) the box head's deltas
+    assert torch.equal(fused["box_regression"], fused["head_deltas"])
+    for errors, share in (([1.0, 1.0], 0.5), ([1.0, 3.0], 0.25)):  # [box head, D]
+        fused_model.box_errors.copy_(torch.tensor(errors))
+        fused = fused_model.score_proposals(images)
+        assert torch.allclose(fused["box_regression"][m],
+                              (1 - share) * replace["head_deltas"][m] + share * replace["box_regression"][m], atol=1e-5)
+        assert torch.equal(fused["box_regression"][~m], fused["head_deltas"][~m])
+
+
+def test_box_errors_are_a_running_mean_over_foreground_rois(tiny_config):
+    model = _model(tiny_config, "sr")
+    labels, targets = torch.tensor([0, 2, 1]), torch.zeros(3, 4)
+    head = torch.zeros(3, 9 * 4)
+    d = torch.zeros(3, 9 * 4)
+    d.reshape(3, 9, 4)[1, 2] = 1.0  # D off by 1 on each coordinate of the foreground RoI of class 2
+    model.update_box_errors(head, d, labels, targets)
+    # smooth L1 (beta 1/9) of 1 is 1 - 1/18 per coordinate, 4 coordinates, over 2 foreground RoIs
+    assert model.box_errors.tolist() == pytest.approx([0.0, 4 * (1 - 1 / 18) / 2])
+    model.update_box_errors(head, head, labels, targets, momentum=0.5)
+    assert model.box_errors.tolist() == pytest.approx([0.0, 4 * (1 - 1 / 18) / 4])
+    assert model.box_fusion_weight() == 0.0  # a perfect box head takes all the weight
 
 
 def test_no_recon_upsamples_bilinearly(tiny_config):

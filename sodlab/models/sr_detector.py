@@ -19,6 +19,7 @@ deltas computed in the original frame apply unchanged to the resized proposals.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -70,6 +71,10 @@ class SRDetector(nn.Module):
         # RoI sampling for the SR branch draws from its own generator, so adding the branch leaves
         # the detector's random stream (and so its weights, in the joint schedule) untouched.
         self.sampling_rng = torch.Generator().manual_seed(0)
+        # The box head's and D's box regression error (smooth L1 per foreground RoI, a running mean
+        # over the SR branch's training RoIs): "mean" fusion weights the two heads' deltas by them,
+        # so a D whose box head has not learned yet never halves the box head's corrections.
+        self.register_buffer("box_errors", torch.full((2,), float("nan")))
 
     # -- the reconstruction module: the one patches -> G -> D path ------------------------------
     def super_resolve(self, lr_patch: Tensor) -> Tensor:
@@ -115,10 +120,11 @@ class SRDetector(nn.Module):
         return image_list, targets_t, features, proposals, rpn_losses, original_sizes
 
     @staticmethod
-    def _to_original(boxes: list[Tensor], resized_sizes, original_sizes) -> list[Tensor]:
+    def _to_frame(boxes: list[Tensor], from_sizes, to_sizes) -> list[Tensor]:
+        """Boxes per image from one image size (h, w) to another."""
         out = []
-        for b, (rh, rw), (oh, ow) in zip(boxes, resized_sizes, original_sizes):
-            ratio = torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh], device=b.device)
+        for b, (fh, fw), (th, tw) in zip(boxes, from_sizes, to_sizes):
+            ratio = torch.tensor([tw / fw, th / fh, tw / fw, th / fh], device=b.device)
             out.append(b * ratio)
         return out
 
@@ -137,7 +143,7 @@ class SRDetector(nn.Module):
         box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
         head_logits, head_deltas = heads.box_predictor(box_features)
 
-        rois = self._to_original(proposals, image_list.image_sizes, original_sizes)
+        rois = self._to_frame(proposals, image_list.image_sizes, original_sizes)
         chosen = [self._selected(r) for r in rois]
         if self.gate_top_k:
             foreground = 1 - head_logits.softmax(-1)[:, 0]
@@ -152,10 +158,35 @@ class SRDetector(nn.Module):
                 mean = (head_logits[sr_mask].softmax(-1) + d["cls"].softmax(-1)) / 2
                 class_logits[sr_mask] = mean.clamp_min(1e-12).log()
             if self.boxes_from == "discriminator":
-                box_regression[sr_mask] = d["box"] if self.fusion == "replace" else (head_deltas[sr_mask] + d["box"]) / 2
+                w = 1.0 if self.fusion == "replace" else self.box_fusion_weight()
+                box_regression[sr_mask] = (1 - w) * head_deltas[sr_mask] + w * d["box"]
         return {"image_list": image_list, "original_sizes": original_sizes, "proposals": proposals, "rois": rois,
                 "head_logits": head_logits, "head_deltas": head_deltas, "class_logits": class_logits,
                 "box_regression": box_regression, "sr_mask": sr_mask}
+
+    def box_fusion_weight(self) -> float:
+        """D's share of the fused box deltas: e_head / (e_head + e_D), inverse-error weighting of the
+        two regressors; 0 (the box head alone) until both errors have been measured in training."""
+        head_error, d_error = self.box_errors.tolist()
+        if not (math.isfinite(head_error) and math.isfinite(d_error)) or head_error + d_error == 0:
+            return 0.0
+        return head_error / (head_error + d_error)
+
+    @torch.no_grad()
+    def update_box_errors(self, head_deltas: Tensor, d_deltas: Tensor, labels: Tensor, targets: Tensor,
+                          momentum: float = 0.98) -> None:
+        """Fold one batch's box errors of both heads (foreground RoIs only) into ``box_errors``."""
+        fg = torch.where(labels > 0)[0]
+        if len(fg) == 0:
+            return
+        errors = []
+        for deltas in (head_deltas, d_deltas):
+            at_class = deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
+            errors.append(F.smooth_l1_loss(at_class.float(), targets[fg].float(), beta=1 / 9, reduction="sum")
+                          / len(fg))
+        batch = torch.stack(errors)
+        known = torch.isfinite(self.box_errors)
+        self.box_errors.copy_(torch.where(known, momentum * self.box_errors + (1 - momentum) * batch, batch))
 
     @torch.no_grad()
     def forward(self, images: list[Tensor], targets=None):
@@ -182,17 +213,22 @@ class SRDetector(nn.Module):
         if not train_detector:
             det.eval()
             with torch.no_grad():
-                image_list, _, _, proposals, _, original_sizes = self._proposals(images)
+                image_list, _, features, proposals, _, original_sizes = self._proposals(images)
             losses = {}
         else:
             image_list, targets_t, features, proposals, rpn_losses, original_sizes = self._proposals(images, targets)
             _, roi_losses = det.roi_heads(features, proposals, image_list.image_sizes, targets_t)
             losses = {**rpn_losses, **roi_losses}
-        proposals = self._to_original([p.detach() for p in proposals], image_list.image_sizes, original_sizes)
+        proposals = self._to_frame([p.detach() for p in proposals], image_list.image_sizes, original_sizes)
         rois, labels, regression_targets = self.sample_rois(proposals, targets, self.scale if hr_images else 1)
         lr_patch, hr_patch, hr_valid = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context,
                                                    hr_images=hr_images)
-        batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "labels": torch.cat(labels),
+        with torch.no_grad():  # the box head's own answer on the same RoIs, for the fusion's weights
+            heads = det.roi_heads
+            resized = self._to_frame(rois, original_sizes, image_list.image_sizes)
+            _, head_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, resized,
+                                                                                   image_list.image_sizes)))
+        batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "head_deltas": head_deltas, "labels": torch.cat(labels),
                  "regression_targets": torch.cat(regression_targets), "rois": rois}
         return losses, batch
 
