@@ -264,3 +264,19 @@ def test_the_gate_keeps_exactly_k_small_proposals_and_leaves_the_rest_to_the_box
     assert torch.equal(gated["box_regression"][~m], gated["head_deltas"][~m])
     # the proposals that went through G and D got the same answer as without the gate
     assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)
+
+
+def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_config, tiny_synth):
+    """Pixel supervision and D's real term reach every sampled RoI, the tiniest included, and z_LR
+    is exactly the patch inference gives G."""
+    from sodlab.patches import lr_patches
+
+    model = _model(tiny_config, "sr").train()
+    train_set = load_split(tiny_synth, "train", train=False, hr_scale=4)
+    images, targets = zip(*[train_set[i] for i in range(2)])
+    _, batch = model.training_forward(list(images), list(targets), [t["hr_image"] for t in targets])
+    rois = batch["rois"]
+    sides = torch.cat([(r[:, 2:] - r[:, :2]).min(dim=1).values for r in rois])
+    assert bool(batch["hr_valid"].all()) and bool((sides < 8).any()), "tiny RoIs have a target too"
+    assert torch.equal(batch["lr_patch"], lr_patches(list(images), rois, model.lr_size, model.context))
+    assert batch["hr_patch"].shape[-1] == model.lr_size * model.scale

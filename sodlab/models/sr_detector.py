@@ -223,6 +223,12 @@ class SRDetector(nn.Module):
         rois, labels, regression_targets = self.sample_rois(proposals, targets, self.scale if hr_images else 1)
         lr_patch, hr_patch, hr_valid = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context,
                                                    hr_images=hr_images)
+        if hr_images is not None:
+            # From exact twins every RoI, the tiniest included, has a real target: z_HR holds k x the
+            # image's detail. z_LR is then what inference gives G, for every RoI: pixel supervision
+            # and D's real/fake judgement reach the same RoIs (paired), whatever their size.
+            lr_patch = lr_patches(images, rois, self.lr_size, self.context)
+            hr_valid = torch.ones_like(hr_valid)
         with torch.no_grad():  # the box head's own answer on the same RoIs, for the fusion's weights
             heads = det.roi_heads
             resized = self._to_frame(rois, original_sizes, image_list.image_sizes)
