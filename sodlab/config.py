@@ -119,6 +119,7 @@ CHOICES = {
     "sr_schedule": ("joint", "staged"),
     "backbone": ("resnet18", "resnet50", "resnet101"),
     "box_head": ("2mlp", "4conv1fc"),
+    "mse_reduction": ("mean", "sum"),
 }
 
 
@@ -183,10 +184,14 @@ class SRTrainConfig:
     # higher rate than SRGAN's 1e-4 (README: the from-scratch recipe).
     lr_discriminator: float = 5e-4
     weights: GANLossWeights = field(default_factory=GANLossWeights)  # alpha, beta, gamma and the rest
+    # L_MSE per patch: "mean" over its pixels (SRGAN's normalisation; the weights above assume it)
+    # or "sum", the paper's literal squared norm
+    mse_reduction: str = "mean"
 
     def __post_init__(self):
         _check_choice("SRTrainConfig", "hr_source", self.hr_source)
         _check_choice("SRTrainConfig", "schedule", self.schedule, "sr_schedule")
+        _check_choice("SRTrainConfig", "mse_reduction", self.mse_reduction)
 
 
 def method_variant(method: str, sr: SRConfig, sr_train: SRTrainConfig) -> tuple[SRConfig, SRTrainConfig]:

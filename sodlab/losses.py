@@ -71,18 +71,23 @@ def discriminator_adv_loss(d_real_logits: Tensor, d_fake_logits: Tensor, real_va
     return real_term + fake_term
 
 
-def mse_loss(sr: Tensor, hr: Tensor, valid: Tensor | None = None) -> Tensor:
+def mse_loss(sr: Tensor, hr: Tensor, valid: Tensor | None = None, reduction: str = "mean") -> Tensor:
     r"""Pixel reconstruction loss between SR and HR patches.
 
     Paper: $L_{MSE} = \frac{1}{m} \sum_{i=1}^m \left\| z_{HR}^{(i)} - G_{\theta_G}(z_{LR}^{(i)}) \right\|_2^2$
 
     Read as a per-pixel mean (over channels and pixels, as SRGAN's 1/(r^2 W H) normalisation), not
     the raw squared norm, so its scale does not depend on the patch size; then averaged over the
-    HR-valid RoIs only (the others have no real HR target).
+    HR-valid RoIs only (the others have no real HR target). ``reduction="sum"`` is the paper's
+    literal squared norm per patch (the per-pixel mean times the number of values, 3 x 64 x 64 at
+    hr_size 64), whose gradient is that much larger against the other terms.
     """
     if sr.shape != hr.shape:
         raise ValueError(f"mse_loss: SR {tuple(sr.shape)} and HR {tuple(hr.shape)} patches differ in shape")
-    per_patch = (hr - sr).pow(2).flatten(1).mean(dim=1)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"mse_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    per_patch = (hr - sr).pow(2).flatten(1)
+    per_patch = per_patch.mean(dim=1) if reduction == "mean" else per_patch.sum(dim=1)
     return _masked_mean(per_patch, valid)
 
 
@@ -200,6 +205,7 @@ def generator_objective(
     saturating_adv: bool = False,
     literal_cls: bool = False,
     d_hr: dict[str, Tensor] | None = None,
+    mse_reduction: str = "mean",
 ) -> dict[str, Tensor]:
     """G's loss: alpha L_adv + beta L_cls + gamma L_reg + w_tv L_TV + w_mse L_MSE.
 
@@ -223,7 +229,7 @@ def generator_objective(
         if weights.cls
         else zero,
         "reg": regression_loss(d_sr["box"], regression_targets, labels) if weights.reg else zero,
-        "mse": mse_loss(sr, hr, hr_valid) if weights.mse else zero,
+        "mse": mse_loss(sr, hr, hr_valid, mse_reduction) if weights.mse else zero,
         "tv": tv_loss(sr, hr_valid) if weights.tv else zero,
     }
     terms["total"] = (

@@ -68,6 +68,7 @@ class Budget:
     sahi_slice: int = 128
     sahi_overlap: float = 0.2
     max_eval_images: int | None = None  # evaluate on the first N val images only (dry runs)
+    bootstrap_resamples: int = 1000  # paired bootstrap over val images for the intervals
     timing_images: int = 50
     timing_warmup: int = 5
     threads: int = 2  # torch.set_num_threads for every bench training and inference

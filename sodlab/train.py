@@ -323,6 +323,20 @@ class TrainingStopped(Exception):
         return 128 + int(getattr(signal, self.signal_name or "SIGTERM"))
 
 
+GRAD_NORM_EVERY = 25  # iterations between logs of each G term's gradient norm (a backward per term)
+
+
+def term_grad_norms(terms: dict, sr: torch.Tensor, weights) -> dict:
+    """The norm of each weighted term's gradient on G's output: which term drives G."""
+    norms = {}
+    for name in ("adv", "cls", "reg", "mse", "tv"):
+        weight = getattr(weights, name)
+        if weight and terms[name].requires_grad:
+            (grad,) = torch.autograd.grad(weight * terms[name], sr, retain_graph=True, allow_unused=True)
+            norms[f"g_gradnorm_{name}"] = 0.0 if grad is None else grad.norm().item()
+    return norms
+
+
 def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1) -> dict:
     """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
 
@@ -348,8 +362,11 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
         model.discriminator.requires_grad_(False)
         try:
             g_terms = generator_objective(model.discriminator(sr), sr, batch["hr_patch"], batch["hr_valid"],
-                                          batch["labels"], batch["regression_targets"], weights)
+                                          batch["labels"], batch["regression_targets"], weights,
+                                          mse_reduction=cfg.sr_train.mse_reduction)
             check_finite(g_terms, where)
+            if it % GRAD_NORM_EVERY == 0:
+                record |= term_grad_norms(g_terms, sr, weights)
             optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
                            cfg.grad_clip, world_size=world_size)
         finally:

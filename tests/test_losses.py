@@ -188,3 +188,11 @@ def test_default_weights_document_their_sources():
     w = GANLossWeights()
     assert (w.adv, w.cls, w.reg, w.mse) == (1e-3, 0.01, 0.01, 1.0)
     assert w.tv == pytest.approx(2e-8 * 64 * 64)
+
+
+def test_mse_sum_is_the_papers_squared_norm():
+    from sodlab.losses import mse_loss
+
+    sr, hr = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert mse_loss(sr, hr).item() == pytest.approx(0.25)
+    assert mse_loss(sr, hr, reduction="sum").item() == pytest.approx(0.25 * 3 * 4 * 4)

@@ -139,7 +139,7 @@ LAYERS = [
     {"sodlab.evaluate", "sodlab.errors"},
     {"sodlab.runs"},
     {"sodlab.viz", "sodlab.explore"},
-    {"sodlab.bench", "sodlab.bench.methods", "sodlab.bench.measure", "sodlab.bench.report"},
+    {"sodlab.bench", "sodlab.bench.methods", "sodlab.bench.measure", "sodlab.bench.report", "sodlab.bench.stats"},
     {"sodlab.cli"},
     {"sodlab.__main__"},
 ]

@@ -245,7 +245,8 @@ def test_sr_step_freezes_d_during_gs_step_and_steps_both(tiny_config, tiny_synth
     assert all(p.requires_grad for p in model.discriminator.parameters()), "and unfrozen afterwards"
     assert any(not torch.equal(d_before[k], v) for k, v in model.discriminator.state_dict().items())
     assert any(not torch.equal(g_before[k], v) for k, v in model.generator.state_dict().items())
-    assert {"d_total", "g_total", "g_mse"} <= set(record)
+    assert {"d_total", "g_total", "g_mse", "g_gradnorm_mse", "g_gradnorm_cls"} <= set(record)
+    assert record["g_gradnorm_mse"] > 0
 
 
 def test_the_gate_keeps_exactly_k_small_proposals_and_leaves_the_rest_to_the_box_head(tiny_config, tiny_synth):

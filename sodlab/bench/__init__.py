@@ -34,6 +34,7 @@ import torch
 from sodlab.bench.measure import (InferenceJob, TrainJob, measure_inference, measure_training, run_measurement)
 from sodlab.bench.methods import METHODS, Method, select_methods
 from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_speed_accuracy, summarize
+from sodlab.bench.stats import bench_intervals
 from sodlab.data.coco import load_split
 from sodlab.data.oracle import prepare_oracle_data
 from sodlab.io import atomic_write_bytes, atomic_write_json, read_json, replace_dir
@@ -161,9 +162,13 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": records})
 
     rows = summarize(records, chosen, budget.presets)
+    evaluated_ids = lr_val.ids[:header["evaluated_images"]]
+    intervals = bench_intervals(records, lr_val.ann_file, evaluated_ids, resamples=budget.bootstrap_resamples)
+    for row in rows:
+        row["intervals"] = intervals.get((row["preset"], row["method"]))
     header["seconds"] = time.perf_counter() - started
     atomic_write_json(out_dir / "bench.json", {**header, "complete": True, "records": records, "rows": rows})
-    atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows).encode())
+    atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows, records).encode())
     atomic_write_bytes(out_dir / "ap_by_size.png", plot_ap_by_size(rows))
     atomic_write_bytes(out_dir / "speed_accuracy.png", plot_speed_accuracy(rows))
     return out_dir
@@ -183,7 +188,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},
-        "torch_threads": budget.threads, "isolated_processes": budget.isolate, "peak_rss": "VmHWM",
+        "bootstrap_resamples": budget.bootstrap_resamples, "torch_threads": budget.threads, "isolated_processes": budget.isolate, "peak_rss": "VmHWM",
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                         "device": "cuda" if torch.cuda.is_available() else "cpu", "git": git_revision(),
                         "cpu": platform.processor() or platform.machine(),

@@ -153,16 +153,25 @@ def measure_inference(job: InferenceJob) -> dict:
             speed = inference_ms_per_image(lambda im: model([im]), images, job.timing_images, job.timing_warmup)
     rss = peak_rss_mb()  # before the batched evaluation below, so it is batch-1 inference's peak
 
+    tic = time.perf_counter()
     if job.inference == "sahi":
         results, outputs = evaluate_sahi(sahi_model, eval_set, job.sahi_slice, job.sahi_overlap)
     else:
         results, outputs = evaluate_model(model, eval_set, device, job.eval_batch_size, progress=False)
+    throughput = len(outputs) / (time.perf_counter() - tic)  # images/s over the batched evaluation
     results = scale_results(results, job.box_scale)
     stats = coco_eval(job.eval_ann_file, results, image_ids=outputs.keys())
     run_dir = Path(job.run_dir)
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
-    return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss,
+    slices = None
+    if job.inference == "sahi":  # SAHI's cost: slices per image (plus the full-image pass) x time per slice
+        from sodlab.data.tiles import tile_windows
+
+        height, width = val.original_size(val.ids[0])
+        slices = len(tile_windows(height, width, job.sahi_slice, job.sahi_overlap)) + 1
+    return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss, "images_per_s": throughput,
+            "slices_per_image": slices,
             "parameters": count_parameters(model), "torch_threads": torch.get_num_threads(), "eval": stats}
 
 

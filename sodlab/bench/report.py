@@ -23,14 +23,15 @@ def gap_closed(aps_method: float | None, aps_baseline: float | None, aps_oracle:
 
 
 COST_KEYS = ("train_seconds", "train_images_per_s", "train_peak_rss_mb", "infer_ms_per_image",
-             "infer_peak_rss_mb", "parameters")
+             "infer_images_per_s", "infer_peak_rss_mb", "parameters")
 
 
 def _cost(record: dict) -> dict:
     t, i = record["training"], record["inference"]
     return {"train_seconds": t["seconds"], "train_images_per_s": t["images_per_s"],
             "train_peak_rss_mb": t["peak_rss_mb"], "infer_ms_per_image": i["ms_per_image"],
-            "infer_peak_rss_mb": i["peak_rss_mb"], "parameters": i["parameters"]}
+            "infer_images_per_s": i.get("images_per_s"), "infer_peak_rss_mb": i["peak_rss_mb"],
+            "parameters": i["parameters"]}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -67,7 +68,8 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
                 continue
             eval_mean, eval_std = _aggregate_eval([r["eval"] for r in group])
             costs = [_cost(r) for r in group]
-            cost = {k: statistics.fmean(c[k] for c in costs) for k in COST_KEYS}
+            cost = {k: statistics.fmean(c[k] for c in costs) if all(c[k] is not None for c in costs) else None
+                    for k in COST_KEYS}
             cost["parameters"] = round(cost["parameters"])
             training = group[0]["training"]
             preset_rows[method.name] = {
@@ -76,19 +78,23 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
                 "budget": {"iters": training["iters"], "batch_size": training["batch_size"],
                            "images_seen": training["images_seen"], "train_seconds": cost["train_seconds"],
                            "reused_from": "baseline" if method.reuse else None},
-                "cost": cost,
+                "cost": cost, "slices_per_image": group[0]["inference"].get("slices_per_image"),
+                "shares_detector": method.shares_detector,
             }
         base, oracle = preset_rows.get("baseline"), preset_rows.get("hr-oracle")
         for row in preset_rows.values():
             row["vs_baseline"] = {k: _ratio(row["cost"][k], base["cost"][k]) for k in COST_KEYS}
+            # an SR variant's own training is its branch; with the detector it stands on, counted once
+            row["train_seconds_with_detector"] = row["cost"]["train_seconds"] + (
+                base["cost"]["train_seconds"] if row["shares_detector"] else 0.0)
             row["gap_closed"] = gap_closed(row["eval"]["APs"], base["eval"]["APs"],
                                            oracle["eval"]["APs"] if oracle else None)
         rows.extend(preset_rows.values())
     return rows
 
 
-def _ratio(value: float, base: float) -> float | None:
-    return value / base if base else None
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -102,15 +108,20 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def cost_table(rows: list[dict]) -> str:
-    headers = ["Methods", "Backbone", "iters", "images seen", "train s", "train img/s", "x", "infer ms/img", "x",
-               "train peak RSS MB", "x", "infer peak RSS MB", "x", "params M", "x", "gap closed (APs)"]
+    headers = ["Methods", "Backbone", "iters", "images seen", "train s", "with its detector", "train img/s", "x",
+               "infer ms/img (batch 1)", "x", "eval img/s", "x", "slices x ms/slice", "train peak RSS MB", "x",
+               "infer peak RSS MB", "x", "params M", "x", "gap closed (APs)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
         c, r, b = row["cost"], row["vs_baseline"], row["budget"]
         reused = " (baseline's)" if b["reused_from"] else ""
+        slices = row.get("slices_per_image")
+        per_slice = f"{slices} x {c['infer_ms_per_image'] / slices:.1f}" if slices else ""
         cells = [row["method"], row["backbone"], str(b["iters"]) + reused, str(b["images_seen"]),
-                 _fmt(c["train_seconds"], 0), _fmt(c["train_images_per_s"], 2), _fmt(r["train_images_per_s"], 2),
+                 _fmt(c["train_seconds"], 0), _fmt(row.get("train_seconds_with_detector"), 0),
+                 _fmt(c["train_images_per_s"], 2), _fmt(r["train_images_per_s"], 2),
                  _fmt(c["infer_ms_per_image"]), _fmt(r["infer_ms_per_image"], 2),
+                 _fmt(c["infer_images_per_s"], 2), _fmt(r["infer_images_per_s"], 2), per_slice,
                  _fmt(c["train_peak_rss_mb"], 0), _fmt(r["train_peak_rss_mb"], 2),
                  _fmt(c["infer_peak_rss_mb"], 0), _fmt(r["infer_peak_rss_mb"], 2),
                  _fmt(c["parameters"] / 1e6, 2), _fmt(r["parameters"], 2), _fmt(row["gap_closed"], 2)]
@@ -118,13 +129,78 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_bench_markdown(header: dict, rows: list[dict]) -> str:
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def verdict(rows: list[dict]) -> str:
+    """The bench in a paragraph, computed from its numbers: which methods beat the baseline on APs,
+    significantly or not (the paired bootstrap interval), by how much, and at what inference cost."""
+    parts = []
+    for preset in dict.fromkeys(row["preset"] for row in rows):
+        group = [r for r in rows if r["preset"] == preset]
+        base = next(r for r in group if r["method"] == "baseline")
+        better, within, worse = [], [], []
+        for row in group:
+            if row["method"] == "baseline" or row["eval"]["APs"] < 0 or base["eval"]["APs"] < 0:
+                continue
+            diff = row["eval"]["APs"] - base["eval"]["APs"]
+            ci = (row.get("intervals") or {}).get("APs")
+            cost = row["vs_baseline"]["infer_ms_per_image"]
+            text = f"`{row['method']}` ({_signed(diff)}"
+            text += f" [{_signed(ci['low'])}, {_signed(ci['high'])}]" if ci else " (no interval)"
+            text += f", {cost:.2f}x the latency)" if cost is not None else ")"
+            if ci and ci["significant"]:
+                (better if diff > 0 else worse).append(text)
+            else:
+                within.append(text)
+        label = f" ({preset})" if len({r["preset"] for r in rows}) > 1 else ""
+        sentence = (f"**Verdict{label}.** On APs (points against the baseline's {100 * base['eval']['APs']:.1f}, "
+                    "with the 95% paired bootstrap interval over val images):")
+        sentence += f" significantly better: {', '.join(better)}." if better else " no method is significantly better."
+        if within:
+            sentence += f" Within the noise: {', '.join(within)}."
+        if worse:
+            sentence += f" Significantly worse: {', '.join(worse)}."
+        parts.append(sentence)
+    return "\n\n".join(parts)
+
+
+def interval_table(rows: list[dict]) -> str:
+    """Each method's AP and APs difference to the baseline, with its interval; * marks significance."""
+    headers = ["Methods", "Backbone", "AP - baseline", "95% interval", "APs - baseline", "95% interval",
+               "gap closed (APs)", "95% interval"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        if row["method"] == "baseline" or not row.get("intervals"):
+            continue
+        cells = [row["method"], row["backbone"]]
+        base = next(r for r in rows if r["preset"] == row["preset"] and r["method"] == "baseline")
+        for key in ("AP", "APs"):
+            ci = row["intervals"].get(key)
+            diff = _signed(row["eval"][key] - base["eval"][key]) + ("*" if ci and ci["significant"] else "")
+            cells += [diff, f"[{_signed(ci['low'])}, {_signed(ci['high'])}]" if ci else ""]
+        gap = row["intervals"].get("gap_closed")
+        cells += [_fmt(row["gap_closed"], 2), f"[{gap['low']:.2f}, {gap['high']:.2f}]" if gap else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(records: list[dict]) -> str:
+    from sodlab.evaluate import format_table
+
+    return format_table([(f"{r['method']} (seed {r['seed']})", r["backbone"], r["eval"]) for r in records])
+
+
+def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | None = None) -> str:
     budget = header["budget"]
     seeds = budget["seeds"]
     table_rows = [(row["method"], row["backbone"], row["eval"]) for row in rows]
     sahi = header["sahi"]
     parts = [
         f"# sodlab bench: {header['name']}",
+        "",
+        verdict(rows),
         "",
         f"- budget `{budget['name']}`: {budget['iters']} iterations x batch {budget['batch_size']} = "
         f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
@@ -152,7 +228,17 @@ def format_bench_markdown(header: dict, rows: list[dict]) -> str:
         "## Accuracy (COCO AP, percent): this bench",
         "",
         format_table(table_rows),
+        "",
+        "## Differences to the baseline (points), paired bootstrap over val images",
+        "",
+        f"Each seed's val images resampled {header.get('bootstrap_resamples', 1000)} times with replacement; both "
+        "methods of a seed scored on the same resample; the seeds' differences averaged per resample. "
+        "* = the 95% interval excludes 0.",
+        "",
+        interval_table(rows),
     ]
+    if records and seeds > 1:
+        parts += ["", "Per seed:", "", per_seed_table(records)]
     if seeds > 1:
         parts += ["", f"Standard deviation over {seeds} seeds:", "",
                   format_table([(row["method"], row["backbone"], row["eval_std"]) for row in rows])]
@@ -175,8 +261,10 @@ def format_bench_markdown(header: dict, rows: list[dict]) -> str:
         "",
         "## Cost, as ratios (x) to the baseline of this bench",
         "",
-        "gap closed = (APs - APs baseline) / (APs oracle - APs baseline). SAHI reuses the baseline's training; an "
-        "SR variant's train s is its branch alone, on the baseline's detector.",
+        "gap closed = (APs - APs baseline) / (APs oracle - APs baseline). SAHI reuses the baseline's training. An "
+        "SR variant's train s is its branch alone; \"with its detector\" adds the seed's baseline training it "
+        "stands on (shared by every SR variant, so the bench trains it once). eval img/s: the batched evaluation "
+        "over the val images. SAHI: slices per image (with the full-image pass) x ms per slice.",
         "",
         cost_table(rows),
         "",

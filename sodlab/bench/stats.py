@@ -1,0 +1,188 @@
+"""Paired bootstrap intervals of COCO AP differences over the val images.
+
+The question a bench answers is "does method M beat the baseline on this data?". Both were
+evaluated on the same images, so the uncertainty that matters is the image sample's: resample
+the val images with replacement (the same resample for both methods of a seed, so the
+comparison stays paired), recompute COCO AP and APs for each on every resample, and read the
+2.5 and 97.5 percentiles of the difference (Efron's percentile interval).
+
+Recomputing AP does not rerun COCOeval. ``COCOeval.evaluate()`` runs once per method and
+yields, per image and category, every detection's score and its match at each IoU threshold;
+a resample then only re-weights those: a detection of an image drawn twice counts twice (its
+weight is the image's draw count), and so does that image's ground truth. Precision and recall
+are the weighted cumulative counts, made monotone and sampled at COCO's 101 recall points, as
+``COCOeval.accumulate`` does. With every weight 1 this is COCOeval's own AP (tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools.cocoeval import COCOeval
+
+from sodlab.evaluate import _load_results, load_coco_gt
+
+AREAS = {"all": 0, "small": 1}  # COCOeval's default areaRng order: all, small, medium, large
+
+
+@dataclass
+class Matches:
+    """One method's matched detections, per (category, area range): what AP needs, per image."""
+
+    image_ids: list[int]
+    # per area label -> per category: (det image index, det score, tp [T, D], fp [T, D], gt count per image)
+    blocks: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]
+    num_thresholds: int
+
+
+def match_detections(ann_file, results: list[dict], image_ids) -> Matches:
+    """COCOeval.evaluate() once, kept per image so any image resample can be scored."""
+    coco_gt = load_coco_gt(ann_file)
+    image_ids = sorted(set(image_ids))
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, _load_results(coco_gt, results), iouType="bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+    p = evaluator.params
+    max_det, position = p.maxDets[-1], {image_id: i for i, image_id in enumerate(image_ids)}
+    num_t, n_images, n_areas = len(p.iouThrs), len(image_ids), len(p.areaRng)
+    blocks: dict[str, list] = {label: [] for label in AREAS}
+    for label, a in AREAS.items():
+        for k in range(len(p.catIds)):
+            images, scores, tps, fps = [], [], [], []
+            gt_count = np.zeros(n_images)
+            for i in range(n_images):
+                e = evaluator.evalImgs[k * n_areas * n_images + a * n_images + i]
+                if e is None:
+                    continue
+                gt_count[i] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+                d_scores = np.asarray(e["dtScores"])[:max_det]
+                if d_scores.size == 0:
+                    continue
+                matched = np.asarray(e["dtMatches"])[:, :max_det] > 0
+                ignored = np.asarray(e["dtIgnore"])[:, :max_det].astype(bool)
+                images.append(np.full(len(d_scores), position[e["image_id"]]))
+                scores.append(d_scores)
+                tps.append(matched & ~ignored)
+                fps.append(~matched & ~ignored)
+            if not images:
+                blocks[label].append((np.zeros(0, int), np.zeros(0), np.zeros((num_t, 0), bool),
+                                      np.zeros((num_t, 0), bool), gt_count))
+                continue
+            scores_all = np.concatenate(scores)
+            order = np.argsort(-scores_all, kind="mergesort")  # COCOeval's order
+            blocks[label].append((np.concatenate(images)[order], scores_all[order],
+                                  np.concatenate(tps, axis=1)[:, order], np.concatenate(fps, axis=1)[:, order],
+                                  gt_count))
+    return Matches(image_ids, blocks, num_t)
+
+
+def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all") -> np.ndarray:
+    """AP@[.5:.95] for each row of ``weights`` [B, images] (an image's draw count): [B].
+
+    COCO's definition: per category and IoU threshold, precision made monotone from the right,
+    sampled at the 101 recall points (0 past the last recall reached); the mean over thresholds
+    and over the categories that have ground truth in the resample.
+    """
+    weights = np.atleast_2d(weights).astype(np.float64)
+    rec_thrs = np.linspace(0, 1, 101)
+    total, count = np.zeros(len(weights)), np.zeros(len(weights))
+    for det_image, _, tp, fp, gt_count in matches.blocks[area]:
+        npig = weights @ gt_count  # [B]
+        has_gt = npig > 0
+        if not has_gt.any():
+            continue
+        ap = np.zeros(len(weights))
+        if det_image.size:
+            w = weights[:, det_image]  # [B, D]
+            for t in range(matches.num_thresholds):
+                tp_sum = np.cumsum(w * tp[t], axis=1)
+                fp_sum = np.cumsum(w * fp[t], axis=1)
+                recall = tp_sum / np.maximum(npig, 1e-12)[:, None]
+                precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))  # COCOeval's own guard
+                precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+                for b in np.where(has_gt)[0]:
+                    idx = np.searchsorted(recall[b], rec_thrs, side="left")
+                    sampled = np.zeros(len(rec_thrs))
+                    ok = idx < recall.shape[1]
+                    sampled[ok] = precision[b, idx[ok]]
+                    ap[b] += sampled.mean() / matches.num_thresholds
+        total += np.where(has_gt, ap, 0.0)
+        count += has_gt
+    return np.where(count > 0, total / np.maximum(count, 1), -1.0)
+
+
+def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """[resamples, images]: how often each image is drawn in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, num_images, size=(resamples, num_images))
+    return np.stack([np.bincount(row, minlength=num_images) for row in draws]).astype(np.float64)
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def paired_differences(method: Matches, baseline: Matches, weights: np.ndarray,
+                       oracle: Matches | None = None) -> dict:
+    """Per resample: AP and APs of method minus baseline, and the gap closed to the oracle."""
+    if method.image_ids != baseline.image_ids:
+        raise ValueError("a paired bootstrap needs both methods evaluated on the same images")
+    out = {}
+    for name, area in (("AP", "all"), ("APs", "small")):
+        out[name] = weighted_ap(method, weights, area) - weighted_ap(baseline, weights, area)
+    if oracle is not None:
+        base_s, oracle_s = weighted_ap(baseline, weights, "small"), weighted_ap(oracle, weights, "small")
+        denominator = oracle_s - base_s
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["gap_closed"] = np.where(denominator > 0, out["APs"] / denominator, np.nan)
+    return out
+
+
+def summarize_differences(per_seed: list[dict], level: float = 0.95) -> dict:
+    """The interval of the mean over seeds of each resample's difference (the resamples are shared
+    across seeds), and whether it excludes 0."""
+    summary = {}
+    for key in per_seed[0]:
+        stacked = np.stack([d[key] for d in per_seed])
+        # a resample where no seed has a gap to close (oracle not above the baseline) stays NaN
+        values = np.full(stacked.shape[1], np.nan)
+        some = np.isfinite(stacked).any(axis=0)
+        values[some] = np.nanmean(stacked[:, some], axis=0)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        lo, hi = interval(values, level)
+        summary[key] = {"low": lo, "high": hi, "significant": bool(lo > 0 or hi < 0), "resamples": int(values.size)}
+    return summary
+
+
+def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict[tuple[str, str], dict]:
+    """For every (preset, method) but the baseline: the paired bootstrap interval of its AP and APs
+    difference to the baseline of the same seed (averaged over seeds), and of the gap it closes
+    to the HR oracle. Detections are read from each record's run directory."""
+    import json
+    from pathlib import Path
+
+    image_ids = sorted(set(image_ids))
+    weights = resample_weights(len(image_ids), resamples, seed)
+    matches = {(r["preset"], r["method"], r["seed"]): match_detections(
+        ann_file, json.loads((Path(r["run_dir"]) / "detections_val.json").read_text()), image_ids)
+        for r in records}
+    out = {}
+    for preset, method in dict.fromkeys((r["preset"], r["method"]) for r in records):
+        if method == "baseline":
+            continue
+        per_seed = []
+        for (p, m, s), match in matches.items():
+            if (p, m) != (preset, method) or (p, "baseline", s) not in matches:
+                continue
+            per_seed.append(paired_differences(match, matches[(p, "baseline", s)], weights,
+                                               matches.get((p, "hr-oracle", s))))
+        if per_seed:
+            out[(preset, method)] = summarize_differences(per_seed, level)
+    return out

@@ -1,0 +1,82 @@
+"""The bench's paired bootstrap and its verdict, on hand-built detections."""
+import json
+
+import numpy as np
+import pytest
+
+from sodlab.bench.report import verdict
+from sodlab.bench.stats import (match_detections, paired_differences, resample_weights, summarize_differences,
+                                weighted_ap)
+from sodlab.evaluate import coco_eval
+
+
+@pytest.fixture
+def gt_file(tmp_path):
+    """20 images of 100 px, each with one small (10 px) and one medium (50 px) object."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 21)]
+    anns = []
+    for i in range(1, 21):
+        anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0})
+        anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 2, "bbox": [40, 40, 50, 50], "area": 2500,
+                     "iscrowd": 0})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return path
+
+
+def _detections(finds_small_in: set[int], shift: float = 0.0) -> list[dict]:
+    dets = []
+    for i in range(1, 21):
+        dets.append({"image_id": i, "category_id": 2, "bbox": [40, 40, 50, 50], "score": 0.9})
+        if i in finds_small_in:
+            dets.append({"image_id": i, "category_id": 1, "bbox": [5 + shift, 5, 10, 10], "score": 0.5 + i / 100})
+        dets.append({"image_id": i, "category_id": 1, "bbox": [70, 5, 10, 10], "score": 0.55})  # a false positive
+    return dets
+
+
+def test_unit_weights_give_cocoevals_own_ap(gt_file):
+    dets = _detections(set(range(1, 15)), shift=1.0)
+    matches = match_detections(gt_file, dets, range(1, 21))
+    stats = coco_eval(gt_file, dets, fine_bins=False)
+    ones = np.ones((1, 20))
+    assert weighted_ap(matches, ones, "all")[0] == pytest.approx(stats["AP"], abs=1e-9)
+    assert weighted_ap(matches, ones, "small")[0] == pytest.approx(stats["APs"], abs=1e-9)
+
+
+def test_identical_detections_give_a_zero_width_interval_at_zero(gt_file):
+    dets = _detections(set(range(1, 11)))
+    a, b = match_detections(gt_file, dets, range(1, 21)), match_detections(gt_file, dets, range(1, 21))
+    weights = resample_weights(20, 200, seed=1)
+    summary = summarize_differences([paired_differences(a, b, weights)])
+    assert summary["APs"]["low"] == summary["APs"]["high"] == 0.0 and not summary["APs"]["significant"]
+
+
+def test_a_known_improvement_gives_a_positive_significant_interval(gt_file):
+    better = match_detections(gt_file, _detections(set(range(1, 19))), range(1, 21))
+    worse = match_detections(gt_file, _detections(set(range(1, 5))), range(1, 21))
+    weights = resample_weights(20, 300, seed=2)
+    up = summarize_differences([paired_differences(better, worse, weights)])
+    down = summarize_differences([paired_differences(worse, better, weights)])
+    assert 0 < up["APs"]["low"] <= up["APs"]["high"] and up["APs"]["significant"]
+    assert down["APs"]["high"] < 0 and down["APs"]["significant"]
+    # medium objects are found alike by both: their share of AP moves with APs alone
+    assert up["AP"]["low"] > 0
+
+
+def _row(method, aps, ci=None, cost=1.0):
+    return {"method": method, "preset": "cpu", "backbone": "ResNet-18-FPN", "eval": {"APs": aps},
+            "vs_baseline": {"infer_ms_per_image": cost},
+            "intervals": None if ci is None else {"APs": {"low": ci[0], "high": ci[1],
+                                                          "significant": ci[0] > 0 or ci[1] < 0}}}
+
+
+def test_the_verdict_follows_the_numbers():
+    rows = [_row("baseline", 0.20), _row("sr", 0.26, (0.02, 0.09), 1.25), _row("sr-no-adv", 0.21, (-0.01, 0.03)),
+            _row("upscale", 0.15, (-0.08, -0.02), 4.0)]
+    text = verdict(rows)
+    assert "significantly better: `sr` (+6.0 [+2.0, +9.0], 1.25x the latency)" in text
+    assert "Within the noise: `sr-no-adv` (+1.0 [-1.0, +3.0]" in text
+    assert "Significantly worse: `upscale` (-5.0 [-8.0, -2.0], 4.00x the latency)" in text
+    rows[1] = _row("sr", 0.26, (-0.01, 0.09))
+    assert "no method is significantly better" in verdict(rows)
