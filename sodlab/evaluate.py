@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sodlab.data.coco import CocoDetection, collate_fn, load_coco_json
-from sodlab.errors import ERROR_TYPES, error_summary
+from sodlab.errors import ERROR_TYPES, BinErrors, analyze, error_summary
 from sodlab.io import atomic_write_json
 from sodlab.tiny_metrics import AITOD_BINS, tiny_object_metrics
 
@@ -235,6 +235,18 @@ def coco_eval(
     if tiny:
         stats["tiny"] = tiny_object_metrics(coco_gt, coco_dt, params.imgIds)
     return stats
+
+
+def error_analysis(
+    coco_gt: COCO | str | os.PathLike, results: list[dict], image_ids: Iterable[int] | None = None
+) -> dict[str, BinErrors]:
+    """TIDE's analysis (sodlab.errors.analyze) of ``results`` per ERROR_BIN_LABELS bin, object by object:
+    what eval.json's "errors" summarizes, plus each detection's outcome (results[i] has id i + 1)
+    and each ground truth's (by annotation id, as ``load_coco_gt`` numbers them)."""
+    if not isinstance(coco_gt, COCO):
+        coco_gt = load_coco_gt(coco_gt)
+    _check_results(coco_gt, results)
+    return analyze(coco_gt, _load_results(coco_gt, results), error_area_ranges(), image_ids)
 
 
 def _to_original_coordinates(
