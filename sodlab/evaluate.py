@@ -4,7 +4,9 @@ The 12 standard COCO numbers come straight from ``COCOeval.summarize`` (AP, AP50
 APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) as fractions. Small object detection needs a finer
 view than COCO's "small" (everything under 32x32), so ``coco_eval`` also asks the same COCOeval
 run for AP over finer bins of object side sqrt(area): <8, 8-16, 16-32, 32-64, 64-128, >128 px.
-Matching is pycocotools' own; nothing here re-implements it.
+Matching is pycocotools' own; nothing here re-implements it. Beside COCO's numbers, eval.json
+holds TIDE's error decomposition by size ("errors", sodlab.errors) and the tiny-object metrics
+("tiny": AP at IoU 0.25, AI-TOD's bins, NWD-based AP; sodlab.tiny_metrics).
 
 Conventions (those of COCO): a number is -1 when there is no ground truth for it (no object in
 that size range); a category or size range with ground truth but no detections scores 0. An
@@ -32,7 +34,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sodlab.data.coco import CocoDetection, collate_fn, load_coco_json
+from sodlab.errors import ERROR_TYPES, BinErrors, analyze, error_summary
 from sodlab.io import atomic_write_json
+from sodlab.tiny_metrics import AITOD_BINS, tiny_object_metrics
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -42,6 +46,8 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 FINE_BIN_EDGES = (0, 8, 16, 32, 64, 128, math.inf)
 FINE_BIN_LABELS = ("<8", "8-16", "16-32", "32-64", "64-128", ">128")
 _MAX_AREA = 1e5**2  # COCO's own upper bound for "all" and "large"
+# Bins of the error analysis: all objects, COCO's small, and the fine bins under 32 px.
+ERROR_BIN_LABELS = ("all", "small") + FINE_BIN_LABELS[:3]
 
 # The paper's column order and headers.
 PAPER_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -54,6 +60,12 @@ def _fine_area_ranges() -> list[list[float]]:
         upper = _MAX_AREA if math.isinf(hi) else float(np.nextafter(float(hi) ** 2, 0.0))
         ranges.append([float(lo) ** 2, upper])
     return ranges
+
+
+def error_area_ranges() -> dict[str, list[float]]:
+    """{label of ERROR_BIN_LABELS: COCOeval area range}; "small" is COCO's [0, 32**2]."""
+    fine = dict(zip(FINE_BIN_LABELS, _fine_area_ranges()))
+    return {"all": [0.0, _MAX_AREA], "small": [0.0, 32.0**2], **{b: fine[b] for b in ERROR_BIN_LABELS[2:]}}
 
 
 def load_coco_gt(ann_file: str | os.PathLike) -> COCO:
@@ -162,8 +174,11 @@ def coco_eval(
     image_ids: Iterable[int] | None = None,
     fine_bins: bool = True,
     verbose: bool = False,
+    errors: bool = True,
+    tiny: bool = True,
 ) -> dict[str, Any]:
-    """COCOeval (bbox) of ``results`` against ``coco_gt``: the 12 COCO stats as fractions + "fine_bins".
+    """COCOeval (bbox) of ``results`` against ``coco_gt``: the 12 COCO stats as fractions + "fine_bins"
+    (+ "errors", TIDE's dAPs per ERROR_BIN_LABELS bin, and "tiny", the tiny-object metrics).
 
     ``image_ids`` restricts evaluation to those images (e.g. a quick eval on part of val); by
     default all ground-truth images count, and an image without results counts as missed.
@@ -215,7 +230,23 @@ def coco_eval(
             }
         if verbose:
             print(format_fine_bins_table([("fine bins", stats)]))
+    if errors:
+        stats["errors"] = error_summary(coco_gt, coco_dt, error_area_ranges(), params.imgIds)
+    if tiny:
+        stats["tiny"] = tiny_object_metrics(coco_gt, coco_dt, params.imgIds)
     return stats
+
+
+def error_analysis(
+    coco_gt: COCO | str | os.PathLike, results: list[dict], image_ids: Iterable[int] | None = None
+) -> dict[str, BinErrors]:
+    """TIDE's analysis (sodlab.errors.analyze) of ``results`` per ERROR_BIN_LABELS bin, object by object:
+    what eval.json's "errors" summarizes, plus each detection's outcome (results[i] has id i + 1)
+    and each ground truth's (by annotation id, as ``load_coco_gt`` numbers them)."""
+    if not isinstance(coco_gt, COCO):
+        coco_gt = load_coco_gt(coco_gt)
+    _check_results(coco_gt, results)
+    return analyze(coco_gt, _load_results(coco_gt, results), error_area_ranges(), image_ids)
 
 
 def _to_original_coordinates(
@@ -389,4 +420,43 @@ def format_fine_bins_table(
             [name] + ([backbone or ""] if with_backbone else [])
             + [_percent(bins.get(b, {}).get(metric)) for b in FINE_BIN_LABELS]
         )
+    return _markdown(headers, body)
+
+
+# The tiny-object metrics' columns (eval.json "tiny") and their headers.
+TINY_COLUMNS = ("AP", "AP50", "AP25", "AP_nwd", "AP50_nwd") + tuple(f"AP {b}" for b in AITOD_BINS)
+TINY_HEADERS = {"AP": "AP 0.5:0.95", "AP50": "0.5", "AP25": "0.25", "AP_nwd": "NWD 0.5:0.95",
+                "AP50_nwd": "NWD 0.5", **{f"AP {b}": f"{b} {lo}-{hi}" for b, (lo, hi) in AITOD_BINS.items()}}
+
+
+def format_tiny_table(rows: Mapping[str, Mapping] | Iterable[tuple], name_header: str = "Methods") -> str:
+    """Markdown table of eval.json's "tiny": AP (IoU 0.5:0.95, 0.5, 0.25), NWD-based AP (0.5:0.95,
+    0.5) and AP (IoU 0.5:0.95) in AI-TOD's bins, percent with one decimal, in the paper's layout."""
+    rows = _rows(rows)
+    with_backbone = any(backbone is not None for _, backbone, _ in rows)
+    headers = [name_header] + (["Backbone"] if with_backbone else []) + [TINY_HEADERS[c] for c in TINY_COLUMNS]
+    body = []
+    for name, backbone, stats in rows:
+        ranges = stats.get("tiny", {}).get("ranges", {})
+        cells = [ranges.get("all", {}).get(c) for c in TINY_COLUMNS[:5]]
+        cells += [ranges.get(b, {}).get("AP") for b in AITOD_BINS]
+        body.append([name] + ([backbone or ""] if with_backbone else []) + [_percent(v) for v in cells])
+    return _markdown(headers, body)
+
+
+def format_errors_table(rows: Mapping[str, Mapping] | Iterable[tuple], size_bin: str = "small",
+                        name_header: str = "Methods") -> str:
+    """Markdown table of TIDE's dAP per error type (percent points, one decimal) in one bin of
+    eval.json's "errors" (ERROR_BIN_LABELS), with the bin's AP50 and each type's count."""
+    rows = _rows(rows)
+    with_backbone = any(backbone is not None for _, backbone, _ in rows)
+    headers = ([name_header] + (["Backbone"] if with_backbone else []) + [f"AP50 {size_bin}"]
+               + [f"d{t}" for t in ERROR_TYPES] + [f"#{t}" for t in ERROR_TYPES])
+    body = []
+    for name, backbone, stats in rows:
+        result = stats.get("errors", {}).get("bins", {}).get(size_bin, {})
+        counts = result.get("counts", {})
+        body.append([name] + ([backbone or ""] if with_backbone else []) + [_percent(result.get("AP50"))]
+                    + [_percent(result.get("dAP", {}).get(t)) for t in ERROR_TYPES]
+                    + [str(counts[t]) if t in counts else "" for t in ERROR_TYPES])
     return _markdown(headers, body)

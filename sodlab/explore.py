@@ -3,16 +3,20 @@
 `build_dataset` turns a COCO-format split (``DIR/annotations/instances_{split}.json`` +
 ``DIR/{split}/``) and run directories (``runs/NAME/detections_{split}.json``) into one FiftyOne
 dataset, evaluates each run with FiftyOne's COCO matcher at IoU 0.5, counts small-object
-TP/FP/FN per image and saves views that answer "which small objects did SR find that the
-baseline missed?". `launch` serves it in the FiftyOne App.
+TP/FP/FN per image, types every small-object error as TIDE does (sodlab.errors) and saves views
+that answer "which small objects did SR find that the baseline missed?" and "which Loc errors
+of the baseline did SR fix?". `launch` serves it in the FiftyOne App; `evaluate_size_range`
+evaluates one size range with the predictions filtered too, as COCO's area ranges filter them.
 
 Dataset layout (one sample per image; dataset name ``sodlab-{data_name}-{split}-{run+run...}``)
     ground_truth            Detections from the json; each carries ``annotation_id``, ``iscrowd``,
                             ``area_px``, ``size``, ``sr_patch_ids`` and, after evaluation,
-                            ``eval_{run}`` in {"tp", "fn"} per run.
+                            ``eval_{run}`` in {"tp", "fn"} per run; small non-crowd ones also
+                            ``error_{run}`` per run (see "Error types" below).
     {run}                   Detections from runs/{run}/detections_{split}.json (one field per run,
                             named after the run directory, lowercased, non [a-z0-9_] -> "_");
-                            each carries ``area_px``, ``size`` and ``eval_{run}`` in {"tp", "fp"}.
+                            each carries ``area_px``, ``size`` and ``eval_{run}`` in {"tp", "fp"},
+                            and the detections of COCO's small range ``error_{run}``.
     image_id                the COCO image id.
     small_gt                number of small, non-crowd ground truth objects.
     small_tp_{run}, small_fp_{run}, small_fn_{run}, small_recall_{run}
@@ -36,6 +40,14 @@ Sizes follow COCOeval exactly, so that the counts equal pycocotools' per-image m
   with IoU >= 0.5 each. FiftyOne matches it to the higher IoU; COCOeval's small-range pass
   prefers the small GT. Objects of one class rarely overlap that much.
 
+Error types (``error_{run}``): TIDE's analysis of the run in COCO's small range
+(``sodlab.evaluate.error_analysis``, bin "small": IoU 0.5 / 0.1, pycocotools' matching, so the
+counts are eval.json's "errors" counts of that bin). A small ground truth object is "tp", "Miss",
+or "Cls" / "Loc" when a detection with that error would recover it. A detection of the small
+range is "tp" or its error: "Cls", "Loc", "Both", "Dupe", "Bkg". A detection outside the range
+carries "Cls" / "Loc" only when it is the error that would recover a small object (e.g. a 40 px
+box half on a 30 px car); other labels have no ``error_{run}``. `small_error_counts` sums them.
+
 SR patches: ``runs/NAME/sr_patches/index.json`` (written by an SR run) is a json list, one entry
 per ground truth RoI:
     {"image_id": 12,          COCO image id in this split
@@ -57,6 +69,11 @@ Saved views (BASELINE and METHOD are the two compared runs, "baseline" and "sr" 
     sorted-by-small-recall-gain                images with small GT, largest gain first
     small-gt-patches                           one patch per small GT, with every run's outcome
     small-false-positives-RUN                  small unmatched detections, one view per run
+    small-loc-of-BASELINE-fixed-by-METHOD      small GT with a Loc error of BASELINE that METHOD finds
+    false-positives-RUN, false-negatives-RUN   only the run's unmatched detections (all sizes, IoU
+                                               0.5) / only the GT it misses: for export
+    small-TYPE-RUN                             small-range labels of RUN with error_RUN == TYPE
+                                               (TYPE lowercased: cls, loc, both, dupe, bkg, miss)
 ("small GT" is small and not crowd, everywhere.)
 
 Rebuilding is idempotent: a build goes into a temporary non-persistent dataset, then replaces
@@ -84,6 +101,8 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from sodlab.data.coco import size_bucket
+from sodlab.errors import ERROR_TYPES
+from sodlab.evaluate import error_analysis
 from sodlab.io import read_json
 
 fo.config.do_not_track = True  # in case fiftyone was imported before this module
@@ -93,6 +112,7 @@ MAX_DETS_PER_CLASS = 100  # COCOeval maxDets[-1], applied per image and category
 IOU_THRESHOLD = 0.5
 SR_PATCH_SLICES = ("lr", "sr", "hr")
 SR_PATCHES_SUFFIX = "-sr-patches"
+SMALL_AREA = (0.0, 32.0**2)  # COCO's small range (closed), as COCOeval compares
 _RESERVED_FIELDS = {"id", "filepath", "tags", "metadata", "image_id", "group", "small_gt",
                     "small_recall_gain", "created_at", "last_modified_at", GT_FIELD}
 _SR_INDEX_KEYS = {"image_id", "annotation_id", "label", "lr", "sr", "hr"}
@@ -125,6 +145,10 @@ class Run:
     @property
     def eval_key(self) -> str:
         return f"eval_{self.field}"
+
+    @property
+    def error_key(self) -> str:
+        return f"error_{self.field}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,8 +191,9 @@ def _read_method(run_dir: Path) -> str | None:
     return read_json(config_path).get("method") if config_path.is_file() else None
 
 
-def _read_detections(path: Path, image_ids: set, category_ids: set) -> dict[int, list[dict]]:
-    """COCO results of one run grouped by image id, keeping COCOeval's top 100 per class."""
+def _read_detections(path: Path, image_ids: set, category_ids: set) -> tuple[list[dict], dict[int, list[dict]]]:
+    """COCO results of one run, and them grouped by image id keeping COCOeval's top 100 per
+    class, each as (position in the results, record)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no detections (has the run been evaluated?)")
     results = read_json(path)
@@ -186,13 +211,24 @@ def _read_detections(path: Path, image_ids: set, category_ids: set) -> dict[int,
             raise ValueError(f"{where}: unknown category_id {det['category_id']}")
         if len(det["bbox"]) != 4:
             raise ValueError(f"{where}: bbox must be [x, y, w, h], got {det['bbox']}")
-        by_image_class[det["image_id"], det["category_id"]].append(det)
+        by_image_class[det["image_id"], det["category_id"]].append((i, det))
     by_image = defaultdict(list)
     for (image_id, _), dets in by_image_class.items():
         # Stable sort, like COCOeval's mergesort, so equal scores keep file order.
-        dets = sorted(dets, key=lambda d: -d["score"])[:MAX_DETS_PER_CLASS]
+        dets = sorted(dets, key=lambda d: -d[1]["score"])[:MAX_DETS_PER_CLASS]
         by_image[image_id].extend(dets)
-    return by_image
+    return results, by_image
+
+
+def _small_errors(ann_path: Path, coco: dict, results: list[dict]) -> tuple[dict, dict]:
+    """error_{run} values of one run: ({annotation id: outcome}, {results position: outcome})."""
+    small = error_analysis(ann_path, results)["small"]
+    # load_coco_gt numbers the annotations 1..N in file order when one has id 0 (COCOeval reads
+    # 0 as "unmatched"); the dataset keeps the file's ids.
+    file_ids = [ann["id"] for ann in coco["annotations"]]
+    to_file = (lambda i: file_ids[i - 1]) if 0 in file_ids else (lambda i: i)
+    return ({to_file(i): outcome for i, outcome in small.ground_truth.items()},
+            {i - 1: outcome for i, outcome in small.detections.items()})
 
 
 def _read_sr_index(run: Run, anns_by_id: dict, category_names: dict) -> list[dict]:
@@ -326,6 +362,31 @@ def _save_views(dataset: fo.Dataset, runs: list[Run], baseline: Run | None, meth
             f"small-false-positives-{run.field}",
             dataset.filter_labels(run.field, (F("size") == "small") & (F(run.eval_key) == "fp")),
             description=f"Small detections of {run.field} that match no ground truth")
+    if baseline is not None and method is not None:
+        dataset.save_view(
+            f"small-loc-of-{baseline.field}-fixed-by-{method.field}",
+            dataset.filter_labels(GT_FIELD, (F(baseline.error_key) == "Loc") & (F(method.error_key) == "tp")),
+            description=f"Small ground truth that {baseline.field} boxes badly (TIDE Loc error) "
+                        f"and {method.field} finds")
+    for run in runs:
+        dataset.save_view(
+            f"false-positives-{run.field}",
+            dataset.select_fields([run.field, "image_id"]).filter_labels(run.field, F(run.eval_key) == "fp"),
+            description=f"Only the detections of {run.field} that match no ground truth (IoU 0.5)")
+        dataset.save_view(
+            f"false-negatives-{run.field}",
+            dataset.select_fields([GT_FIELD, "image_id"]).filter_labels(
+                GT_FIELD, (F(run.eval_key) == "fn") & (F("iscrowd") == False)),  # noqa: E712
+            description=f"Only the ground truth that {run.field} misses (IoU 0.5)")
+        for kind in ERROR_TYPES:
+            is_kind = F(run.error_key) == kind
+            dataset.save_view(
+                f"small-{kind.lower()}-{run.field}",
+                dataset.select_fields([GT_FIELD, run.field, "image_id"])
+                .filter_labels(GT_FIELD, is_kind, only_matches=False)
+                .filter_labels(run.field, is_kind, only_matches=False)
+                .match((F(f"{GT_FIELD}.detections").length() > 0) | (F(f"{run.field}.detections").length() > 0)),
+                description=f"Small-range labels of {run.field} with TIDE error type {kind}")
 
 
 def _build_sr_patches(name: str, dataset: fo.Dataset, runs: list[Run], patches_by_run: dict,
@@ -409,8 +470,12 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
 
     category_names = {c["id"]: c["name"] for c in coco["categories"]}
     image_ids = {image["id"] for image in coco["images"]}
-    detections = {run.field: _read_detections(run.path / f"detections_{split}.json",
-                                              image_ids, set(category_names)) for run in runs}
+    detections, gt_errors, det_errors = {}, {}, {}
+    for run in runs:
+        results, detections[run.field] = _read_detections(
+            run.path / f"detections_{split}.json", image_ids, set(category_names))
+        gt_errors[run.field], det_errors[run.field] = _small_errors(
+            data_dir / "annotations" / f"instances_{split}.json", coco, results)
     anns_by_id = {ann["id"]: ann for ann in coco["annotations"]}
     patches_by_run = {run.field: _read_sr_index(run, anns_by_id, category_names)
                       for run in runs} if sr_patches else {}
@@ -429,7 +494,8 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
         gts = [_detection(category_names[a["category_id"]], a["bbox"], width, height,
                           a.get("area", a["bbox"][2] * a["bbox"][3]),
                           annotation_id=a["id"], iscrowd=bool(a.get("iscrowd", 0)),
-                          sr_patch_ids=patch_groups.get(a["id"]))
+                          sr_patch_ids=patch_groups.get(a["id"]),
+                          **{r.error_key: gt_errors[r.field].get(a["id"]) for r in runs})
                for a in anns_by_image[image["id"]]]
         sample = fo.Sample(filepath=str((image_dir / image["file_name"]).resolve()),
                            metadata=fo.ImageMetadata(width=width, height=height),
@@ -437,8 +503,9 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
         for run in runs:
             sample[run.field] = fo.Detections(detections=[
                 _detection(category_names[d["category_id"]], d["bbox"], width, height,
-                           d["bbox"][2] * d["bbox"][3], confidence=float(d["score"]))
-                for d in detections[run.field].get(image["id"], [])])
+                           d["bbox"][2] * d["bbox"][3], confidence=float(d["score"]),
+                           **{run.error_key: det_errors[run.field].get(i)})
+                for i, d in detections[run.field].get(image["id"], [])])
         samples.append(sample)
 
     # Built under a temporary non-persistent name: a failed build is cleaned up by FiftyOne
@@ -452,6 +519,9 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
         # FiftyOne reloads every Sample object still alive after each bulk write; dropping
         # ours makes the writes below ~10x faster.
         del samples
+        # Declares the label attributes (area_px, size, error_<run>, ...): the App offers
+        # filters only for declared fields.
+        building.add_dynamic_sample_fields()
         building.default_classes = [c["name"] for c in coco["categories"]]
         building.set_values("small_gt", small_gt)
         recalls = {}
@@ -516,6 +586,52 @@ def small_object_summary(dataset: fo.Dataset) -> dict[str, dict]:
         summary[run] = {"tp": tp, "fp": fp, "fn": fn, "recall": _recall(tp, fn),
                         "precision": tp / (tp + fp) if tp + fp else None}
     return summary
+
+
+def small_error_counts(dataset: fo.Dataset) -> dict[str, dict[str, int]]:
+    """Per run: {TIDE error type: count} from the ``error_{run}`` attributes, counted as
+    eval.json's "errors" counts of the small bin: Cls..Bkg on detections, Miss on ground truth."""
+    counts = {}
+    for run in dataset.info["sodlab"]["runs"]:
+        on_detections = dataset.count_values(f"{run}.detections.error_{run}")
+        counts[run] = {kind: on_detections.get(kind, 0) for kind in ERROR_TYPES[:-1]}
+        counts[run]["Miss"] = dataset.count_values(f"{GT_FIELD}.detections.error_{run}").get("Miss", 0)
+    return counts
+
+
+def evaluate_size_range(dataset: fo.Dataset, run: str, area_range=SMALL_AREA, eval_key: str | None = None,
+                        compute_mAP: bool = False):
+    """FiftyOne's COCO evaluation (IoU 0.5) of one run on one size range, predictions filtered too.
+
+    area_range: [lo, hi] of ``area_px``, closed as COCOeval's ranges (default COCO's small).
+    The evaluated view keeps what COCOeval's area range keeps: the ground truth in the range and
+    every crowd region (detections on them stay ignored); a detection the run's evaluation matched
+    to ground truth in the range, whatever its own size; and an unmatched detection (or one on a
+    crowd region) whose own box area is in the range. Filtering detections by their own area
+    alone would make a 33 px box on a 31 px object a miss; not filtering them would make every
+    box on a larger object a false positive of the range.
+    eval_key: default "eval_RUN_small" for COCO's small range, else "eval_RUN_LO_HI".
+    Returns FiftyOne's DetectionResults; the view is ``dataset.load_evaluation_view(eval_key)``.
+    """
+    field = field_name(run)
+    if field not in dataset.info["sodlab"]["runs"]:
+        raise ValueError(f"no run {run!r} in {dataset.name} (runs: {sorted(dataset.info['sodlab']['runs'])})")
+    lo, hi = (float(v) for v in area_range)
+    if eval_key is None:
+        suffix = "small" if (lo, hi) == SMALL_AREA else f"{round(lo)}_{round(hi)}"
+        eval_key = f"eval_{field}_{suffix}"
+    key = f"eval_{field}"
+    gt_id, gt_area, gt_crowd, dt_id, dt_area, dt_match = (dataset.values(path, unwind=True) for path in (
+        f"{GT_FIELD}.detections.id", f"{GT_FIELD}.detections.area_px", f"{GT_FIELD}.detections.iscrowd",
+        f"{field}.detections.id", f"{field}.detections.area_px", f"{field}.detections.{key}_id"))
+    crowd = {i for i, c in zip(gt_id, gt_crowd) if c}
+    in_range = {i for i, a, c in zip(gt_id, gt_area, gt_crowd) if not c and lo <= a <= hi}
+    keep = sorted(in_range | crowd)
+    keep += [i for i, a, match in zip(dt_id, dt_area, dt_match)
+             if match in in_range or ((not match or match in crowd) and lo <= a <= hi)]
+    view = dataset.select_labels(ids=keep, fields=[GT_FIELD, field])
+    return view.evaluate_detections(field, gt_field=GT_FIELD, eval_key=eval_key, method="coco",
+                                    iou=IOU_THRESHOLD, classwise=True, compute_mAP=compute_mAP)
 
 
 def sr_patches_for(sample_or_label, dataset: fo.Dataset | str | None = None):

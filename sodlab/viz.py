@@ -876,3 +876,52 @@ def saved_view_counts(dataset) -> dict[str, int]:
 def launch_requested() -> bool:
     """Launch the FiftyOne App only when asked (SODLAB_LAUNCH_APP=1) and never under CI."""
     return os.environ.get("SODLAB_LAUNCH_APP") == "1" and not os.environ.get("CI")
+
+
+# --------------------------------------------------------------------------------------------
+# Error analysis (notebook 03 and the bench report): TIDE's dAP per error type, by size
+# --------------------------------------------------------------------------------------------
+
+from sodlab.errors import ERROR_TYPES  # noqa: E402 (this block is to move into its own module)
+
+# The same colour for an error type in every figure.
+ERROR_COLOURS = {"Cls": "#e6194b", "Loc": "#f58231", "Both": "#911eb4", "Dupe": "#42d4f4", "Bkg": "#4363d8",
+                 "Miss": "#808080"}
+ERROR_PLOT_BINS = ("small", "<8", "8-16", "16-32")
+
+
+def plot_error_bars(rows: Sequence[tuple[str, Mapping]], bins: Sequence[str] = ERROR_PLOT_BINS) -> Figure:
+    """TIDE's dAP (AP50 points gained by fixing every error of a type) stacked per method, one
+    panel per size bin of eval.json's "errors" (COCO's small, then the fine bins under 32 px).
+    dAPs do not add up to 100 - AP50 (each is measured alone), so a stack is a profile, not a sum.
+    A method without ground truth in a bin (dAP -1) or without "errors" gets no bar there."""
+    fig = Figure(figsize=(3.2 * len(bins) + 1.2, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(bins), sharey=True, squeeze=False)[0]
+    x = np.arange(len(rows))
+    for ax, size_bin in zip(axes, bins):
+        bottom = np.zeros(len(rows))
+        results = [stats.get("errors", {}).get("bins", {}).get(size_bin, {}) for _, stats in rows]
+        for kind in ERROR_TYPES:
+            values = np.array([r.get("dAP", {}).get(kind, -1.0) for r in results], dtype=np.float64)
+            values = np.where(values < 0, 0.0, 100 * values)
+            ax.bar(x, values, bottom=bottom, color=ERROR_COLOURS[kind], label=kind, width=0.7)
+            bottom += values
+        num_gt = next((r["num_gt"] for r in results if "num_gt" in r), "?")
+        ax.set_title(f"{'small, <32' if size_bin == 'small' else size_bin} px (n={num_gt})")
+        ax.set_xticks(x, [name for name, _ in rows], rotation=30, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("dAP [AP50 points]")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", title="error")
+    fig.suptitle("TIDE errors by object size (IoU 0.5 / 0.1)")
+    return fig
+
+
+def loc_comparison(rows: Sequence[tuple[str, Mapping]], methods: Sequence[str] = ("sr", "sr-cls-only", "baseline"),
+                   size_bin: str = "small") -> str:
+    """The paper's claim in one line: Loc dAP (AP50 points lost to box errors) of ``methods`` on
+    small objects, e.g. "Loc dAP, small objects: sr 2.1 | sr-cls-only 4.0 | baseline 4.2"."""
+    found = dict(rows)
+    cells = [f"{m} {100 * found[m]['errors']['bins'][size_bin]['dAP']['Loc']:.1f}" for m in methods
+             if "errors" in found.get(m, {})]
+    return f"Loc dAP, {size_bin} objects: " + (" | ".join(cells) if cells else "no evaluated run")

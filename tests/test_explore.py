@@ -90,6 +90,8 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 import sodlab.explore as explore  # noqa: E402
+from sodlab.errors import ERROR_TYPES  # noqa: E402
+from sodlab.evaluate import error_analysis  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -349,7 +351,10 @@ def test_saved_views_hold_exactly_the_expected_objects(view_case):
     assert set(dataset.list_saved_views()) == {
         "small-missed-by-baseline-found-by-sr", "small-regressions",
         "sorted-by-small-recall-gain", "small-gt-patches",
-        "small-false-positives-baseline", "small-false-positives-sr"}
+        "small-false-positives-baseline", "small-false-positives-sr",
+        "small-loc-of-baseline-fixed-by-sr",
+        *(f"false-{kind}-{run}" for kind in ("positives", "negatives") for run in ("baseline", "sr")),
+        *(f"small-{kind.lower()}-{run}" for kind in ERROR_TYPES for run in ("baseline", "sr"))}
     assert gt_annotation_ids(dataset.load_saved_view("small-missed-by-baseline-found-by-sr")) \
         == {11, 32}
     assert gt_annotation_ids(dataset.load_saved_view("small-regressions")) == {21}
@@ -420,6 +425,143 @@ def test_launch_refuses_a_busy_port(view_case):
         busy.listen()
         with pytest.raises(OSError, match=r"cannot serve the FiftyOne App on 127\.0\.0\.1:\d+"):
             explore.launch(dataset, port=busy.getsockname()[1], wait=False)
+
+
+# ----------------------------------------------------------------------------------------
+# TIDE error types on the labels
+
+
+def test_error_attributes_equal_the_analysis(random_case):
+    """error_<run> on every label equals sodlab.evaluate.error_analysis's small bin, object by
+    object (ground truth by annotation id, detections by position in the results file)."""
+    data_dir, runs, dataset = random_case
+    ann_file = data_dir / "annotations" / "instances_val.json"
+    for run_dir, field in zip(runs, ["baseline", "sr_x4"]):
+        detections = json.loads((run_dir / "detections_val.json").read_text())
+        small = error_analysis(ann_file, detections)["small"]
+        assert explore.small_error_counts(dataset)[field] == small.counts
+        assert sum(small.counts[k] > 0 for k in ERROR_TYPES) >= 5, small.counts
+        ann_ids, outcomes = dataset.values(["ground_truth.detections.annotation_id",
+                                            f"ground_truth.detections.error_{field}"], unwind=True)
+        assert {a: o for a, o in zip(ann_ids, outcomes) if o is not None} == small.ground_truth
+        # detections: match the dataset's boxes and scores back to the results file
+        position = {(d["image_id"], d["score"], tuple(d["bbox"])): i + 1 for i, d in enumerate(detections)}
+        got = {}
+        for sample in dataset.select_fields([field, "image_id"]):
+            width, height = sample.metadata.width, sample.metadata.height
+            for d in sample[field].detections:
+                x, y, w, h = d.bounding_box
+                key = (sample.image_id, d.confidence, (x * width, y * height, w * width, h * height))
+                match = [i for k, i in position.items() if k[:2] == key[:2]
+                         and np.allclose(k[2], key[2], atol=1e-6)]
+                assert len(match) == 1
+                if d[f"error_{field}"] is not None:
+                    got[match[0]] = d[f"error_{field}"]
+        assert got == small.detections
+
+
+ERROR_IMAGES = [image_record(i, 120, 90) for i in (1, 2, 3, 4)]
+ERROR_ANNOTATIONS = [
+    gt(1, 1, 1, [10, 10, 20, 20]),            # baseline: Loc error; sr: found
+    gt(2, 1, 3, [60, 10, 20, 20]),            # baseline: a car box on the person (Cls); sr: found
+    gt(3, 2, 1, [10, 10, 12, 12]),            # both miss
+    gt(4, 2, 1, [50, 10, 20, 20]),            # both find; the baseline adds a duplicate
+    gt(5, 3, 1, [10, 10, 60, 60]),            # medium: both find; the baseline adds a small box in it
+    gt(6, 3, 1, [80, 60, 20, 20]),            # baseline: a person box half on it (Both), a Miss
+    gt(7, 4, 1, [10, 10, 30, 30]),            # baseline: a 45 px box on it (IoU 0.44): Loc
+]
+ERROR_BASELINE = [
+    det(1, 1, [20, 10, 20, 20], 0.9),         # Loc (IoU 1/3)
+    det(1, 1, [60, 10, 20, 20], 0.8),         # Cls
+    det(2, 1, [90, 60, 10, 10], 0.7),         # Bkg
+    det(2, 1, [50, 10, 20, 20], 0.95), det(2, 1, [51, 10, 20, 20], 0.6),  # TP, Dupe
+    det(3, 1, [10, 10, 60, 60], 0.9),         # medium TP: in no small-range view
+    det(3, 1, [20, 20, 30, 30], 0.5),         # small box on the medium car (IoU 0.25): small Loc
+    det(3, 3, [90, 60, 20, 20], 0.4),         # Both
+    det(4, 1, [10, 10, 45, 45], 0.9),         # medium box, Loc error of the small car
+]
+ERROR_SR = [det(1, 1, [10, 10, 20, 20], 0.9), det(1, 3, [60, 10, 20, 20], 0.8),
+            det(2, 1, [50, 10, 20, 20], 0.9), det(3, 1, [10, 10, 60, 60], 0.9),
+            det(3, 1, [80, 60, 20, 20], 0.8), det(4, 1, [10, 10, 30, 30], 0.9)]
+
+
+@pytest.fixture(scope="module")
+def error_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errorcase")
+    data_dir = write_coco_split(root / "errorcase", ERROR_IMAGES, ERROR_ANNOTATIONS, CATEGORIES)
+    runs = [write_run(root / "runs", "baseline", "baseline", ERROR_BASELINE),
+            write_run(root / "runs", "sr", "sr", ERROR_SR)]
+    return data_dir, runs, explore.build_dataset(data_dir, runs)
+
+
+def labels_with(view, field, attribute):
+    """{(image_id, annotation id or confidence): value} of the labels in `field` of a view."""
+    key = "annotation_id" if field == "ground_truth" else "confidence"
+    image_ids, keys, values = view.values(["image_id", f"{field}.detections.{key}",
+                                           f"{field}.detections.{attribute}"])
+    return {(i, k): v for i, ks, vs in zip(image_ids, keys, values) for k, v in zip(ks, vs)}
+
+
+def test_error_types_and_views_on_a_hand_built_case(error_case):
+    _, _, dataset = error_case
+    assert explore.small_error_counts(dataset) == {
+        "baseline": {"Cls": 1, "Loc": 3, "Both": 1, "Dupe": 1, "Bkg": 1, "Miss": 2},
+        "sr": {"Cls": 0, "Loc": 0, "Both": 0, "Dupe": 0, "Bkg": 0, "Miss": 1}}
+    gt_errors = labels_with(dataset, "ground_truth", "error_baseline")
+    assert gt_errors == {(1, 1): "Loc", (1, 2): "Cls", (2, 3): "Miss", (2, 4): "tp", (3, 5): None,
+                         (3, 6): "Miss", (4, 7): "Loc"}
+    det_errors = labels_with(dataset, "baseline", "error_baseline")
+    assert det_errors == {(1, 0.9): "Loc", (1, 0.8): "Cls", (2, 0.7): "Bkg", (2, 0.95): "tp", (2, 0.6): "Dupe",
+                          (3, 0.9): None, (3, 0.5): "Loc", (3, 0.4): "Both", (4, 0.9): "Loc"}
+    fixed = dataset.load_saved_view("small-loc-of-baseline-fixed-by-sr")
+    assert gt_annotation_ids(fixed) == {1, 7}
+    loc = dataset.load_saved_view("small-loc-baseline")
+    assert gt_annotation_ids(loc) == {1, 7}
+    assert sorted(loc.values("baseline.detections.confidence", unwind=True)) == [0.5, 0.9, 0.9]
+    assert "sr" not in loc.get_field_schema()
+    miss = dataset.load_saved_view("small-miss-baseline")
+    assert gt_annotation_ids(miss) == {3, 6} and miss.count("baseline.detections") == 0
+    assert dataset.load_saved_view("small-bkg-baseline").values("image_id") == [2]
+    assert len(dataset.load_saved_view("small-cls-sr")) == 0
+    # export views: only the unmatched detections / only the missed ground truth, all sizes
+    false_positives = dataset.load_saved_view("false-positives-baseline")
+    assert set(false_positives.get_field_schema()) & {"ground_truth", "sr"} == set()
+    assert sorted(false_positives.values("baseline.detections.confidence", unwind=True)) \
+        == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9]
+    false_negatives = dataset.load_saved_view("false-negatives-baseline")
+    assert "baseline" not in false_negatives.get_field_schema()
+    assert gt_annotation_ids(false_negatives) == {1, 2, 3, 6, 7}
+    assert gt_annotation_ids(dataset.load_saved_view("false-negatives-sr")) == {3}
+
+
+def test_size_range_evaluation_filters_predictions_as_cocoeval(random_case, error_case):
+    data_dir, runs, dataset = random_case
+    ann_file = data_dir / "annotations" / "instances_val.json"
+    for run_dir, field in zip(runs, ["baseline", "sr_x4"]):
+        results = explore.evaluate_size_range(dataset, field)
+        key = f"eval_{field}_small"
+        view = dataset.load_evaluation_view(key)
+        image_ids, gt_eval, gt_crowd, dt_eval = view.values(
+            ["image_id", f"ground_truth.detections.{key}", "ground_truth.detections.iscrowd",
+             f"{field}.detections.{key}"])
+        got = {i: (sum(e == "tp" for e, c in zip(g, cr) if not c), d.count("fp"),
+                   sum(e == "fn" for e, c in zip(g, cr) if not c))
+               for i, g, cr, d in zip(image_ids, gt_eval, gt_crowd, dt_eval)}
+        expected = pycocotools_small_counts(ann_file, json.loads((run_dir / "detections_val.json").read_text()))
+        assert {i: c for i, c in got.items() if any(c)} == {i: c for i, c in expected.items() if any(c)}
+        assert results.key == key
+    # by hand: the small box in the medium car is a small FP; the 45 px box on the 30 px car and
+    # the medium car's own box leave the range; the 30 px car is then a small miss.
+    _, _, hand = error_case
+    explore.evaluate_size_range(hand, "baseline", eval_key="eval_small")
+    view = hand.load_evaluation_view("eval_small")
+    assert labels_with(view, "ground_truth", "eval_small") == {
+        (1, 1): "fn", (1, 2): "fn", (2, 3): "fn", (2, 4): "tp", (3, 6): "fn", (4, 7): "fn"}
+    assert labels_with(view, "baseline", "eval_small") == {
+        (1, 0.9): "fp", (1, 0.8): "fp", (2, 0.7): "fp", (2, 0.95): "tp", (2, 0.6): "fp", (3, 0.5): "fp",
+        (3, 0.4): "fp"}
+    with pytest.raises(ValueError, match="no run 'nope'"):
+        explore.evaluate_size_range(hand, "nope")
 
 
 # ----------------------------------------------------------------------------------------

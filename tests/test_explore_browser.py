@@ -1,15 +1,19 @@
 """The FiftyOne App serves a sodlab dataset: headless Chromium (Debian's chromium and
-chromium-driver, driven by selenium) sees the sample grid, the dataset name and its count."""
+chromium-driver, driven by selenium) sees the sample grid, the dataset name and its count, and
+the grid of a saved view of one TIDE error type. SODLAB_APP_SCREENSHOT=PATH keeps a copy of the
+error-type screenshot."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 # Shares the private database (started at import) and the data writers of test_explore.
-from test_explore import (CATEGORIES, det, free_port, gt, image_record,
-                          use_private_fiftyone_database, write_coco_split, write_run)
+from test_explore import (CATEGORIES, ERROR_ANNOTATIONS, ERROR_BASELINE, ERROR_IMAGES, ERROR_SR, det,
+                          free_port, gt, image_record, use_private_fiftyone_database, write_coco_split,
+                          write_run)
 
 use_private_fiftyone_database()
 
@@ -90,3 +94,48 @@ def test_app_shows_grid_name_and_count(served_dataset, chromium_driver, tmp_path
     assert dataset.name.startswith("sodlab-browsercase-val")
     assert dataset.name in driver.page_source
     assert "ground_truth" in body and "baseline" in body  # the label fields in the sidebar
+
+
+@pytest.fixture
+def served_error_case(tmp_path):
+    data_dir = write_coco_split(tmp_path / "errorcase", ERROR_IMAGES, ERROR_ANNOTATIONS, CATEGORIES)
+    runs = [write_run(tmp_path / "runs", "baseline", "baseline", ERROR_BASELINE),
+            write_run(tmp_path / "runs", "sr", "sr", ERROR_SR)]
+    dataset = explore.build_dataset(data_dir, runs)
+    port = free_port()
+    session = explore.launch(dataset, port=port, wait=False)
+    yield dataset, session, f"http://127.0.0.1:{port}/"
+    session.close()
+
+
+def test_app_shows_one_error_type(served_error_case, chromium_driver, tmp_path):
+    """The saved view of the baseline's small Loc errors, opened in the App: only the images that
+    hold one, each showing only the Loc-typed boxes (ground truth it would recover and the
+    detections themselves)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dataset, session, url = served_error_case
+    view = dataset.load_saved_view("small-loc-baseline")
+    assert sorted(view.values("image_id")) == [1, 3, 4]
+    session.view = view
+    driver = chromium_driver
+    driver.get(url)
+    thumbnails = '[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]'
+    WebDriverWait(driver, 90).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == len(view))
+    counts = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-cy="entry-counts"]'))
+    WebDriverWait(driver, 30).until(lambda d: counts.text.strip())
+    for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Dismiss']"):
+        button.click()
+
+    screenshot = tmp_path / "app-error-filter.png"
+    assert driver.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("SODLAB_APP_SCREENSHOT"):
+        shutil.copyfile(screenshot, os.environ["SODLAB_APP_SCREENSHOT"])
+
+    assert counts.text.strip().startswith(f"{len(view)} ")
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "small-loc-baseline" in body  # the saved view's name in the view selector
+    assert "ground_truth" in body and "baseline" in body
+    assert "sr" not in body.split()  # the view selects the baseline's fields only

@@ -136,7 +136,7 @@ LAYERS = [
      "sodlab.distributed", "sodlab.sr_quality"},
     {"sodlab.recipes", "sodlab.pretrain"},
     {"sodlab.train"},
-    {"sodlab.evaluate", "sodlab.errors"},
+    {"sodlab.evaluate", "sodlab.errors", "sodlab.tiny_metrics"},
     {"sodlab.runs"},
     {"sodlab.viz", "sodlab.explore"},
     {"sodlab.bench", "sodlab.bench.methods", "sodlab.bench.measure", "sodlab.bench.report", "sodlab.bench.stats"},

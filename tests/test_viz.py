@@ -327,3 +327,28 @@ def test_saved_view_counts_and_launch_flag(monkeypatch):
     assert viz.launch_requested()
     monkeypatch.setenv("CI", "true")
     assert not viz.launch_requested()
+
+
+# --- error analysis (TIDE dAP by size) ------------------------------------------------------------
+
+def _errors_stats(dap_by_bin: dict) -> dict:
+    return {"errors": {"bins": {b: {"AP50": 0.5, "num_gt": 7, "dAP": dap, "counts": {k: 1 for k in dap}}
+                                for b, dap in dap_by_bin.items()}}}
+
+
+def test_error_bars_stack_dap_per_type_and_the_loc_line():
+    from sodlab.errors import ERROR_TYPES
+
+    dap = dict(zip(ERROR_TYPES, (0.01, 0.04, 0.0, 0.02, 0.03, 0.10)))
+    rows = [("baseline", _errors_stats({"small": dap, "<8": {k: -1.0 for k in dap}})),
+            ("sr", _errors_stats({"small": dict(dap, Loc=0.015)})), ("old", {})]
+    fig = viz.plot_error_bars(rows, bins=("small", "<8"))
+    small, tiny = fig.axes[:2]
+    assert small.get_title() == "small, <32 px (n=7)" and tiny.get_title() == "<8 px (n=7)"
+    bars = {c.get_label(): c for c in small.containers}
+    assert list(bars) == list(ERROR_TYPES)
+    assert [p.get_height() for p in bars["Loc"]] == pytest.approx([4.0, 1.5, 0.0])
+    assert [p.get_y() for p in bars["Loc"]] == pytest.approx([1.0, 1.0, 0.0])  # stacked on Cls
+    assert sum(p.get_height() for c in tiny.containers for p in c) == 0  # -1: no ground truth
+    assert viz.loc_comparison(rows) == "Loc dAP, small objects: sr 1.5 | baseline 4.0"
+    assert viz.loc_comparison([]) == "Loc dAP, small objects: no evaluated run"
