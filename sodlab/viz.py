@@ -44,6 +44,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, size_bucket
+from sodlab.errors import ERROR_TYPES
 from sodlab.evaluate import FINE_BIN_LABELS
 from sodlab.io import read_json
 
@@ -881,8 +882,6 @@ def launch_requested() -> bool:
 # --------------------------------------------------------------------------------------------
 # Error analysis (notebook 03 and the bench report): TIDE's dAP per error type, by size
 # --------------------------------------------------------------------------------------------
-
-from sodlab.errors import ERROR_TYPES  # noqa: E402 (this block is to move into its own module)
 
 # The same colour for an error type in every figure.
 ERROR_COLOURS = {"Cls": "#e6194b", "Loc": "#f58231", "Both": "#911eb4", "Dupe": "#42d4f4", "Bkg": "#4363d8",

@@ -221,4 +221,5 @@ def test_evaluate_run_maps_boxes_back_from_upscaled_input(tmp_path):
     assert stats["AP50"] == pytest.approx(1.0)
     assert json.loads((run_dir / "eval.json").read_text()) == stats
     assert json.loads((run_dir / "detections_val.json").read_text()) == results
-    assert set(STAT_NAMES) | {"fine_bins", "errors", "tiny"} == set(stats)
+    assert set(STAT_NAMES) | {"fine_bins", "errors", "tiny", "inference"} == set(stats)
+    assert stats["inference"] == {"mode": "whole image"}

@@ -16,7 +16,7 @@ budget, reusing every run it finished (its measurement is saved beside it in ben
 
 Layout::
 
-    runs/bench-NAME/bench.json, bench.md, ap_by_size.png, speed_accuracy.png
+    runs/bench-NAME/bench.json, bench.md, ap_by_size.png, speed_accuracy.png, errors.png
     runs/bench-NAME/runs/METHOD-seedS/        a normal run directory (``sodlab eval`` works on it)
     runs/bench-NAME/oracle-data-xK/           the oracle's COCO view of the twins (annotations x K)
 """
@@ -33,7 +33,7 @@ import torch
 
 from sodlab.bench.measure import (InferenceJob, TrainJob, measure_inference, measure_training, run_measurement)
 from sodlab.bench.methods import METHODS, Method, select_methods
-from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_speed_accuracy, summarize
+from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
 from sodlab.bench.stats import bench_intervals
 from sodlab.data.coco import load_split
 from sodlab.data.oracle import prepare_oracle_data
@@ -171,6 +171,7 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows, records).encode())
     atomic_write_bytes(out_dir / "ap_by_size.png", plot_ap_by_size(rows))
     atomic_write_bytes(out_dir / "speed_accuracy.png", plot_speed_accuracy(rows))
+    atomic_write_bytes(out_dir / "errors.png", plot_errors(records))
     return out_dir
 
 

@@ -239,6 +239,16 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
     ]
     if records and seeds > 1:
         parts += ["", "Per seed:", "", per_seed_table(records)]
+    if records and any("errors" in r["eval"] for r in records):
+        from sodlab.evaluate import format_errors_table
+        from sodlab.viz import loc_comparison
+
+        first = [(r["method"], r["backbone"], r["eval"]) for r in records
+                 if r["seed"] == 0 and r["preset"] == rows[0]["preset"]]
+        parts += ["", "## Which errors each method makes on small objects (TIDE, seed 0)", "",
+                  "dAP: AP50 points gained if every error of that type were fixed (Bolya et al. 2020; foreground "
+                  "IoU 0.5, background IoU 0.1); # counts the errors. errors.png has the fine bins.", "",
+                  format_errors_table(first), "", loc_comparison([(m, e) for m, _, e in first])]
     if seeds > 1:
         parts += ["", f"Standard deviation over {seeds} seeds:", "",
                   format_table([(row["method"], row["backbone"], row["eval_std"]) for row in rows])]
@@ -286,6 +296,13 @@ def plot_ap_by_size(rows: list[dict]) -> bytes:
 
     return figure_png(plot([(_label(r, rows), r["eval"]) for r in rows],
                            errors={_label(r, rows): r["eval_std"] for r in rows}), dpi=120)
+
+
+def plot_errors(records: list[dict]) -> bytes:
+    """TIDE's dAP per error type, stacked per method, for small objects and each fine bin (seed 0)."""
+    from sodlab.viz import figure_png, plot_error_bars
+
+    return figure_png(plot_error_bars([(r["method"], r["eval"]) for r in records if r["seed"] == 0]), dpi=120)
 
 
 def plot_speed_accuracy(rows: list[dict]) -> bytes:
