@@ -68,13 +68,14 @@ def check_replaceable(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     """Raise a one-line ValueError unless ``run_dir`` may be deleted to make room for a new run.
 
     Refused: a folder that is, holds or is inside ``data_dir`` or any of ``protected`` (e.g. the
-    run a staged schedule initialises from), and any non-empty folder that is not a sodlab run.
+    run a staged schedule initialises from; None and "" are skipped), and any non-empty folder
+    that is not a sodlab run.
     A missing or empty folder passes (there is nothing to delete).
     """
     run_dir = Path(run_dir)
     resolved = run_dir.resolve()
     for role, other in [("the data being trained on", data_dir)] + [("a run this one reads", p) for p in protected]:
-        if other is None:
+        if other is None or os.fspath(other) == "":  # unset (TrainConfig's init_from is ""), not the cwd
             continue
         relation = _overlap(resolved, Path(other).resolve())
         if relation:

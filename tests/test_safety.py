@@ -269,6 +269,16 @@ def test_force_replaces_a_sodlab_run_and_keeps_its_lock(tmp_path):
     assert list(run_dir.iterdir()) == [] and tmp_path.is_dir()
 
 
+def test_unset_protected_paths_do_not_protect_the_working_directory(tmp_path, monkeypatch):
+    """TrainConfig's init_from is "" when unset: Path("") is the working directory, which holds
+    every relative --out, so it must not count as a protected run."""
+    monkeypatch.chdir(tmp_path)
+    _sodlab_run(tmp_path / "run")
+    with RunLock("run"):
+        replace_run_dir("run", "data", protected=["", None])
+    assert run_contents(tmp_path / "run") == []
+
+
 def test_replace_needs_the_lock(tmp_path):
     run_dir = _sodlab_run(tmp_path / "run")
     with pytest.raises(RuntimeError, match="needs the run's lock"):
