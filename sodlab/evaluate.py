@@ -33,7 +33,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sodlab.data.coco import CocoDetection, collate_fn, load_coco_json
+from sodlab.data.coco import CocoDetection, apply_box_policy, collate_fn, load_coco_json
 from sodlab.errors import ERROR_TYPES, BinErrors, analyze, error_summary
 from sodlab.io import atomic_write_json
 from sodlab.tiny_metrics import AITOD_BINS, tiny_object_metrics
@@ -71,17 +71,19 @@ def error_area_ranges() -> dict[str, list[float]]:
 def load_coco_gt(ann_file: str | os.PathLike) -> COCO:
     """A pycocotools COCO built from a validated json (``load_coco_json``), without the prints.
 
-    Fills what COCOeval needs but COCO does not require: ``iscrowd`` (0) and ``area`` (box w*h).
+    The ground truth is what training sees: ``apply_box_policy`` drops the boxes training
+    skips (null, NaN, zero size, outside the image) and clips those partly outside, with a
+    counted warning, so a detector that finds exactly the training targets scores 1.0.
+    Fills what COCOeval needs but COCO does not require: ``iscrowd`` (0) and ``area`` (the
+    policy's: the json's, else the clipped box's w*h).
     Renumbers annotation ids when one is 0, because COCOeval stores the matched ground-truth id
     in its match table and reads 0 as "unmatched", which would turn that true positive into a
     false positive.
     """
     data = load_coco_json(ann_file)
-    annotations = data["annotations"]
+    data["annotations"] = annotations = apply_box_policy(data, ann_file, "evaluation ground truth")
     for ann in annotations:
         ann.setdefault("iscrowd", 0)
-        if ann.get("area") is None:
-            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
     if any(ann["id"] == 0 for ann in annotations):
         for new_id, ann in enumerate(annotations, start=1):
             ann["id"] = new_id

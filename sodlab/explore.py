@@ -8,13 +8,16 @@ that answer "which small objects did SR find that the baseline missed?" and "whi
 of the baseline did SR fix?". `launch` serves it in the FiftyOne App; `evaluate_size_range`
 evaluates one size range with the predictions filtered too, as COCO's area ranges filter them.
 
-Dataset layout (one sample per image; dataset name ``sodlab-{data_name}-{split}-{run+run...}``)
+Dataset layout (one sample per image; dataset name ``sodlab-{data_name}-{split}-{run+run...}-{hash}``,
+the hash of the resolved data and run paths, so that two data folders of one name stay apart)
     ground_truth            Detections from the json; each carries ``annotation_id``, ``iscrowd``,
                             ``area_px``, ``size``, ``sr_patch_ids`` and, after evaluation,
                             ``eval_{run}`` in {"tp", "fn"} per run; small non-crowd ones also
                             ``error_{run}`` per run (see "Error types" below).
     {run}                   Detections from runs/{run}/detections_{split}.json (one field per run,
-                            named after the run directory, lowercased, non [a-z0-9_] -> "_");
+                            named after the run directory: lowercased, each run of
+                            characters outside [a-z0-9] -> one "_"; runs whose names
+                            map to one field get a hash of their path appended);
                             each carries ``area_px``, ``size`` and ``eval_{run}`` in {"tp", "fp"},
                             and the detections of COCO's small range ``error_{run}``.
     image_id                the COCO image id.
@@ -87,11 +90,12 @@ import os
 # must be set before the import below.
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 
+import hashlib
 import logging
 import re
 import secrets
 import socket
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +104,7 @@ import fiftyone.core.context as focx
 from fiftyone import ViewField as F
 from PIL import Image
 
-from sodlab.data.coco import size_bucket
+from sodlab.data.coco import apply_box_policy, check_file_name, size_bucket
 from sodlab.errors import ERROR_TYPES
 from sodlab.evaluate import error_analysis
 from sodlab.io import read_json
@@ -119,19 +123,30 @@ _SR_INDEX_KEYS = {"image_id", "annotation_id", "label", "lr", "sr", "hr"}
 
 
 def field_name(run_name: str) -> str:
-    """FiftyOne field name for a run directory name: "SR-x4" -> "sr_x4"."""
-    name = re.sub(r"[^0-9a-z_]", "_", run_name.lower())
-    if not name or not name[0].isalpha():
-        name = "run_" + name
+    """FiftyOne field name for a run directory name: "SR-x4" -> "sr_x4", "exp--2" -> "exp_2".
+
+    Lowercase letters, digits and single underscores, starting with a letter: mongoengine reads
+    "__" in a field name as a lookup operator, so quotes, spaces or non-ASCII letters next to
+    each other must not leave one behind.
+    """
+    name = re.sub(r"[^0-9a-z]+", "_", run_name.lower()).strip("_")
+    if not name[:1].isalpha():
+        name = f"run_{name}" if name else "run"
     return name
 
 
+def _path_hash(*paths) -> str:
+    return hashlib.sha1("\0".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:8]
+
+
 def dataset_name(data_dir: str | os.PathLike, split: str = "val", run_dirs=()) -> str:
-    """Name of the sodlab dataset for a data directory, split and runs, namespaced by sodlab:
-    e.g. "sodlab-synth-val-baseline+sr" (runs sorted, so their order does not matter)."""
+    """Name of the sodlab dataset for a data directory, split and runs, namespaced by sodlab and
+    by the resolved paths: e.g. "sodlab-synth-val-baseline+sr-1f2e3d4c" (runs sorted, so their
+    order does not matter; two folders called "synth" get two datasets)."""
     data_name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(data_dir).resolve().name)
-    runs = "+".join(sorted(field_name(Path(r).name) for r in run_dirs))
-    return f"sodlab-{data_name}-{split}" + (f"-{runs}" if runs else "")
+    runs = "+".join(sorted(field_name(Path(r).resolve().name) for r in run_dirs))
+    digest = _path_hash(data_dir, *sorted(str(Path(r).resolve()) for r in run_dirs))
+    return f"sodlab-{data_name}-{split}" + (f"-{runs}" if runs else "") + f"-{digest}"
 
 
 @dataclass
@@ -167,6 +182,7 @@ def _read_coco_split(data_dir: Path, split: str) -> tuple[dict, Path]:
     for image in coco["images"]:
         if "id" not in image or "file_name" not in image:
             raise ValueError(f"{ann_path}: image record without id or file_name: {image}")
+        check_file_name(image["file_name"], f"{ann_path}: image id {image['id']}")
         if not (image_dir / image["file_name"]).is_file():
             raise FileNotFoundError(
                 f"{ann_path}: image id {image['id']}: file {image_dir / image['file_name']} missing")
@@ -181,8 +197,11 @@ def _read_coco_split(data_dir: Path, split: str) -> tuple[dict, Path]:
             raise ValueError(f"{where}: unknown image_id {ann.get('image_id')}")
         if ann.get("category_id") not in category_ids:
             raise ValueError(f"{where}: unknown category_id {ann.get('category_id')}")
-        if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
+        if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4 and all(
+                v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in ann["bbox"])):
             raise ValueError(f"{where}: bbox must be [x, y, w, h], got {ann.get('bbox')}")
+    # The ground truth COCOeval and training see (see sodlab.data.coco.apply_box_policy).
+    coco["annotations"] = apply_box_policy(coco, ann_path, "FiftyOne ground truth")
     return coco, image_dir
 
 
@@ -271,17 +290,21 @@ def _read_sr_index(run: Run, anns_by_id: dict, category_names: dict) -> list[dic
 
 
 def _resolve_runs(run_dirs) -> list[Run]:
-    runs = []
-    for run_dir in run_dirs:
-        path = Path(run_dir)
+    paths = [Path(run_dir) for run_dir in run_dirs]
+    for path in paths:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: run directory not found")
-        name = field_name(path.resolve().name)
+    names = [field_name(path.resolve().name) for path in paths]
+    shared = Counter(names)
+    runs = []
+    for path, name in zip(paths, names):
+        if shared[name] > 1:  # "exp-2" and "exp_2", or two folders called "baseline"
+            name = f"{name}_{_path_hash(path)}"
         if name in _RESERVED_FIELDS or name.startswith(("eval_", "small_")):
             raise ValueError(f"{path}: run name maps to field {name!r}, which sodlab uses "
                              "itself; rename the run directory")
         if name in {r.field for r in runs}:
-            raise ValueError(f"{path}: two runs map to the field {name!r}")
+            raise ValueError(f"{path}: given twice (field {name!r})")
         runs.append(Run(path=path, field=name, method=_read_method(path)))
     return runs
 
@@ -491,8 +514,7 @@ def build_dataset(data_dir, run_dirs, split: str = "val", name: str | None = Non
     samples = []
     for image in coco["images"]:
         width, height = image["width"], image["height"]
-        gts = [_detection(category_names[a["category_id"]], a["bbox"], width, height,
-                          a.get("area", a["bbox"][2] * a["bbox"][3]),
+        gts = [_detection(category_names[a["category_id"]], a["bbox"], width, height, a["area"],
                           annotation_id=a["id"], iscrowd=bool(a.get("iscrowd", 0)),
                           sr_patch_ids=patch_groups.get(a["id"]),
                           **{r.error_key: gt_errors[r.field].get(a["id"]) for r in runs})

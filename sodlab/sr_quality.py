@@ -127,7 +127,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
 
     from torchvision.transforms.functional import pil_to_tensor
 
-    from sodlab.data.coco import load_coco_json, read_rgb_image
+    from sodlab.data.coco import apply_box_policy, load_coco_json, read_rgb_image
     from sodlab.io import atomic_write_json
 
     out_dir = Path(out_dir)
@@ -136,7 +136,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
     data = load_coco_json(dataset.ann_file)
     names = {c["id"]: c["name"] for c in data["categories"]}
     by_image: dict[int, list] = {}
-    for ann in data["annotations"]:
+    for ann in apply_box_policy(data, dataset.ann_file, "SR patches"):  # the boxes training and eval see
         w, h = ann["bbox"][2:]
         if not ann.get("iscrowd", 0) and 0 < w * h < model.area_threshold:
             by_image.setdefault(ann["image_id"], []).append(ann)

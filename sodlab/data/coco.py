@@ -12,14 +12,22 @@ own category ids (often non-contiguous, e.g. COCO's 1..90) map to labels and bac
 ``cat_id_to_label`` / ``label_to_cat_id``.
 
 Crowd annotations are left out of the training targets. Evaluation does not use these targets:
-it reads the original json through pycocotools, where crowd regions are ignored (see
-``sodlab.evaluate``).
+it reads the json through pycocotools, where crowd regions are ignored (see ``sodlab.evaluate``).
+Bad boxes meet one policy everywhere, ``apply_box_policy``: training targets, the evaluation
+ground truth and the FiftyOne ground truth drop and clip the same boxes, so a detector that
+finds exactly the training targets scores AP 1.0.
+
+Images are decoded only when their header's size matches the json and stays under
+``MAX_IMAGE_PIXELS``; a ``file_name`` must stay inside its split folder.
 """
 from __future__ import annotations
 
 import math
 import os
+import posixpath
+import re
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +54,12 @@ def size_bucket(area: float) -> str:
         return "small"
     return "medium" if area <= MEDIUM_MAX_AREA else "large"
 
+# The largest image sodlab decodes, in pixels: 8192x8192 is ~200 MB as 8-bit RGB and ~800 MB as
+# the float tensor a detector gets. The header's size is checked before decoding, so a 190 KB PNG
+# claiming 13000x13000 cannot take gigabytes. Tile larger (e.g. aerial) images first, or pass
+# ``max_pixels`` to ``read_rgb_image`` / ``CocoDetection``.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
 # Pillow modes holding more than 8 bits per pixel. Pillow's own convert("RGB") clips these at 255
 # instead of rescaling, which would turn most of a 16-bit image white.
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -65,8 +79,10 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict:
     Checks: top-level ``images`` / ``annotations`` / ``categories`` lists; every image has an
     integer ``id``, a ``file_name`` and positive ``width`` / ``height``; every category an integer
     ``id`` and a ``name``; every annotation an ``id``, an ``image_id`` and ``category_id`` that
-    exist, and a ``bbox`` of 4 numbers. Ids must be unique. Box values themselves (NaN,
-    zero size, outside the image) are not errors here: ``CocoDetection`` skips or clips them.
+    exist, and a ``bbox`` of 4 numbers. Ids must be unique. A ``file_name`` must be a relative
+    path that stays inside the split folder (absolute paths and climbing ``..`` are refused).
+    Box values themselves (NaN, zero size, outside the image) are not errors here:
+    ``apply_box_policy`` skips or clips them.
     """
     ann_file = Path(ann_file)
     data = read_json(ann_file)
@@ -90,6 +106,7 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict:
             raise ValueError(f"{where}: duplicate image id")
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             raise ValueError(f"{where}: needs a 'file_name' string")
+        check_file_name(image["file_name"], where)
         for key in ("width", "height"):
             if not _is_number(image.get(key)) or not image[key] > 0:
                 raise ValueError(f"{where}: needs a positive {key!r}, got {image.get(key)!r}")
@@ -126,6 +143,15 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict:
     return data
 
 
+def check_file_name(file_name: str, where: str) -> None:
+    """Refuse a ``file_name`` that is absolute or climbs out of the split folder (``../../x.png``):
+    a json must not make sodlab read files outside the dataset. ``where`` starts the error."""
+    normalized = posixpath.normpath(file_name)
+    if os.path.isabs(file_name) or normalized == ".." or normalized.startswith("../"):
+        raise ValueError(f"{where}: file_name {file_name!r} leaves the split folder (absolute or '..'); "
+                         "sodlab reads images only from inside it: copy or link the image there")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode (L, LA, P, RGBA, CMYK, 16-bit grayscale) -> 8-bit RGB."""
     if image.mode in _HIGH_BIT_DEPTH_MODES:
@@ -135,33 +161,115 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def read_rgb_image(path: str | os.PathLike, image_id: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB with its EXIF orientation applied; errors name file and image id."""
+def _bomb_pixels(error: Image.DecompressionBombError) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+
+
+def read_rgb_image(
+    path: str | os.PathLike,
+    image_id: int | None = None,
+    expected_size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    annotated_in: str = "the json",
+) -> Image.Image:
+    """Open an image as 8-bit RGB with its EXIF orientation applied; errors name file and image id.
+
+    Before any pixel is decoded, the header's size is checked against ``max_pixels`` and against
+    ``expected_size`` = (height, width) as annotated (in ``annotated_in``), which must then also
+    hold after the EXIF orientation.
+    """
     what = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: image file not found")
+
+    def mismatch(width: int, height: int, when: str) -> ValueError:
+        return ValueError(f"{what}: image is {width}x{height}{when} but {annotated_in} says "
+                          f"{expected_size[1]}x{expected_size[0]}")
+
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            # Pillow warns from ~89 Mpx on; the limit below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: image of {_bomb_pixels(e)} is over the limit of {max_pixels:,} "
+                         "(sodlab.data.coco.MAX_IMAGE_PIXELS); refused before decoding") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         # Pillow raises SyntaxError for some corrupt PNG chunks.
         raise OSError(f"{what}: cannot read image: {e}") from e
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"{what}: image of {width}x{height} = {width * height:,} pixels is over the limit of "
+                             f"{max_pixels:,} (sodlab.data.coco.MAX_IMAGE_PIXELS); refused before decoding")
+        # EXIF orientation may swap the sides; the exact check follows the decode.
+        if expected_size is not None and tuple(expected_size) not in ((height, width), (width, height)):
+            raise mismatch(width, height, " (in its header)")
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{what}: image of {_bomb_pixels(e)} is over Pillow's limit; refused") from None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise OSError(f"{what}: cannot read image: {e}") from e
+    if expected_size is not None and (image.height, image.width) != tuple(expected_size):
+        raise mismatch(image.width, image.height, " (after EXIF orientation)")
+    return image
 
 
-def _clip_xywh(bbox: list, width: float, height: float) -> tuple[float, float, float, float] | None:
-    """COCO [x, y, w, h] -> xyxy clipped to the image; None when the box is degenerate or outside."""
+# Why apply_box_policy drops a box, in the words of its warning.
+_NOT_FINITE, _EMPTY, _OUTSIDE = "with a null, NaN or infinite value", "of zero or negative size", "outside their image"
+
+
+def _policy_box(bbox: list, width: float, height: float) -> tuple[list[float] | None, str | None]:
+    """COCO [x, y, w, h] -> (the box clipped to the image, None) or (None, why it is dropped)."""
     if any(v is None or not math.isfinite(v) for v in bbox):
-        return None
+        return None, _NOT_FINITE
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
-        return None
+        return None, _EMPTY
     x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
     x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x2 <= x1 or y2 <= y1:  # entirely outside the image
-        return None
-    return x1, y1, x2, y2
+    if x2 <= x1 or y2 <= y1:
+        return None, _OUTSIDE
+    return [x1, y1, x2 - x1, y2 - y1], None
+
+
+def apply_box_policy(data: dict, ann_file: str | os.PathLike, used_for: str) -> list[dict]:
+    """sodlab's one policy for bad boxes, applied alike to the dataset's (training) targets, the
+    evaluation ground truth, the FiftyOne ground truth and the SR patches (crowd regions included).
+
+    ``data`` is a COCO json that passed ``load_coco_json`` (every image has its width and height).
+    A box with a null, NaN or infinite value, a width or height <= 0, or no overlap with its image
+    is dropped; a box partly outside its image is clipped to it. Returns copies of the kept
+    annotations with ``bbox`` the clipped [x, y, w, h] and ``area`` the json's when it is a finite
+    number, else the clipped box's w*h. Warns once, naming the file and ``used_for``, with a
+    count per reason.
+    """
+    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
+    kept, dropped, clipped = [], Counter(), 0
+    for ann in data["annotations"]:
+        box, reason = _policy_box(ann["bbox"], *sizes[ann["image_id"]])
+        if box is None:
+            dropped[reason] += 1
+            continue
+        clipped += box != [float(v) for v in ann["bbox"]]
+        area = ann.get("area")
+        if not _is_number(area) or not math.isfinite(area):
+            area = box[2] * box[3]
+        kept.append({**ann, "bbox": box, "area": area})
+    if dropped or clipped:
+        parts = []
+        if dropped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
+            parts.append(f"skipped {sum(dropped.values())} degenerate annotation(s) from the {used_for} ({reasons})")
+        if clipped:
+            where = "" if dropped else f" in the {used_for}"
+            parts.append(f"clipped {clipped} box(es) partly outside their image{where}")
+        warnings.warn(f"{ann_file}: " + "; ".join(parts), stacklevel=2)
+    return kept
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -182,6 +290,7 @@ class CocoDetection(torch.utils.data.Dataset):
         ann_file: str | os.PathLike,
         transforms: Callable | None = None,
         hr_dir: str | os.PathLike | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -189,6 +298,7 @@ class CocoDetection(torch.utils.data.Dataset):
         # Exact high-resolution twins (embedded benchmark, DIR/{split}_x{k}/): returned as
         # target["hr_image"], an Image, so transforms.v2 flips it together with the image.
         self.hr_dir = Path(hr_dir) if hr_dir is not None else None
+        self.max_pixels = max_pixels
         data = load_coco_json(self.ann_file)
 
         categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -203,29 +313,17 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes: dict[int, list] = {image_id: [] for image_id in self.ids}
         labels: dict[int, list] = {image_id: [] for image_id in self.ids}
         areas: dict[int, list] = {image_id: [] for image_id in self.ids}
+        annotations = apply_box_policy(data, self.ann_file, "dataset's targets")
+        self.num_degenerate = len(data["annotations"]) - len(annotations)
         self.num_crowd = 0
-        self.num_degenerate = 0
-        for ann in data["annotations"]:
+        for ann in annotations:
             if ann.get("iscrowd", 0):
                 self.num_crowd += 1
                 continue
-            image = self.images[ann["image_id"]]
-            box = _clip_xywh(ann["bbox"], image["width"], image["height"])
-            if box is None:
-                self.num_degenerate += 1
-                continue
-            area = ann.get("area")
-            if area is None or not math.isfinite(area):
-                area = (box[2] - box[0]) * (box[3] - box[1])
-            boxes[ann["image_id"]].append(box)
+            x, y, w, h = ann["bbox"]
+            boxes[ann["image_id"]].append((x, y, x + w, y + h))
             labels[ann["image_id"]].append(self.cat_id_to_label[ann["category_id"]])
-            areas[ann["image_id"]].append(area)
-        if self.num_degenerate:
-            warnings.warn(
-                f"{self.ann_file}: skipped {self.num_degenerate} degenerate annotation(s) "
-                "(width or height <= 0, NaN, or entirely outside the image)",
-                stacklevel=2,
-            )
+            areas[ann["image_id"]].append(ann["area"])
 
         # Tensors built once here, so __getitem__ only reads the image.
         self._boxes = {i: torch.tensor(boxes[i], dtype=torch.float32).reshape(-1, 4) for i in self.ids}
@@ -258,14 +356,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_image(self, image_id: int) -> tv_tensors.Image:
         """The image as a uint8 [3, H, W] tensor; its size must match the json's width/height."""
-        path = self.image_path(image_id)
-        image = read_rgb_image(path, image_id)
-        expected = self.original_size(image_id)
-        if (image.height, image.width) != expected:
-            raise ValueError(
-                f"{path} (image id {image_id}): image is {image.width}x{image.height} "
-                f"(after EXIF orientation) but {self.ann_file.name} says {expected[1]}x{expected[0]}"
-            )
+        image = read_rgb_image(self.image_path(image_id), image_id, self.original_size(image_id),
+                               self.max_pixels, self.ann_file.name)
         return tv_tensors.Image(F.pil_to_tensor(image))
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
@@ -283,7 +375,8 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         if self.hr_dir is not None:
             hr_path = self.hr_dir / self.images[image_id]["file_name"]
-            target["hr_image"] = tv_tensors.Image(F.pil_to_tensor(read_rgb_image(hr_path, image_id)))
+            hr_image = read_rgb_image(hr_path, image_id, max_pixels=self.max_pixels)
+            target["hr_image"] = tv_tensors.Image(F.pil_to_tensor(hr_image))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if not image.is_floating_point():
