@@ -7,6 +7,7 @@ ends with the same weights as an uninterrupted one: the batch order is a pure fu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,10 @@ from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
 from sodlab.data.tiles import TiledDataset, count_pushed_under
 from sodlab.distributed import average_gradients, init_distributed
-from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, replace_dir
+from sodlab.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint_file, read_json,
+                       read_metrics_log, remove_stale_temporaries)
+from sodlab.rng import rng_state, set_rng_state
+from sodlab.rundir import RUN_FORMAT, RUN_MARKER, RunLock, replace_run_dir
 from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.models import build_model
 from sodlab.sr_quality import psnr
@@ -110,7 +114,7 @@ def run_record(cfg: TrainConfig) -> dict:
     """config.json: the config, plus sodlab's marker, the git revision, the versions and the machine."""
     import torchvision
 
-    return {"sodlab_run": 1, **cfg.to_dict(), "git": git_revision(),
+    return {RUN_MARKER: RUN_FORMAT, **cfg.to_dict(), "git": git_revision(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},
             "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -118,18 +122,9 @@ def run_record(cfg: TrainConfig) -> dict:
                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
 
 
-def is_sodlab_run(run_dir: str | Path) -> bool:
-    """A folder sodlab wrote as a run: its config.json carries the marker (or, for runs written
-    before the marker, a method and the versions record)."""
-    try:
-        config = read_json(Path(run_dir) / "config.json")
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and ("sodlab_run" in config or {"method", "versions"} <= config.keys())
-
-
 def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
-    """Create runs/NAME, refusing to clobber an existing run (or anything not a run) unless asked."""
+    """Make runs/NAME ready, under the run's lock (the caller holds ``RunLock``): refuse to clobber
+    an existing run unless asked, and never replace what is not a sodlab run or holds the data."""
     run_dir = Path(cfg.out)
     config_path = run_dir / "config.json"
     if resume:
@@ -141,18 +136,25 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
         if changed and not force:
             raise ValueError(f"{config_path}: resuming with a changed config ({', '.join(changed)}); "
                              "pass force=True (--force) to resume anyway")
-    else:
-        data = Path(cfg.data).resolve()
-        if data == run_dir.resolve() or run_dir.resolve() in data.parents:
-            raise ValueError(f"{run_dir}: holds the training data {cfg.data}; choose another --out")
-        replace_dir(run_dir, force, is_sodlab_run, "run", hint="choose another --out or --resume it")
+        remove_stale_temporaries(run_dir)  # killed atomic writes of the interrupted run
+    elif [p for p in run_dir.iterdir() if p.name != ".sodlab.lock"]:
+        if not force:
+            raise FileExistsError(f"{run_dir} already holds a run; choose another --out, --resume it, "
+                                  "or pass --force to replace it")
+        replace_run_dir(run_dir, cfg.data, protected=[cfg.init_from])
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, run_record(cfg))
     return run_dir
 
 
 def save_checkpoint(path: Path, model, optimizers: dict, iteration: int, cfg: TrainConfig, num_classes: int) -> None:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Tensors and plain values only (loadable with weights_only=True). Weights that are not all
+    finite are never saved: the last good checkpoint stays."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"{path.parent.parent}, iteration {iteration}: {len(bad)} weight tensors are not "
+                                 f"finite ({bad[0]}, ...); training stopped, the last good checkpoint is kept")
+    rng = rng_state()
     if hasattr(model, "sampling_rng"):
         rng["sr_sampling"] = model.sampling_rng.get_state()
     atomic_torch_save({
@@ -165,14 +167,24 @@ def save_checkpoint(path: Path, model, optimizers: dict, iteration: int, cfg: Tr
     }, path)
 
 
+def load_state(model, state: dict, checkpoint_path: Path, config_path: Path) -> None:
+    """load_state_dict, with a checkpoint that does not fit its config as one line naming both."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:160]
+        raise ValueError(f"{checkpoint_path} does not match the model {config_path} describes ({first}...)") from None
+
+
 def load_checkpoint(path: Path, model, optimizers: dict) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint_file(path, keys=("model", "optimizers", "rng", "iteration"))
+    load_state(model, ckpt["model"], path, path.parent.parent / "config.json")
     for name, opt in optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][name])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    random.setstate(ckpt["rng"]["python"])
+    try:
+        set_rng_state(ckpt["rng"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if "sr_sampling" in ckpt["rng"]:
         model.sampling_rng.set_state(ckpt["rng"]["sr_sampling"])
     return ckpt["iteration"]
@@ -205,7 +217,7 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
     ckpt_path = Path(cfg.init_from) / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: init_from names no finished run")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["model"]
+    state = load_checkpoint_file(ckpt_path)["model"]
     model.detector.load_state_dict(state)
     model.detector.requires_grad_(False)
 
@@ -214,8 +226,8 @@ def truncate_metrics(path: Path, last_iter: int) -> None:
     """Drop log lines past the checkpoint we restart from, so a resumed log has no duplicates."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= last_iter]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    kept = [record for record in read_metrics_log(path) if record["iter"] <= last_iter]
+    atomic_write_bytes(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 
 
 def patch_psnr(sr: torch.Tensor, batch: dict, scale: int) -> dict:
@@ -417,9 +429,15 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
         tqdm.write(f"{cfg.out}: warning: {warning}")
     run_dir, device = Path(cfg.out), ddp.device
-    if ddp.is_main:
-        prepare_run_dir(cfg, resume, force)
-    ddp.barrier()
+    with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
+        if ddp.is_main:
+            prepare_run_dir(cfg, resume, force)
+        ddp.barrier()
+        return _train(cfg, dataset, ddp, resume)
+
+
+def _train(cfg: TrainConfig, dataset, ddp, resume: bool) -> Path:
+    run_dir, device = Path(cfg.out), ddp.device
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, dataset.num_classes)
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
@@ -483,7 +501,7 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: the run has no checkpoint to evaluate")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = load_checkpoint_file(ckpt_path, map_location=device, keys=("model", "num_classes"))
     model = build_model(cfg, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], ckpt_path, run_dir / "config.json")
     return cfg, model.to(device).eval()
