@@ -66,3 +66,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--iters", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sodlab train: error:") and "nowhere" in err and "Traceback" not in err
+
+
+def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
+    """--help and argument errors must not wait for torch (seconds on a busy CPU): the parser, the
+    bench's rows and the configs import none of torch, torchvision or FiftyOne."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\nfrom sodlab.cli import build_parser\n"
+              "for argv in (['--help'], ['train', '--help'], ['bench', '--help'], ['check', '--help'], "
+              "['train', '--bogus'], ['train', '--preset', 'nope']):\n"
+              "    try: build_parser().parse_args(argv)\n"
+              "    except SystemExit: pass\n"
+              "heavy = sorted(m for m in ('torch', 'torchvision', 'fiftyone', 'pycocotools', 'PIL', 'numpy') "
+              "if m in sys.modules)\n"
+              "print(heavy, file=sys.stderr)\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
