@@ -7,6 +7,7 @@ ends with the same weights as an uninterrupted one: the batch order is a pure fu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,15 +26,18 @@ from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
+from sodlab.data.oracle import oracle_view
 from sodlab.data.tiles import TiledDataset, count_pushed_under
 from sodlab.distributed import average_gradients, init_distributed
-from sodlab.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, replace_dir
+from sodlab.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json, check_replaceable, read_json,
+                       replace_dir)
 from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.models import build_model
 from sodlab.sr_quality import psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
+RUN_DIR_HINT = "choose another --out or --resume it"
 
 
 def resize_warning(cfg: TrainConfig, ann_file) -> str | None:
@@ -128,8 +132,9 @@ def is_sodlab_run(run_dir: str | Path) -> bool:
     return isinstance(config, dict) and ("sodlab_run" in config or {"method", "versions"} <= config.keys())
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
-    """Create runs/NAME, refusing to clobber an existing run (or anything not a run) unless asked."""
+def check_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Every refusal of ``prepare_run_dir`` (a changed config on resume, a run or a foreign folder
+    in the way, the data inside --out), touching nothing."""
     run_dir = Path(cfg.out)
     config_path = run_dir / "config.json"
     if resume:
@@ -145,9 +150,17 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
         data = Path(cfg.data).resolve()
         if data == run_dir.resolve() or run_dir.resolve() in data.parents:
             raise ValueError(f"{run_dir}: holds the training data {cfg.data}; choose another --out")
-        replace_dir(run_dir, force, is_sodlab_run, "run", hint="choose another --out or --resume it")
+        check_replaceable(run_dir, force, is_sodlab_run, "run", hint=RUN_DIR_HINT)
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
+    """Create runs/NAME (config.json), refusing to clobber an existing run (or anything not a run) unless asked."""
+    check_run_dir(cfg, resume, force)
+    run_dir = Path(cfg.out)
+    if not resume:
+        replace_dir(run_dir, force, is_sodlab_run, "run", hint=RUN_DIR_HINT)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, run_record(cfg))
+    atomic_write_json(run_dir / "config.json", run_record(cfg))
     return run_dir
 
 
@@ -165,11 +178,56 @@ def save_checkpoint(path: Path, model, optimizers: dict, iteration: int, cfg: Tr
     }, path)
 
 
-def load_checkpoint(path: Path, model, optimizers: dict) -> int:
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose weights do not fit the model its config describes (an edited config.json)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """'detector.fpn_channels 128 there, 64 here': the fields where ``current`` differs from a
+    checkpoint's own record of its config (the lengths, which resuming may change, aside)."""
+    saved, current = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    return [f"{k} {saved[k]!r} there, {v!r} here" for k, v in current.items()
+            if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES | {"out"}]
+
+
+def load_weights(module, state: dict, ckpt_path: Path, described_by: str, differences: list[str],
+                 remedy: str) -> None:
+    """``module.load_state_dict(state)``; weights that do not fit are one line naming the
+    checkpoint, what describes the model, what differs and what to do."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        expected = module.state_dict()
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        shapes = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+        kinds = (("missing tensors", missing), ("unexpected tensors", unexpected), ("tensors of another shape", shapes))
+        found = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in kinds if keys]
+        raise CheckpointMismatch(
+            f"{ckpt_path}: its weights do not fit the model {described_by} describes ({'; '.join(found)})"
+            + (f"; the checkpoint's config differs in {', '.join(differences)}" if differences else "")
+            + f"; {remedy}") from None
+
+
+def load_checkpoint(path: Path, model, optimizers: dict, cfg: TrainConfig) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path, f"{Path(cfg.out) / 'config.json'} with the flags given",
+                 _differences(ckpt.get("config") or {}, cfg.to_dict()),
+                 "resume with the config the run was trained with (leave out the flags that change the model)")
     for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt["optimizers"][name])
+        if name not in ckpt["optimizers"]:
+            raise CheckpointMismatch(f"{path}: has no {name} optimizer state, which {cfg.out}/config.json's "
+                                     f"method {cfg.method} needs; resume with the config it was trained with")
+        try:
+            opt.load_state_dict(ckpt["optimizers"][name])
+        except ValueError as e:
+            raise CheckpointMismatch(f"{path}: the {name} optimizer state does not fit this config ({e})") from None
     torch.set_rng_state(ckpt["rng"]["torch"])
     np.random.set_state(ckpt["rng"]["numpy"])
     random.setstate(ckpt["rng"]["python"])
@@ -205,8 +263,12 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
     ckpt_path = Path(cfg.init_from) / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: init_from names no finished run")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["model"]
-    model.detector.load_state_dict(state)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved = (ckpt.get("config") or {}).get("detector", {})
+    load_weights(model.detector, ckpt["model"], ckpt_path, "this run's detector config",
+                 [f"detector.{d}" for d in _differences(saved, dataclasses.asdict(cfg.detector))],
+                 f"give this run the detector settings of {Path(cfg.init_from) / 'config.json'} (its --preset and "
+                 "--detector-* flags)")
     model.detector.requires_grad_(False)
 
 
@@ -383,26 +445,35 @@ def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: i
     return record
 
 
-def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True,
+          check_val: bool = True) -> Path:
     """Train cfg.method on cfg.data; returns the run directory (evaluate it with sodlab.runs.finish_run).
+
+    Nothing is written before every input is checked: the data (and with ``check_val`` the val
+    split the evaluation reads), the config, the run folder, the weights a run starts from.
 
     Under torchrun every rank runs this function: each trains on its shard of every global
     batch, gradients are averaged, and rank 0 alone writes the run directory. Raises
     TrainingStopped after checkpointing when a signal stops the run early.
     """
     ddp = init_distributed()
+    if cfg.method == "hr-oracle" and oracle_view(cfg.data, cfg.train_split) is None:
+        # Trained on LR images this would be the baseline under another name.
+        raise ValueError(f"{cfg.data}: --method hr-oracle trains on the HR oracle's view of exact xK twins, and this "
+                         f"is not one (its instances_{cfg.train_split}.json has no info.hr_oracle); `sodlab train "
+                         "--method hr-oracle --data DIR --oracle-scale K` builds it from DIR's {split}_xK/ twins")
     dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
                          hr_scale=cfg.hr_twin_scale)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
+    if check_val:  # the split finish_run evaluates, before hours of training
+        load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
     if cfg.tile:
         dataset = TiledDataset(dataset, cfg.tile)
     elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
         tqdm.write(f"{cfg.out}: warning: {warning}")
     run_dir, device = Path(cfg.out), ddp.device
-    if ddp.is_main:
-        prepare_run_dir(cfg, resume, force)
-    ddp.barrier()
+    check_run_dir(cfg, resume, force)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, dataset.num_classes)
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
@@ -412,7 +483,11 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no scaling
     last_ckpt = run_dir / "checkpoints" / "last.pt"
-    start_iter = load_checkpoint(last_ckpt, model, optimizers) if resume and last_ckpt.exists() else 0
+    start_iter = load_checkpoint(last_ckpt, model, optimizers, cfg) if resume and last_ckpt.exists() else 0
+    # Every input has been checked (data, config, weights to start from): only now is the run written.
+    if ddp.is_main:
+        prepare_run_dir(cfg, resume, force)
+    ddp.barrier()
     ddp.decorrelate(model, cfg.seed, start_iter)
     if ddp.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", start_iter)
@@ -459,14 +534,45 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     return run_dir
 
 
-def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a run's model from its config.json and load checkpoints/last.pt (eval mode)."""
+# Settings that change what inference does with the trained weights, not the weights themselves:
+# an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
+INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "detector.box_score_thresh")
+
+
+def with_inference_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
+    """``cfg`` with {"sr.fusion": "mean", ...} (keys from INFERENCE_SETTINGS) replaced."""
+    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ValueError(f"not inference settings: {', '.join(unknown)}; choose from {', '.join(INFERENCE_SETTINGS)}")
+    sr = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("sr.")}
+    detector = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("detector.")}
+    if sr and not cfg.is_sr:
+        raise ValueError(f"{cfg.out}: method {cfg.method} has no SR branch, so "
+                         f"{', '.join('sr.' + k for k in sr)} cannot apply; these settings are for SR methods")
+    return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, **sr),
+                               detector=dataclasses.replace(cfg.detector, **detector))
+
+
+def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu", inference: dict | None = None):
+    """Rebuild a run's model from its config.json and load checkpoints/last.pt (eval mode).
+
+    ``inference`` overrides settings of INFERENCE_SETTINGS for this model only; config.json is
+    never rewritten. Returns (the config the model was built from, the model).
+    """
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: the run has no checkpoint to evaluate")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    saved = ckpt.get("config")
+    if saved and saved.get("method") != cfg.method:  # same weights (baseline / upscale / hr-oracle), other inputs
+        raise CheckpointMismatch(f"{ckpt_path}: trained as method {saved.get('method')}, but "
+                                 f"{run_dir / 'config.json'} says {cfg.method}; restore config.json to the config "
+                                 "the checkpoint was trained with")
+    differences = _differences(saved or {}, cfg.to_dict())
+    cfg = with_inference_settings(cfg, inference or {})
     model = build_model(cfg, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], ckpt_path, str(run_dir / "config.json"), differences,
+                 "restore config.json to the config the checkpoint was trained with")
     return cfg, model.to(device).eval()
