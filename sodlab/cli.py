@@ -1,4 +1,4 @@
-"""sodlab synth | train | eval | bench | explore | demo: the command-line entry point.
+"""sodlab synth | convert | check | train | eval | bench | explore | demo: the command-line entry point.
 
 Every field of TrainConfig is a flag, nested ones included: ``--detector-min-size``,
 ``--sr-fusion``, ``--sr-lr-generator``, ``--sr-weights-adv``. A flag left out keeps the preset's
@@ -135,6 +135,14 @@ def cmd_convert(args) -> None:
 
     print(json.dumps(summary, indent=1, default=str))
     print(f"written to {args.out}/ (annotations/instances_{{split}}.json, {{split}}/)")
+
+
+def cmd_check(args) -> int:
+    from sodlab.data.check import check_dataset
+
+    report = check_dataset(args.data, args.split, args.preset, args.tile)
+    print(report.format(args.max_per_kind or None))
+    return 2 if report.problems else 0
 
 
 def cmd_train(args) -> None:
@@ -340,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("check", help="validate a COCO-format dataset without training: every problem at once")
+    p.add_argument("--data", required=True, help="the COCO-format folder (DIR/annotations/instances_{split}.json, "
+                                                 "DIR/{split}/)")
+    p.add_argument("--split", nargs="+", default=None, help="the splits to check (default: every instances_*.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="the detector preset whose input resize the size statistics apply (default: cpu)")
+    p.add_argument("--tile", type=int, default=0, metavar="PX",
+                   help="the statistics for native-resolution PX x PX tiles instead of the preset's resize")
+    p.add_argument("--max-per-kind", type=int, default=20, metavar="N",
+                   help="list at most N problems of one kind, 0 for all (the counts are always complete)")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("train", help="train a detector; writes runs/NAME/")
     add_train_config_flags(p)
     p.add_argument("--resume", action="store_true",
@@ -398,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, OSError, FloatingPointError) as e:
         # Expected failures (bad input, clobber refusals) get one clear line, not a traceback.
         print(f"sodlab {args.command}: error: {e}", file=sys.stderr)
@@ -410,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sodlab {args.command}: {e}", file=sys.stderr)
         return e.exit_status
-    return 0
+    return status if isinstance(status, int) else 0  # a command's own exit status (sodlab check: 2 on problems)
 
 
 if __name__ == "__main__":
