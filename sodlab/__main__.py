@@ -5,11 +5,11 @@ import sys
 from sodlab.cli import main
 
 status = main()
-try:
+# Only a command that imported torch can have started a process group; importing torch here for
+# the check would add seconds to every other command.
+if "torch.distributed" in sys.modules:
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-except ImportError:
-    pass
 sys.exit(status)

@@ -1,4 +1,4 @@
-"""sodlab synth | train | eval | bench | explore | demo: the command-line entry point.
+"""sodlab synth | convert | check | train | eval | bench | explore | demo: the command-line entry point.
 
 Every field of TrainConfig is a flag, nested ones included: ``--detector-min-size``,
 ``--sr-fusion``, ``--sr-lr-generator``, ``--sr-weights-adv``. A flag left out keeps the preset's
@@ -21,6 +21,8 @@ DEFAULT_DATA = "data/synth"
 NESTED = (("detector", "detector-", DetectorConfig), ("sr", "sr-", SRConfig), ("sr_train", "sr-", SRTrainConfig),
           ("sr_train.weights", "sr-weights-", GANLossWeights))
 CONFIG_DEST = "config:"  # argparse dests of config flags: "config:detector.min_size"
+INFERENCE_DEST = "inference:"  # sodlab eval's overrides: "inference:sr.fusion"
+ORACLE_SCALE = 2  # the HR oracle's default twins, as the bench's (recipes.Budget.oracle_scale)
 
 
 def _anchor_sizes(text: str) -> tuple[tuple[int, ...], ...]:
@@ -135,26 +137,77 @@ def cmd_convert(args) -> None:
     print(f"written to {args.out}/ (annotations/instances_{{split}}.json, {{split}}/)")
 
 
+def cmd_check(args) -> int:
+    from sodlab.data.check import check_dataset
+
+    report = check_dataset(args.data, args.split, args.preset, args.tile)
+    print(report.format(args.max_per_kind or None))
+    return 2 if report.problems else 0
+
+
 def cmd_train(args) -> None:
     from sodlab.evaluate import format_table
     from sodlab.runs import finish_run
-    from sodlab.train import train
+    from sodlab.train import check_run_dir, train
 
     cfg = config_from_args(args)
-    run_dir = train(cfg, resume=args.resume, force=args.force)
+    if args.oracle_scale is not None and (cfg.method != "hr-oracle" or args.resume):
+        raise ValueError("--oracle-scale sets the twins of a new --method hr-oracle run only")
+    if cfg.method == "hr-oracle" and not args.resume:
+        check_run_dir(cfg, resume=False, force=args.force)  # refused before the oracle's view is made
+        cfg = oracle_config(cfg, args.oracle_scale, given_config_values(args))
+    run_dir = train(cfg, resume=args.resume, force=args.force, check_val=not args.no_eval)
     if not args.no_eval and (stats := finish_run(run_dir)) is not None:  # rank 0 prints, under torchrun
         print(format_table({cfg.method: stats}))
 
 
+def oracle_config(cfg: TrainConfig, scale: int | None, given: dict) -> TrainConfig:
+    """--method hr-oracle: the baseline trained on the HR oracle's view of the data's exact xK
+    twins (sodlab.data.oracle, as the bench does), which it builds in DIR/hr-oracle-xK/ unless
+    --data is such a view already. Its detector sees the twins at their own size: the preset's
+    min_size and max_size times K, unless given. Data without twins is refused, never trained on
+    as a baseline under the oracle's name."""
+    from sodlab.data.oracle import oracle_view, prepare_oracle_data
+
+    view = oracle_view(cfg.data, cfg.train_split)
+    if view is not None:
+        k, data = view["scale"], cfg.data
+        if scale not in (None, k):
+            raise ValueError(f"{cfg.data}: the HR oracle's view at x{k}, not x{scale}; pass its LR data for another "
+                             "scale")
+    else:
+        k = scale or ORACLE_SCALE
+        if k < 2:
+            raise ValueError(f"--oracle-scale must be at least 2, got {k}")
+        data_dir, note = prepare_oracle_data(cfg.data, k, Path(cfg.data) / f"hr-oracle-x{k}",
+                                             (cfg.train_split, cfg.val_split))
+        if data_dir is None:
+            raise FileNotFoundError(
+                f"{note.removeprefix('HR oracle skipped: ')}: --method hr-oracle trains on exact x{k} HR twins; make "
+                f"them from real images with `sodlab convert ... --twins {k}` (the native images become the twins "
+                f"of an area-averaged LR copy) or use --method upscale, the input-upscaling baseline")
+        print(note)
+        data = str(data_dir)
+    sizes = {name: getattr(cfg.detector, name) * k for name in ("min_size", "max_size")
+             if f"detector.{name}" not in given}
+    return dataclasses.replace(cfg, data=data, detector=dataclasses.replace(cfg.detector, **sizes))
+
+
 def cmd_eval(args) -> None:
     from sodlab.data.coco import load_split
+    from sodlab.data.oracle import oracle_ground_truth
     from sodlab.evaluate import evaluate_run, format_table
     from sodlab.train import load_trained_model
 
-    cfg, model = load_trained_model(args.run)
-    data = args.data or cfg.data
-    val = load_split(data, args.split or cfg.val_split, train=False, scale=cfg.input_scale)
-    stats = evaluate_run(Path(args.run), model, val, batch_size=cfg.eval_batch_size)
+    overrides = {k[len(INFERENCE_DEST):]: v for k, v in vars(args).items() if k.startswith(INFERENCE_DEST)}
+    cfg, model = load_trained_model(args.run, inference=overrides)
+    data, split = args.data or cfg.data, args.split or cfg.val_split
+    val = load_split(data, split, train=False, scale=cfg.input_scale)
+    ground_truth, box_scale = oracle_ground_truth(data, split) or (None, 1.0)
+    # config.json keeps the trained settings; eval.json records what this evaluation changed.
+    stats = evaluate_run(Path(args.run), model, val, batch_size=cfg.eval_batch_size, tile=cfg.tile,
+                         tile_overlap=cfg.tile_overlap, ground_truth=ground_truth, box_scale=box_scale,
+                         record={"inference_overrides": overrides} if overrides else None)
     print(format_table({cfg.method: stats}))
 
 
@@ -295,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("check", help="validate a COCO-format dataset without training: every problem at once")
+    p.add_argument("--data", required=True, help="the COCO-format folder (DIR/annotations/instances_{split}.json, "
+                                                 "DIR/{split}/)")
+    p.add_argument("--split", nargs="+", default=None, help="the splits to check (default: every instances_*.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="the detector preset whose input resize the size statistics apply (default: cpu)")
+    p.add_argument("--tile", type=int, default=0, metavar="PX",
+                   help="the statistics for native-resolution PX x PX tiles instead of the preset's resize")
+    p.add_argument("--max-per-kind", type=int, default=20, metavar="N",
+                   help="list at most N problems of one kind, 0 for all (the counts are always complete)")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("train", help="train a detector; writes runs/NAME/")
     add_train_config_flags(p)
     p.add_argument("--resume", action="store_true",
@@ -302,12 +367,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.json")
     p.add_argument("--force", action="store_true", help="replace an existing run / resume a changed config")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--oracle-scale", type=int, default=None, metavar="K",
+                   help=f"--method hr-oracle: train on the data's exact xK twins ({{split}}_xK/), viewed as a COCO "
+                        f"dataset in DATA/hr-oracle-xK/ (default: {ORACLE_SCALE})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run: eval.json + detections_val.json")
     p.add_argument("--run", required=True)
     p.add_argument("--data", default=None, help="COCO-format directory (default: the run's)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
+    group = p.add_argument_group("inference settings for this evaluation only (recorded in eval.json as "
+                                 "inference_overrides; config.json keeps the trained ones)")
+    for flag, setting, kwargs in (
+            ("--sr-fusion", "sr.fusion", dict(choices=CHOICES["fusion"], help="how D's answers join the box head's")),
+            ("--sr-scope", "sr.sr_scope", dict(choices=CHOICES["sr_scope"], help="which proposals go through G and D")),
+            ("--sr-area-threshold", "sr.area_threshold",
+             dict(type=float, metavar="PX2", help="'small' proposals: area under this, in input-image px^2")),
+            ("--sr-gate-top-k", "sr.gate_top_k",
+             dict(type=int, metavar="K", help="only the K small proposals most likely foreground go through G and D "
+                                              "(0: all)")),
+            ("--score-threshold", "detector.box_score_thresh",
+             dict(type=float, metavar="S", help="detections scoring under S are dropped (the detector's "
+                                                "box_score_thresh)"))):
+        group.add_argument(flag, dest=INFERENCE_DEST + setting, default=argparse.SUPPRESS, **kwargs)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="every method side by side at an equal budget -> runs/bench-NAME/")
@@ -336,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, OSError, FloatingPointError) as e:
         # Expected failures (bad input, clobber refusals) get one clear line, not a traceback.
         print(f"sodlab {args.command}: error: {e}", file=sys.stderr)
@@ -348,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sodlab {args.command}: {e}", file=sys.stderr)
         return e.exit_status
-    return 0
+    return status if isinstance(status, int) else 0  # a command's own exit status (sodlab check: 2 on problems)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,55 @@ from dataclasses import dataclass, field
 
 DEFAULT_CONTEXT = 0.1  # relative margin on each side of a RoI; sodlab/patches.py says why
 
+# The numeric fields' valid ranges (lowest, highest; None: no bound; an Open bound is excluded). A
+# config outside them is refused when it is made, before a run writes anything or fails halfway.
+class Open(float):
+    """A bound the value must not reach: Open(0) as the lowest means above 0."""
+
+
+_AT_LEAST_ONE = (1, None)
+_NOT_NEGATIVE = (0, None)
+_POSITIVE = (Open(0), None)  # a learning rate of 0 trains nothing
+_FRACTION = (0, 1)
+RANGES = {
+    "DetectorConfig": {
+        "fpn_channels": _AT_LEAST_ONE, "min_size": _AT_LEAST_ONE, "max_size": _AT_LEAST_ONE,
+        "rpn_batch_size_per_image": _AT_LEAST_ONE, "rpn_pre_nms_top_n_train": _AT_LEAST_ONE,
+        "rpn_post_nms_top_n_train": _AT_LEAST_ONE, "rpn_pre_nms_top_n_test": _AT_LEAST_ONE,
+        "rpn_post_nms_top_n_test": _AT_LEAST_ONE, "box_batch_size_per_image": _AT_LEAST_ONE,
+        "box_representation_size": _AT_LEAST_ONE, "box_detections_per_img": _AT_LEAST_ONE,
+        "box_score_thresh": _FRACTION, "trainable_layers": (0, 5)},
+    "GANLossWeights": {name: _NOT_NEGATIVE for name in ("adv", "cls", "reg", "mse", "tv", "d_adv", "d_cls", "d_reg")},
+    "SRConfig": {"lr_size": _AT_LEAST_ONE, "scale": (2, None), "context": _NOT_NEGATIVE,
+                 "area_threshold": _NOT_NEGATIVE, "gate_top_k": _NOT_NEGATIVE, "generator_channels": _AT_LEAST_ONE,
+                 "generator_blocks": _NOT_NEGATIVE},
+    "SRTrainConfig": {"rois_per_image": _AT_LEAST_ONE, "hr_rois_per_image": _NOT_NEGATIVE, "fg_fraction": _FRACTION,
+                      "gt_jitter": _NOT_NEGATIVE, "jitters_per_gt": _NOT_NEGATIVE, "lr_generator": _POSITIVE,
+                      "lr_discriminator": _POSITIVE},
+    "TrainConfig": {"iters": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE, "lr": _POSITIVE, "momentum": _FRACTION,
+                    "weight_decay": _NOT_NEGATIVE, "warmup_iters": _NOT_NEGATIVE, "grad_clip": _POSITIVE,
+                    "hflip_prob": _FRACTION, "seed": _NOT_NEGATIVE, "workers": _NOT_NEGATIVE,
+                    "ckpt_every": _AT_LEAST_ONE, "eval_batch_size": _AT_LEAST_ONE, "tile": _NOT_NEGATIVE,
+                    "tile_overlap": (0, Open(1))},
+}
+
+
+def _check_ranges(config) -> None:
+    """Refuse a numeric field outside RANGES, naming the class, the field and the range."""
+    owner = type(config).__name__
+    for name, (low, high) in RANGES[owner].items():
+        value = getattr(config, name)
+        excluded = {bound for bound in (low, high) if isinstance(bound, Open)}
+        if value < low or (high is not None and value > high) or value in excluded:
+            opening, closing = "(" if isinstance(low, Open) else "[", ")" if isinstance(high, Open) else "]"
+            wanted = (f"{'above' if isinstance(low, Open) else 'at least'} {low:g}" if high is None else
+                      f"in {opening}{low:g}, {high:g}{closing}")
+            raise ValueError(f"{owner}.{name} must be {wanted}; got {value!r}")
+    if owner == "DetectorConfig" and not (all(size > 0 for level in config.anchor_sizes for size in level)
+                                          and all(ratio > 0 for ratio in config.aspect_ratios)):
+        raise ValueError(f"DetectorConfig: anchor sizes and aspect ratios must be above 0; got "
+                         f"{config.anchor_sizes}, {config.aspect_ratios}")
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -46,6 +95,9 @@ class DetectorConfig:
     box_score_thresh: float = 0.05
     pretrained: bool = False  # ImageNet weights for the backbone, from the torch cache only
     trainable_layers: int = 3  # used only with pretrained weights; from scratch all layers train
+
+    def __post_init__(self):
+        _check_ranges(self)
 
 
 # The paper's four baselines at COCO scale (torchvision's defaults: 800/1333 px, 512 RoIs per
@@ -102,6 +154,9 @@ class GANLossWeights:
     d_cls: float = 1.0
     d_reg: float = 1.0
 
+    def __post_init__(self):
+        _check_ranges(self)
+
 
 DETECTOR_METHODS = ("baseline", "upscale", "hr-oracle")
 SR_METHODS = ("sr", "sr-no-recon", "sr-no-adv", "sr-no-cls", "sr-cls-only")
@@ -156,6 +211,7 @@ class SRConfig:
     discriminator_trunk: str = "compact"
 
     def __post_init__(self):
+        _check_ranges(self)
         for name in ("sr_scope", "fusion", "boxes_from"):
             _check_choice("SRConfig", name, getattr(self, name))
 
@@ -189,6 +245,7 @@ class SRTrainConfig:
     mse_reduction: str = "mean"
 
     def __post_init__(self):
+        _check_ranges(self)
         _check_choice("SRTrainConfig", "hr_source", self.hr_source)
         _check_choice("SRTrainConfig", "schedule", self.schedule, "sr_schedule")
         _check_choice("SRTrainConfig", "mse_reduction", self.mse_reduction)
@@ -260,6 +317,7 @@ class TrainConfig:
     out: str = "runs/baseline"
 
     def __post_init__(self):
+        _check_ranges(self)
         for name in ("method", "optimizer", "schedule"):
             _check_choice("TrainConfig", name, getattr(self, name))
         if self.is_sr:

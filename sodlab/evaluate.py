@@ -311,8 +311,16 @@ def evaluate_run(
     world_size: int = 1,
     tile: int = 0,
     tile_overlap: float = 0.2,
+    ground_truth: str | os.PathLike | None = None,
+    box_scale: float = 1.0,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``model`` on ``dataset``; write run_dir/detections_val.json and run_dir/eval.json; return the stats.
+
+    The detections are scored against ``ground_truth`` (default: the dataset's json) after
+    multiplying their boxes by ``box_scale`` (the HR oracle's twin frame -> the LR frame: 1/k).
+    ``record`` goes into eval.json beside the stats (e.g. inference settings overridden for
+    this evaluation).
 
     Distributed (``world_size`` > 1, a process group initialised): every rank scores every
     world_size-th image, the results are gathered on all ranks, and rank 0 alone scores them and
@@ -345,7 +353,10 @@ def evaluate_run(
         image_ids = sorted((i for _, ids in gathered for i in ids), key=position.__getitem__)
     if rank != 0:
         return None
-    stats = {**coco_eval(base.ann_file, results, image_ids=image_ids), "inference": inference}
+    if box_scale != 1.0:
+        results = [{**r, "bbox": [round(v * box_scale, 2) for v in r["bbox"]]} for r in results]
+    stats = {**coco_eval(ground_truth or base.ann_file, results, image_ids=image_ids), "inference": inference,
+             **(record or {})}
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
     return stats

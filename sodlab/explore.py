@@ -707,6 +707,35 @@ def launch(dataset: fo.Dataset, port: int = 5151, address: str = "127.0.0.1",
         except OSError as e:
             raise OSError(f"cannot serve the FiftyOne App on {address}:{port} ({e.strerror}); "
                           "stop the other server or choose another port") from None
+    # fo.launch_app connects its session before it starts the App server, and the session pings
+    # for 10 s only: a server slower to start (a busy CPU) made FiftyOne print "Could not connect
+    # session, trying again in 10 seconds" and wait 10 s more on every start. So the server is
+    # started first, and the session finds it answering. FiftyOne keeps its servers by port in
+    # fiftyone.core.session.session._server_services; one put there is the session's own (stopped
+    # with it). A FiftyOne without that map gets the plain launch.
+    import time
+
+    import fiftyone.core.service as fos
+    import fiftyone.core.session.session as fo_session
+    import requests
+
+    servers = getattr(fo_session, "_server_services", None)
+    if isinstance(servers, dict) and port not in servers and not os.environ.get("FIFTYONE_DISABLE_SERVICES"):
+        try:
+            servers[port] = fos.ServerService(port, address=address, do_not_track=fo.config.do_not_track)
+        except fos.ServiceListenTimeout as e:
+            raise OSError(f"the FiftyOne App server did not start on {address}:{port} ({e})") from None
+        deadline = time.monotonic() + 120
+        while True:  # bound to the port is not yet answering
+            try:
+                requests.get(f"http://{address}:{port}/fiftyone", timeout=2).raise_for_status()
+                break
+            except requests.RequestException as e:
+                if time.monotonic() > deadline:
+                    servers.pop(port).stop()
+                    raise OSError(f"the FiftyOne App server on {address}:{port} did not answer in 120 s ({e})") \
+                        from None
+                time.sleep(0.25)
     in_notebook = focx.is_notebook_context()
     # remote=True: never try to open a browser on this (often headless) machine. Its log
     # message is about ssh port forwarding to port 5151; the URL printed below says it all.

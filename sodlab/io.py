@@ -93,6 +93,18 @@ def replace_dir(path: str | os.PathLike, force: bool, is_ours, what: str, hint: 
     deleted. The one overwrite guard of runs and benches (``hint`` says how else to proceed).
     """
     path = Path(path)
+    check_replaceable(path, force, is_ours, what, hint)
+    if path.is_dir() and any(path.iterdir()):
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_replaceable(path: str | os.PathLike, force: bool, is_ours, what: str, hint: str = "") -> None:
+    """The refusals of ``replace_dir``, touching nothing: callers check before any other work."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):

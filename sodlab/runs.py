@@ -14,6 +14,7 @@ import torch
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import load_split
+from sodlab.data.oracle import oracle_ground_truth
 from sodlab.distributed import init_distributed
 from sodlab.evaluate import evaluate_run
 from sodlab.io import atomic_write_json, read_json
@@ -32,8 +33,10 @@ def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = N
     run_dir = Path(run_dir)
     cfg, model = load_trained_model(run_dir, device)
     val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
+    ground_truth, box_scale = oracle_ground_truth(cfg.data, cfg.val_split) or (None, 1.0)
     stats = evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
-                         rank=ddp.rank, world_size=ddp.world_size, tile=cfg.tile, tile_overlap=cfg.tile_overlap)
+                         rank=ddp.rank, world_size=ddp.world_size, tile=cfg.tile, tile_overlap=cfg.tile_overlap,
+                         ground_truth=ground_truth, box_scale=box_scale)
     if cfg.is_sr and ddp.is_main:
         held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
         atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model, held_out))

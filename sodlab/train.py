@@ -8,6 +8,7 @@ ends with the same weights as an uninterrupted one: the batch order is a pure fu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,18 +27,20 @@ from tqdm.auto import tqdm
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import collate_fn, load_split
+from sodlab.data.oracle import oracle_view
 from sodlab.data.tiles import TiledDataset, count_pushed_under
 from sodlab.distributed import average_gradients, init_distributed
 from sodlab.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint_file, read_json,
                        read_metrics_log, remove_stale_temporaries)
 from sodlab.rng import rng_state, set_rng_state
-from sodlab.rundir import RUN_FORMAT, RUN_MARKER, RunLock, replace_run_dir
+from sodlab.rundir import RUN_FORMAT, RUN_MARKER, RunLock, check_replaceable, replace_run_dir, run_contents
 from sodlab.losses import discriminator_objective, generator_objective
 from sodlab.models import build_model
 from sodlab.sr_quality import psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
+RUN_DIR_HINT = "choose another --out or --resume it"
 
 
 def resize_warning(cfg: TrainConfig, ann_file) -> str | None:
@@ -122,9 +125,9 @@ def run_record(cfg: TrainConfig) -> dict:
                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
-    """Make runs/NAME ready, under the run's lock (the caller holds ``RunLock``): refuse to clobber
-    an existing run unless asked, and never replace what is not a sodlab run or holds the data."""
+def check_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Every refusal of ``prepare_run_dir`` (a changed config on resume, a run or a foreign folder
+    in the way, the data or the run this one starts from inside --out), touching nothing."""
     run_dir = Path(cfg.out)
     config_path = run_dir / "config.json"
     if resume:
@@ -136,14 +139,24 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
         if changed and not force:
             raise ValueError(f"{config_path}: resuming with a changed config ({', '.join(changed)}); "
                              "pass force=True (--force) to resume anyway")
-        remove_stale_temporaries(run_dir)  # killed atomic writes of the interrupted run
-    elif [p for p in run_dir.iterdir() if p.name != ".sodlab.lock"]:
+    elif run_contents(run_dir):
         if not force:
-            raise FileExistsError(f"{run_dir} already holds a run; choose another --out, --resume it, "
-                                  "or pass --force to replace it")
+            raise FileExistsError(f"{run_dir} already holds a run; {RUN_DIR_HINT}, or pass --force to replace it")
+        check_replaceable(run_dir, cfg.data, protected=[cfg.init_from])
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
+    """Make runs/NAME ready under the run's lock (the caller holds ``RunLock``): the refusals of
+    ``check_run_dir``, then an old run replaced (only a sodlab run holding no data), or the stale
+    temporaries of an interrupted one removed; config.json written."""
+    check_run_dir(cfg, resume, force)
+    run_dir = Path(cfg.out)
+    if resume:
+        remove_stale_temporaries(run_dir)  # killed atomic writes of the interrupted run
+    elif run_contents(run_dir):
         replace_run_dir(run_dir, cfg.data, protected=[cfg.init_from])
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, run_record(cfg))
+    atomic_write_json(run_dir / "config.json", run_record(cfg))
     return run_dir
 
 
@@ -167,24 +180,60 @@ def save_checkpoint(path: Path, model, optimizers: dict, iteration: int, cfg: Tr
     }, path)
 
 
-def load_state(model, state: dict, checkpoint_path: Path, config_path: Path) -> None:
-    """load_state_dict, with a checkpoint that does not fit its config as one line naming both."""
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose weights do not fit the model its config describes (an edited config.json)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """'detector.fpn_channels 128 there, 64 here': the fields where ``current`` differs from a
+    checkpoint's own record of its config (the lengths, which resuming may change, aside)."""
+    saved, current = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    return [f"{k} {saved[k]!r} there, {v!r} here" for k, v in current.items()
+            if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES | {"out"}]
+
+
+def load_weights(module, state: dict, ckpt_path: Path, described_by: str, differences: list[str],
+                 remedy: str) -> None:
+    """``module.load_state_dict(state)``; weights that do not fit are one line naming the
+    checkpoint, what describes the model, what differs and what to do."""
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = " ".join(str(e).split())[:160]
-        raise ValueError(f"{checkpoint_path} does not match the model {config_path} describes ({first}...)") from None
+        module.load_state_dict(state)
+    except RuntimeError:
+        expected = module.state_dict()
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        shapes = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+        kinds = (("missing tensors", missing), ("unexpected tensors", unexpected), ("tensors of another shape", shapes))
+        found = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in kinds if keys]
+        raise CheckpointMismatch(
+            f"{ckpt_path}: its weights do not fit the model {described_by} describes ({'; '.join(found)})"
+            + (f"; the checkpoint's config differs in {', '.join(differences)}" if differences else "")
+            + f"; {remedy}") from None
 
 
-def load_checkpoint(path: Path, model, optimizers: dict) -> int:
+def load_checkpoint(path: Path, model, optimizers: dict, cfg: TrainConfig) -> int:
     ckpt = load_checkpoint_file(path, keys=("model", "optimizers", "rng", "iteration"))
-    load_state(model, ckpt["model"], path, path.parent.parent / "config.json")
+    load_weights(model, ckpt["model"], path, f"{Path(cfg.out) / 'config.json'} with the flags given",
+                 _differences(ckpt.get("config") or {}, cfg.to_dict()),
+                 "resume with the config the run was trained with (leave out the flags that change the model)")
     for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt["optimizers"][name])
+        if name not in ckpt["optimizers"]:
+            raise CheckpointMismatch(f"{path}: has no {name} optimizer state, which {cfg.out}/config.json's "
+                                     f"method {cfg.method} needs; resume with the config it was trained with")
+        try:
+            opt.load_state_dict(ckpt["optimizers"][name])
+        except ValueError as e:
+            raise CheckpointMismatch(f"{path}: the {name} optimizer state does not fit this config ({e})") from None
     try:
         set_rng_state(ckpt["rng"])
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise CheckpointMismatch(f"{path}: {e}") from None
     if "sr_sampling" in ckpt["rng"]:
         model.sampling_rng.set_state(ckpt["rng"]["sr_sampling"])
     return ckpt["iteration"]
@@ -217,8 +266,12 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
     ckpt_path = Path(cfg.init_from) / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: init_from names no finished run")
-    state = load_checkpoint_file(ckpt_path)["model"]
-    model.detector.load_state_dict(state)
+    ckpt = load_checkpoint_file(ckpt_path)
+    saved = (ckpt.get("config") or {}).get("detector", {})
+    load_weights(model.detector, ckpt["model"], ckpt_path, "this run's detector config",
+                 [f"detector.{d}" for d in _differences(saved, dataclasses.asdict(cfg.detector))],
+                 f"give this run the detector settings of {Path(cfg.init_from) / 'config.json'} (its --preset and "
+                 "--detector-* flags)")
     model.detector.requires_grad_(False)
 
 
@@ -412,32 +465,41 @@ def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: i
     return record
 
 
-def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True,
+          check_val: bool = True) -> Path:
     """Train cfg.method on cfg.data; returns the run directory (evaluate it with sodlab.runs.finish_run).
+
+    Nothing is written before every input is checked: the data (and with ``check_val`` the val
+    split the evaluation reads), the config, the run folder, the weights a run starts from.
 
     Under torchrun every rank runs this function: each trains on its shard of every global
     batch, gradients are averaged, and rank 0 alone writes the run directory. Raises
     TrainingStopped after checkpointing when a signal stops the run early.
     """
     ddp = init_distributed()
+    if cfg.method == "hr-oracle" and oracle_view(cfg.data, cfg.train_split) is None:
+        # Trained on LR images this would be the baseline under another name.
+        raise ValueError(f"{cfg.data}: --method hr-oracle trains on the HR oracle's view of exact xK twins, and this "
+                         f"is not one (its instances_{cfg.train_split}.json has no info.hr_oracle); `sodlab train "
+                         "--method hr-oracle --data DIR --oracle-scale K` builds it from DIR's {split}_xK/ twins")
     dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
                          hr_scale=cfg.hr_twin_scale)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
+    if check_val:  # the split finish_run evaluates, before hours of training
+        load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
     if cfg.tile:
         dataset = TiledDataset(dataset, cfg.tile)
     elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
         tqdm.write(f"{cfg.out}: warning: {warning}")
-    run_dir, device = Path(cfg.out), ddp.device
-    with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
-        if ddp.is_main:
-            prepare_run_dir(cfg, resume, force)
-        ddp.barrier()
-        return _train(cfg, dataset, ddp, resume)
+    with RunLock(cfg.out) if ddp.is_main else contextlib.nullcontext():
+        return _train(cfg, dataset, ddp, resume, force, progress)
 
 
-def _train(cfg: TrainConfig, dataset, ddp, resume: bool) -> Path:
+def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: bool) -> Path:
+    """train() once its inputs are read, under the run's lock."""
     run_dir, device = Path(cfg.out), ddp.device
+    check_run_dir(cfg, resume, force)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, dataset.num_classes)
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
@@ -447,7 +509,11 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool) -> Path:
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no scaling
     last_ckpt = run_dir / "checkpoints" / "last.pt"
-    start_iter = load_checkpoint(last_ckpt, model, optimizers) if resume and last_ckpt.exists() else 0
+    start_iter = load_checkpoint(last_ckpt, model, optimizers, cfg) if resume and last_ckpt.exists() else 0
+    # Every input has been checked (data, config, weights to start from): only now is the run written.
+    if ddp.is_main:
+        prepare_run_dir(cfg, resume, force)
+    ddp.barrier()
     ddp.decorrelate(model, cfg.seed, start_iter)
     if ddp.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", start_iter)
@@ -494,14 +560,45 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool) -> Path:
     return run_dir
 
 
-def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a run's model from its config.json and load checkpoints/last.pt (eval mode)."""
+# Settings that change what inference does with the trained weights, not the weights themselves:
+# an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
+INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "detector.box_score_thresh")
+
+
+def with_inference_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
+    """``cfg`` with {"sr.fusion": "mean", ...} (keys from INFERENCE_SETTINGS) replaced."""
+    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ValueError(f"not inference settings: {', '.join(unknown)}; choose from {', '.join(INFERENCE_SETTINGS)}")
+    sr = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("sr.")}
+    detector = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("detector.")}
+    if sr and not cfg.is_sr:
+        raise ValueError(f"{cfg.out}: method {cfg.method} has no SR branch, so "
+                         f"{', '.join('sr.' + k for k in sr)} cannot apply; these settings are for SR methods")
+    return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, **sr),
+                               detector=dataclasses.replace(cfg.detector, **detector))
+
+
+def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu", inference: dict | None = None):
+    """Rebuild a run's model from its config.json and load checkpoints/last.pt (eval mode).
+
+    ``inference`` overrides settings of INFERENCE_SETTINGS for this model only; config.json is
+    never rewritten. Returns (the config the model was built from, the model).
+    """
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: the run has no checkpoint to evaluate")
     ckpt = load_checkpoint_file(ckpt_path, map_location=device, keys=("model", "num_classes"))
+    saved = ckpt.get("config")
+    if saved and saved.get("method") != cfg.method:  # same weights (baseline / upscale / hr-oracle), other inputs
+        raise CheckpointMismatch(f"{ckpt_path}: trained as method {saved.get('method')}, but "
+                                 f"{run_dir / 'config.json'} says {cfg.method}; restore config.json to the config "
+                                 "the checkpoint was trained with")
+    differences = _differences(saved or {}, cfg.to_dict())
+    cfg = with_inference_settings(cfg, inference or {})
     model = build_model(cfg, ckpt["num_classes"])
-    load_state(model, ckpt["model"], ckpt_path, run_dir / "config.json")
+    load_weights(model, ckpt["model"], ckpt_path, str(run_dir / "config.json"), differences,
+                 "restore config.json to the config the checkpoint was trained with")
     return cfg, model.to(device).eval()

@@ -66,3 +66,215 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--iters", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sodlab train: error:") and "nowhere" in err and "Traceback" not in err
+
+
+def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
+    """--help and argument errors must not wait for torch (seconds on a busy CPU): the parser, the
+    bench's rows and the configs import none of torch, torchvision or FiftyOne."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\nfrom sodlab.cli import build_parser\n"
+              "for argv in (['--help'], ['train', '--help'], ['bench', '--help'], ['check', '--help'], "
+              "['train', '--bogus'], ['train', '--preset', 'nope']):\n"
+              "    try: build_parser().parse_args(argv)\n"
+              "    except SystemExit: pass\n"
+              "heavy = sorted(m for m in ('torch', 'torchvision', 'fiftyone', 'pycocotools', 'PIL', 'numpy') "
+              "if m in sys.modules)\n"
+              "print(heavy, file=sys.stderr)\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
+
+
+# --- nothing written before every input is checked; checkpoints that do not fit their config ------------
+
+TINY = ["--iters", "2", "--batch-size", "2", "--warmup-iters", "1", "--detector-min-size", "128",
+        "--detector-max-size", "128", "--no-eval"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ckpt-every", "0"], "TrainConfig.ckpt_every must be at least 1; got 0"),
+    (["--lr", "0"], "TrainConfig.lr must be above 0; got 0.0"),
+    (["--detector-min-size", "0"], "DetectorConfig.min_size must be at least 1; got 0"),
+    (["--val-split", "nope"], "COCO split 'nope'"),
+    (["--method", "sr", "--sr-schedule", "staged", "--init-from", "nowhere"], "nowhere/checkpoints/last.pt"),
+    (["--detector-anchor-sizes", "8,11"], "FPN needs anchor sizes for 5 levels"),
+])
+def test_a_refused_start_writes_nothing(tiny_synth, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    evaluating = [f for f in TINY if f != "--no-eval"]  # so the val split the evaluation reads is checked
+    assert main(["train", "--data", str(tiny_synth), "--out", str(run), *evaluating, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def sr_run(tiny_synth, tmp_path_factory):
+    """A joint SR run of two iterations (the checkpoint holds a detector, G and D)."""
+    run = tmp_path_factory.mktemp("runs") / "sr"
+    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "--method", "sr", "--sr-schedule", "joint",
+                 "--detector-box-score-thresh", "0", *TINY]) == 0  # threshold 0: detections after 2 steps
+    return run
+
+
+def _edited_copy(run, tmp_path, change):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    change(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_whose_config_names_another_method_is_one_line(sr_run, tmp_path, capsys):
+    """The issue's case: config.json rewritten to another method, then `sodlab eval --run`."""
+    run = _edited_copy(sr_run, tmp_path, lambda c: c.update(method="baseline"))
+    assert main(["eval", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run}/checkpoints/last.pt: trained as method sr" in err and f"{run}/config.json says baseline" in err
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_of_weights_that_do_not_fit_names_both_files_and_the_field(sr_run, tmp_path, capsys):
+    run = _edited_copy(sr_run, tmp_path, lambda c: c["detector"].update(fpn_channels=64))
+    assert main(["eval", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run}/checkpoints/last.pt: its weights do not fit the model {run}/config.json describes" in err
+    assert "detector.fpn_channels 128 there, 64 here" in err
+
+
+@pytest.mark.slow
+def test_resume_with_flags_the_weights_do_not_fit_leaves_the_run_untouched(sr_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(sr_run, run)
+    files = (run / "config.json", run / "metrics.jsonl", run / "checkpoints" / "last.pt")
+    before = [p.read_bytes() for p in files]
+    assert main(["train", "--out", str(run), "--resume", "--force", "--iters", "3",
+                 "--sr-generator-channels", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt: its weights do not fit" in err and "sr.generator_channels 32 there, 16 here" in err
+    assert [p.read_bytes() for p in files] == before
+
+
+# --- methods that refuse what they cannot do ------------------------------------------------------------------
+
+def _without_twins(tiny_synth, tmp_path):
+    import shutil
+
+    data = tmp_path / "lr-only"
+    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x4", "scenes_*"))
+    return data
+
+
+def test_hr_oracle_without_twins_is_refused_before_anything_is_written(tiny_synth, tmp_path, capsys):
+    data = _without_twins(tiny_synth, tmp_path)
+    listing = sorted(p.name for p in data.iterdir())
+    assert main(["train", "--data", str(data), "--method", "hr-oracle", "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no twins" in err
+    assert "sodlab convert ... --twins 2" in err and "--method upscale" in err
+    assert not (tmp_path / "run").exists() and sorted(p.name for p in data.iterdir()) == listing
+
+
+def test_the_library_refuses_hr_oracle_on_lr_data(tiny_synth, tmp_path):
+    from sodlab.train import train
+
+    cfg = TrainConfig(data=str(tiny_synth), method="hr-oracle", out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="--method hr-oracle trains on the HR oracle's view"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_hr_oracle_trains_on_the_view_of_the_twins_at_their_own_size(tiny_synth, tmp_path):
+    import shutil
+
+    from sodlab.cli import oracle_config
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    cfg = dataclasses.replace(TrainConfig(), data=str(data), method="hr-oracle")
+    oracle = oracle_config(cfg, None, {})
+    view = json.loads((data / "hr-oracle-x2" / "annotations" / "instances_train.json").read_text())
+    assert oracle.data == str(data / "hr-oracle-x2") and view["info"]["hr_oracle"]["scale"] == 2
+    assert view["images"][0]["width"] == 256  # the 128 px images' x4 twins, area-averaged to x2
+    assert (oracle.detector.min_size, oracle.detector.max_size) == (512, 512)  # the preset's 256 px, x2
+    sized = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, min_size=300, max_size=300))
+    given = oracle_config(sized, 4, {"detector.min_size": 300, "detector.max_size": 300})  # flags given: kept
+    assert given.data == str(data / "hr-oracle-x4") and given.detector.min_size == 300
+    with pytest.raises(ValueError, match="x2, not x4"):  # a view is used as it is
+        oracle_config(dataclasses.replace(cfg, data=oracle.data), 4, {})
+
+
+@pytest.mark.slow
+def test_hr_oracle_run_is_scored_against_the_lr_ground_truth(tiny_synth, tmp_path):
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "oracle"
+    shutil.copytree(tiny_synth, data)
+    flags = [f for f in TINY if f != "--no-eval"] + ["--detector-box-score-thresh", "0"]  # detections after 2 steps
+    assert main(["train", "--data", str(data), "--method", "hr-oracle", "--out", str(run), *flags]) == 0
+    assert read_json(run / "config.json")["data"] == str(data / "hr-oracle-x2")
+    detections = json.loads((run / "detections_val.json").read_text())
+    # boxes mapped back by 1/2 into the 128 px LR frame the LR val json describes
+    assert detections and max(d["bbox"][0] + d["bbox"][2] for d in detections) <= 128.01
+    assert read_json(run / "eval.json")["APs"] >= 0
+
+
+def test_twin_hr_source_without_twins_names_the_ways_that_work(tiny_synth, tmp_path, capsys):
+    data = _without_twins(tiny_synth, tmp_path)
+    assert main(["train", "--data", str(data), "--method", "sr", "--sr-schedule", "joint", "--sr-hr-source", "twin",
+                 "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_x4: no x4 twins" in err
+    assert "--sr-hr-source image" in err and "`sodlab convert ... --twins 4`" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- evaluation with other inference settings -----------------------------------------------------------------
+
+def test_inference_settings_apply_to_sr_runs_only():
+    from sodlab.train import with_inference_settings
+
+    sr = TrainConfig(method="sr", init_from="x")
+    changed = with_inference_settings(sr, {"sr.fusion": "mean", "sr.gate_top_k": 3, "detector.box_score_thresh": 0.3})
+    assert (changed.sr.fusion, changed.sr.gate_top_k, changed.detector.box_score_thresh) == ("mean", 3, 0.3)
+    assert changed.sr.lr_size == sr.sr.lr_size and changed.detector.min_size == sr.detector.min_size
+    with pytest.raises(ValueError, match="method baseline has no SR branch"):
+        with_inference_settings(TrainConfig(), {"sr.fusion": "mean"})
+    with pytest.raises(ValueError, match="not inference settings: sr.scale"):
+        with_inference_settings(sr, {"sr.scale": 2})
+
+
+@pytest.mark.slow
+def test_eval_overrides_inference_for_that_evaluation_and_records_it(sr_run, tmp_path):
+    import shutil
+
+    from sodlab.train import load_trained_model
+
+    run = tmp_path / "copy"
+    shutil.copytree(sr_run, run)
+    config = (run / "config.json").read_bytes()
+    assert main(["eval", "--run", str(run)]) == 0
+    assert "inference_overrides" not in read_json(run / "eval.json")
+    scores = [d["score"] for d in json.loads((run / "detections_val.json").read_text())]
+    assert any(score < 0.2 for score in scores), "the run's own threshold (0) keeps low-scoring detections"
+    assert main(["eval", "--run", str(run), "--sr-fusion", "mean", "--sr-scope", "all",
+                 "--score-threshold", "0.2"]) == 0
+    stats = read_json(run / "eval.json")
+    assert stats["inference_overrides"] == {"sr.fusion": "mean", "sr.sr_scope": "all", "detector.box_score_thresh": 0.2}
+    assert all(d["score"] >= 0.2 for d in json.loads((run / "detections_val.json").read_text()))
+    assert (run / "config.json").read_bytes() == config, "config.json keeps the trained settings"
+    _, model = load_trained_model(run, inference={"sr.fusion": "mean"})
+    assert model.fusion == "mean" and load_trained_model(run)[1].fusion == "replace"

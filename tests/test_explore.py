@@ -428,6 +428,34 @@ def test_launch_refuses_a_busy_port(view_case):
             explore.launch(dataset, port=busy.getsockname()[1], wait=False)
 
 
+@pytest.mark.slow
+def test_launch_waits_for_a_slow_app_server_quietly(view_case, monkeypatch, capfd):
+    """fo.launch_app's session gives up pinging after 10 s and prints "Could not connect
+    session, trying again in 10 seconds"; a server slower than that to start (a busy CPU,
+    simulated here) must not make launch print it."""
+    import time
+
+    import fiftyone.core.service as fos
+    import requests
+
+    _, _, dataset = view_case
+    real_start = fos.ServerService.start
+
+    def slow_start(self):
+        time.sleep(11)
+        real_start(self)
+
+    monkeypatch.setattr(fos.ServerService, "start", slow_start)
+    port = free_port()
+    session = explore.launch(dataset, port=port, wait=False)
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/fiftyone", timeout=5).ok
+        time.sleep(1)
+        assert "Could not connect session" not in capfd.readouterr().out
+    finally:
+        session.close()
+
+
 # ----------------------------------------------------------------------------------------
 # TIDE error types on the labels
 

@@ -130,7 +130,7 @@ def test_ensure_data_never_writes_into_a_foreign_folder(tmp_path):
 LAYERS = [
     {"sodlab", "sodlab.config", "sodlab.io"},
     {"sodlab.data", "sodlab.data.coco", "sodlab.data.synth", "sodlab.data.oracle", "sodlab.data.convert",
-     "sodlab.data.tiles"},
+     "sodlab.data.tiles", "sodlab.data.check"},
     {"sodlab.patches", "sodlab.losses", "sodlab.models", "sodlab.models.detector", "sodlab.models.generator",
      "sodlab.models.discriminator", "sodlab.models.sr_detector", "sodlab.models.sahi_adapter",
      "sodlab.distributed", "sodlab.sr_quality"},

@@ -28,21 +28,16 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from sodlab.bench.measure import (InferenceJob, TrainJob, measure_inference, measure_training, run_measurement)
 from sodlab.bench.methods import METHODS, Method, select_methods
-from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
-from sodlab.bench.stats import bench_intervals
-from sodlab.data.coco import load_split
-from sodlab.data.oracle import prepare_oracle_data
 from sodlab.io import atomic_write_bytes, atomic_write_json, read_json, replace_dir
-from sodlab.models.detector import DetectorConfig, preset
-from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
 from sodlab.recipes import Budget, ensure_data, train_config
-from sodlab.runs import config_mismatch
-from sodlab.train import git_revision
+
+# torch and the modules built on it load inside the functions: the command line reads the bench's
+# rows (sodlab.bench.methods) for its --help, which must not wait for torch.
+if TYPE_CHECKING:
+    from sodlab.models.detector import DetectorConfig
 
 __all__ = ["METHODS", "Budget", "run_bench"]
 
@@ -95,6 +90,14 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
     if absent).
     """
+    from sodlab.bench.measure import InferenceJob, TrainJob, measure_inference, measure_training, run_measurement
+    from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
+    from sodlab.bench.stats import bench_intervals
+    from sodlab.data.coco import load_split
+    from sodlab.data.oracle import prepare_oracle_data
+    from sodlab.models.detector import preset
+    from sodlab.runs import config_mismatch
+
     out_dir = Path(out_dir)
     chosen = select_methods(methods)
     for preset_name in budget.presets:
@@ -178,7 +181,11 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
 def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir: Path, lr_val, hr_source: str,
                  oracle_dir: Path | None, notes: list[str]) -> dict:
     """What bench.json says about the whole bench, before its records."""
+    import torch
+
+    from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
     from sodlab.recipes import SR_RECIPE
+    from sodlab.train import git_revision
 
     evaluated = len(lr_val) if budget.max_eval_images is None else min(len(lr_val), budget.max_eval_images)
     return {

@@ -472,6 +472,9 @@ def load_split(
     if hr_scale is not None:
         hr_dir = Path(data_dir) / f"{split}_x{hr_scale}"
         if not hr_dir.is_dir():
-            raise FileNotFoundError(f"{hr_dir}: no x{hr_scale} twins for split {split!r}; "
-                                    f"write them with `sodlab synth --hr-scale {hr_scale}`")
+            raise FileNotFoundError(
+                f"{hr_dir}: no x{hr_scale} twins for split {split!r}; take HR patches from the images themselves "
+                f"(--sr-hr-source image), or train on data with twins: real images as exact twins of an "
+                f"area-averaged LR copy (`sodlab convert ... --twins {hr_scale}`), or the embedded benchmark "
+                f"(`sodlab synth --hr-scale {hr_scale}`)")
     return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale), hr_dir)

@@ -13,7 +13,7 @@ import numpy as np
 
 from sodlab.data.coco import load_coco_json
 from sodlab.data.synth import area_downsample, render_twin
-from sodlab.io import atomic_write_json
+from sodlab.io import atomic_write_json, read_json
 
 
 def _twin_source(data_dir: Path, split: str, k: int) -> tuple[str, int] | None:
@@ -81,3 +81,22 @@ def prepare_oracle_data(data_dir: str | Path, k: int, out_dir: Path,
            "render": "rendered from the scene files"}
     used = "; ".join(f"{split}: " + how[h].format(m=m, r=m // k) for split, (h, m) in sources.items())
     return out_dir, f"HR oracle at x{k} ({used}); its boxes are scaled by 1/{k} and evaluated against the LR val json"
+
+
+def oracle_view(data_dir: str | Path, split: str) -> dict | None:
+    """What ``prepare_oracle_data`` recorded in a split's json ({"scale": k, "lr_data": DIR, ...}),
+    or None when the split is not the HR oracle's view (plain data, or a missing json)."""
+    ann_file = Path(data_dir) / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        return None
+    info = read_json(ann_file).get("info")
+    return info.get("hr_oracle") if isinstance(info, dict) else None
+
+
+def oracle_ground_truth(data_dir: str | Path, split: str) -> tuple[Path, float] | None:
+    """(the LR json, 1/k) an oracle view's detections are scored against, so its size buckets are
+    the LR objects' (as in the bench); None for other data."""
+    view = oracle_view(data_dir, split)
+    if view is None:
+        return None
+    return Path(view["lr_data"]) / "annotations" / f"instances_{split}.json", 1 / view["scale"]
