@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from sodlab.config import CHOICES, PRESETS, DetectorConfig, GANLossWeights, SRConfig, SRTrainConfig, TrainConfig
+from sodlab.config import (CHOICES, PRESETS, SR_METHODS, DetectorConfig, GANLossWeights, SRConfig, SRTrainConfig,
+                           TrainConfig)
 
 DEFAULT_DATA = "data/synth"
 # Where each nested config's flags live: (TrainConfig field, flag prefix, the dataclass).
@@ -105,6 +106,12 @@ def config_from_args(args) -> TrainConfig:
     from sodlab.io import read_json
 
     values = given_config_values(args)
+    method = values.get("method", None if getattr(args, "resume", False) else TrainConfig.method)
+    sr_flags = sorted(k for k in values if k.startswith(("sr.", "sr_train.")))
+    if sr_flags and method is not None and method not in SR_METHODS:
+        flags = ", ".join("--sr-" + k.rsplit(".", 1)[1].replace("_", "-") for k in sr_flags)
+        raise ValueError(f"{flags}: SR settings, which --method {method} would ignore; drop them or choose an SR "
+                         "method")
     if values.get("tile"):  # tiles are seen at native resolution: the detector does not resize them
         values.setdefault("detector.min_size", values["tile"])
         values.setdefault("detector.max_size", values["tile"])

@@ -10,6 +10,7 @@ This module imports nothing heavy, so the command line's --help is instant.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -320,6 +321,16 @@ class TrainConfig:
         _check_ranges(self)
         for name in ("method", "optimizer", "schedule"):
             _check_choice("TrainConfig", name, getattr(self, name))
+        # Checked before anything is written: a NaN learning rate would train NaN weights.
+        for name, value in (("lr", self.lr), ("sr_train.lr_generator", self.sr_train.lr_generator),
+                            ("sr_train.lr_discriminator", self.sr_train.lr_discriminator)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number above 0, got {value}")
+        for name in ("iters", "batch_size", "eval_batch_size", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_iters < 0 or self.tile < 0:
+            raise ValueError(f"warmup_iters and tile must not be negative, got {self.warmup_iters} and {self.tile}")
         if self.is_sr:
             # Construction, not mutation: a frozen config normalises its own fields once.
             sr, sr_train = method_variant(self.method, self.sr, self.sr_train)

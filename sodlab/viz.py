@@ -43,10 +43,10 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, size_bucket
+from sodlab.data.coco import BACKGROUND, coco_paths, load_coco_json, read_rgb_image, size_bucket
 from sodlab.errors import ERROR_TYPES
 from sodlab.evaluate import FINE_BIN_LABELS
-from sodlab.io import read_json
+from sodlab.io import read_json, read_metrics_log
 
 # --------------------------------------------------------------------------------------------
 # Data statistics (notebook 01)
@@ -148,9 +148,8 @@ def plot_class_counts(stats: Mapping[str, Any]) -> Figure:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an RGB uint8 array [H, W, 3]."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """An image file as an RGB uint8 array [H, W, 3] (decoding bounded as training's is)."""
+    return np.asarray(read_rgb_image(path))
 
 
 def _split_records(data_dir, split) -> tuple[dict, dict, dict, Path]:
@@ -271,15 +270,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training log (has the run started?)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number} is not valid json ({e.msg})") from None
-    return records
+    return read_metrics_log(path)
 
 
 def metric_series(records: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -278,3 +278,10 @@ def test_eval_overrides_inference_for_that_evaluation_and_records_it(sr_run, tmp
     assert (run / "config.json").read_bytes() == config, "config.json keeps the trained settings"
     _, model = load_trained_model(run, inference={"sr.fusion": "mean"})
     assert model.fusion == "mean" and load_trained_model(run)[1].fusion == "replace"
+
+
+def test_sr_flags_with_a_detector_method_are_refused(capsys, tmp_path):
+    assert main(["train", "--method", "baseline", "--sr-scale", "3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--sr-scale: SR settings, which --method baseline would ignore" in err
+    assert not (tmp_path / "r").exists()

@@ -154,9 +154,6 @@ def test_malformed_rng_state_is_a_value_error():
 # The four loading paths live in train.py, which the lead is restructuring: they still call
 # torch.load(weights_only=False). Once they call load_checkpoint_file these tests pass, and
 # strict xfail turns that into a failure until the marker is removed.
-PATHS_NOT_WIRED = pytest.mark.xfail(strict=True, reason="train.py still loads with weights_only=False; "
-                                                        "the lead switches it to sodlab.io.load_checkpoint_file")
-
 
 def _malicious_run(run_dir: Path, cfg, evidence: Path) -> Path:
     from sodlab.train import run_record
@@ -167,7 +164,6 @@ def _malicious_run(run_dir: Path, cfg, evidence: Path) -> Path:
     return run_dir
 
 
-@PATHS_NOT_WIRED
 def test_sodlab_eval_refuses_a_malicious_checkpoint(tiny_config, tmp_path, capsys):
     from sodlab.cli import main
 
@@ -179,7 +175,6 @@ def test_sodlab_eval_refuses_a_malicious_checkpoint(tiny_config, tmp_path, capsy
     assert "last.pt: refused to load" in err and "Traceback" not in err
 
 
-@PATHS_NOT_WIRED
 def test_notebook_loader_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     from sodlab.train import load_trained_model  # notebook 04's loader, also bench's
 
@@ -190,7 +185,6 @@ def test_notebook_loader_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     assert not evidence.exists()
 
 
-@PATHS_NOT_WIRED
 def test_resume_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     from sodlab.train import train
 
@@ -201,7 +195,6 @@ def test_resume_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     assert not evidence.exists()
 
 
-@PATHS_NOT_WIRED
 def test_init_from_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     import dataclasses
 
@@ -651,3 +644,32 @@ def test_sr_patches_skip_the_boxes_the_policy_drops(tiny_config, tmp_path):
         assert write_sr_patches(model, dataset, tmp_path / "patches") == 2
     index = json.loads((tmp_path / "patches" / "index.json").read_text())
     assert [entry["annotation_id"] for entry in index] == [1, 4]
+
+
+def test_synth_force_never_overwrites_a_dataset_it_did_not_write(tmp_path):
+    from sodlab.data.synth import generate
+
+    real = tmp_path / "coco"
+    (real / "annotations").mkdir(parents=True)
+    (real / "train").mkdir()
+    (real / "train" / "0001.jpg").write_bytes(b"not really")
+    (real / "annotations" / "instances_train.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(ValueError, match="did not write"):
+        generate(real, n_train=1, n_val=1, size=64, workers=1, progress=False, overwrite=True)
+    assert (real / "train" / "0001.jpg").read_bytes() == b"not really"
+
+
+@pytest.mark.parametrize("flag,value,message", [("--lr", "nan", "lr must be a finite number"),
+                                                 ("--iters", "-5", "iters must be at least 1"),
+                                                 ("--batch-size", "0", "batch_size must be at least 1"),
+                                                 ("--ckpt-every", "0", "ckpt_every must be at least 1"),
+                                                 ("--eval-batch-size", "0", "eval_batch_size must be at least 1")])
+def test_bad_cli_values_are_one_line_errors_before_anything_is_written(tiny_synth, tmp_path, capsys, flag, value,
+                                                                       message):
+    from sodlab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_synth), "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from sodlab.config import TrainConfig
 from sodlab.data.coco import load_split
 from sodlab.evaluate import coco_eval, evaluate_model, predictions_to_coco_results
-from sodlab.io import atomic_write_json
+from sodlab.io import atomic_write_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
 from sodlab.train import load_trained_model, train
 
@@ -106,7 +106,7 @@ def measure_training(job: TrainJob) -> dict:
     tic = time.perf_counter()
     run_dir = train(job.cfg, progress=False, force=True)  # the bench checked its config
     seconds = time.perf_counter() - tic
-    done = sum(1 for line in open(run_dir / "metrics.jsonl") if line.strip())
+    done = len(read_metrics_log(run_dir / "metrics.jsonl"))
     if done != job.cfg.iters:
         raise RuntimeError(f"{run_dir}: training stopped at iteration {done} of {job.cfg.iters}")
     images = job.cfg.iters * job.cfg.batch_size

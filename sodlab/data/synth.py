@@ -629,6 +629,14 @@ def _make_image(task: tuple) -> tuple[int, dict, list[dict]]:
     return image_id, scene, annotations
 
 
+def _read_info(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("info", {}) if isinstance(data, dict) else {}
+
+
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a directory")
@@ -637,6 +645,15 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise ValueError(
                 f"{out_dir}: directory is not empty; refusing to write a dataset into it (pass overwrite=True)"
             )
+        # Replace only a dataset this generator wrote (its jsons carry info.sodlab_synth), or an
+        # interrupted generation (nothing but a generated dataset's parts): never a real dataset.
+        jsons = sorted((out_dir / "annotations").glob("instances_*.json"))
+        ours = {*SPLITS, "annotations"} | {p.name for p in out_dir.glob("*_x*")}
+        if jsons and not all("sodlab_synth" in (_read_info(path)) for path in jsons):
+            raise ValueError(f"{out_dir}: holds a dataset sodlab synth did not write (no info.sodlab_synth in "
+                             f"{jsons[0].name}); refusing to overwrite it")
+        if not jsons and any(p.name not in ours for p in out_dir.iterdir()):
+            raise ValueError(f"{out_dir}: holds files that are not a generated dataset; refusing to overwrite it")
         # Remove only what a generated dataset consists of, so no stale image of an earlier,
         # larger run survives next to the new json.
         for split in SPLITS:
