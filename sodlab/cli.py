@@ -170,8 +170,8 @@ def cmd_train(args) -> None:
 
 def oracle_config(cfg: TrainConfig, scale: int | None, given: dict) -> TrainConfig:
     """--method hr-oracle: the baseline trained on the HR oracle's view of the data's exact xK
-    twins (sodlab.data.oracle, as the bench does), which it builds in DIR/hr-oracle-xK/ unless
-    --data is such a view already. Its detector sees the twins at their own size: the preset's
+    twins (sodlab.data.oracle, as the bench does), which it builds beside the run, in
+    OUT-oracle-data-xK/ (never inside the user's data folder), unless --data is such a view already. Its detector sees the twins at their own size: the preset's
     min_size and max_size times K, unless given. Data without twins is refused, never trained on
     as a baseline under the oracle's name."""
     from sodlab.data.oracle import oracle_view, prepare_oracle_data
@@ -186,7 +186,7 @@ def oracle_config(cfg: TrainConfig, scale: int | None, given: dict) -> TrainConf
         k = scale or ORACLE_SCALE
         if k < 2:
             raise ValueError(f"--oracle-scale must be at least 2, got {k}")
-        data_dir, note = prepare_oracle_data(cfg.data, k, Path(cfg.data) / f"hr-oracle-x{k}",
+        data_dir, note = prepare_oracle_data(cfg.data, k, Path(f"{cfg.out}-oracle-data-x{k}"),
                                              (cfg.train_split, cfg.val_split))
         if data_dir is None:
             raise FileNotFoundError(
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--oracle-scale", type=int, default=None, metavar="K",
                    help=f"--method hr-oracle: train on the data's exact xK twins ({{split}}_xK/), viewed as a COCO "
-                        f"dataset in DATA/hr-oracle-xK/ (default: {ORACLE_SCALE})")
+                        f"dataset beside the run, OUT-oracle-data-xK/ (default: {ORACLE_SCALE})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run: eval.json + detections_val.json")

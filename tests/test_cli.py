@@ -204,15 +204,19 @@ def test_hr_oracle_trains_on_the_view_of_the_twins_at_their_own_size(tiny_synth,
 
     data = tmp_path / "data"
     shutil.copytree(tiny_synth, data)
-    cfg = dataclasses.replace(TrainConfig(), data=str(data), method="hr-oracle")
+    out = tmp_path / "runs" / "oracle"
+    cfg = dataclasses.replace(TrainConfig(), data=str(data), method="hr-oracle", out=str(out))
+    before = sorted(p.name for p in data.iterdir())
     oracle = oracle_config(cfg, None, {})
-    view = json.loads((data / "hr-oracle-x2" / "annotations" / "instances_train.json").read_text())
-    assert oracle.data == str(data / "hr-oracle-x2") and view["info"]["hr_oracle"]["scale"] == 2
+    assert sorted(p.name for p in data.iterdir()) == before, "nothing is written into the user's data folder"
+    view_dir = tmp_path / "runs" / "oracle-oracle-data-x2"
+    view = json.loads((view_dir / "annotations" / "instances_train.json").read_text())
+    assert oracle.data == str(view_dir) and view["info"]["hr_oracle"]["scale"] == 2
     assert view["images"][0]["width"] == 256  # the 128 px images' x4 twins, area-averaged to x2
     assert (oracle.detector.min_size, oracle.detector.max_size) == (512, 512)  # the preset's 256 px, x2
     sized = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, min_size=300, max_size=300))
     given = oracle_config(sized, 4, {"detector.min_size": 300, "detector.max_size": 300})  # flags given: kept
-    assert given.data == str(data / "hr-oracle-x4") and given.detector.min_size == 300
+    assert given.data == str(tmp_path / "runs" / "oracle-oracle-data-x4") and given.detector.min_size == 300
     with pytest.raises(ValueError, match="x2, not x4"):  # a view is used as it is
         oracle_config(dataclasses.replace(cfg, data=oracle.data), 4, {})
 
@@ -225,7 +229,7 @@ def test_hr_oracle_run_is_scored_against_the_lr_ground_truth(tiny_synth, tmp_pat
     shutil.copytree(tiny_synth, data)
     flags = [f for f in TINY if f != "--no-eval"] + ["--detector-box-score-thresh", "0"]  # detections after 2 steps
     assert main(["train", "--data", str(data), "--method", "hr-oracle", "--out", str(run), *flags]) == 0
-    assert read_json(run / "config.json")["data"] == str(data / "hr-oracle-x2")
+    assert read_json(run / "config.json")["data"] == str(tmp_path / "oracle-oracle-data-x2")
     detections = json.loads((run / "detections_val.json").read_text())
     # boxes mapped back by 1/2 into the 128 px LR frame the LR val json describes
     assert detections and max(d["bbox"][0] + d["bbox"][2] for d in detections) <= 128.01
