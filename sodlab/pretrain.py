@@ -20,10 +20,11 @@ G learns the pixel mapping alone, on (z_LR, z_HR) pairs of small RoIs, with no d
 * The pairs and the trained G are cached under DATA/.sodlab-cache/pretrain/, keyed by a hash of
   the config and of the split's annotation file, so seeds and bench variants reuse them:
 
-      pairs-<key>.pt       {"lr", "hr": uint8 patches, "side": box side, "record"}
+      pairs-<key>.pt       {"lr", "hr": uint8 patches, "side", "boxes", "image_ids", "record"}
       pairs-<key>.json     the record: config, dataset fingerprint, pairs per bin, seconds
       generator-<key>.pt   {"state_dict", "arch": SRGenerator kwargs, "record"} (load_generator)
-      generator-<key>.json the record: config, dataset, seconds, iterations, loss curve, evaluation
+      generator-<key>.json the record: config, dataset, pairs, cost (wall and CPU seconds,
+                           iterations), loss curve, machine, evaluation
 
   Every file is written atomically (sodlab.io). Patches are stored rounded to 8 bits (at most half a
   grey level from the float cut, below the image's own quantisation) to keep the cache a quarter of

@@ -119,6 +119,7 @@ def test_the_cache_is_reused_and_a_config_change_misses_it(tiny_synth, tmp_path,
     assert resized.generator(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_config_follows_the_sr_branch_and_a_pretrained_g_loads_into_it(tiny_synth, tmp_path):
     from sodlab.models.sr_detector import SRConfig
 
