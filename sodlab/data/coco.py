@@ -354,6 +354,10 @@ class CocoDetection(torch.utils.data.Dataset):
         image = self.images[image_id]
         return int(image["height"]), int(image["width"])
 
+    def boxes(self, image_id: int) -> torch.Tensor:
+        """The image's non-crowd boxes [N, 4] (xyxy, original pixels), without reading the image."""
+        return self._boxes[image_id].clone()
+
     def load_image(self, image_id: int) -> tv_tensors.Image:
         """The image as a uint8 [3, H, W] tensor; its size must match the json's width/height."""
         image = read_rgb_image(self.image_path(image_id), image_id, self.original_size(image_id),
