@@ -241,6 +241,12 @@ class SRTrainConfig:
     # higher rate than SRGAN's 1e-4 (README: the from-scratch recipe).
     lr_discriminator: float = 5e-4
     weights: GANLossWeights = field(default_factory=GANLossWeights)  # alpha, beta, gamma and the rest
+    # G's starting point: "" its bicubic-residual initialisation; "pretrain" a PSNR-oriented G
+    # pretrained on this data's small RoIs (sodlab.pretrain: L1, pretrain_iters iterations,
+    # cached per dataset and config, so every seed and bench variant reuses it), as SRGAN and
+    # ESRGAN start their adversarial stage; or the path of a pretrained G file.
+    generator_init: str = ""
+    pretrain_iters: int = 1000
     # L_MSE per patch: "mean" over its pixels (SRGAN's normalisation; the weights above assume it)
     # or "sum", the paper's literal squared norm
     mse_reduction: str = "mean"

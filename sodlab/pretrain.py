@@ -17,7 +17,7 @@ G learns the pixel mapping alone, on (z_LR, z_HR) pairs of small RoIs, with no d
   in ``size_bins`` (the SR scope; sqrt of the ``box_area`` that SRDetector's area_threshold
   compares), kept stratified: up to ``pairs_per_bin`` per bin, and every batch draws the bins
   equally, so RoIs under 8 px are not outnumbered by the larger ones.
-* The pairs and the trained G are cached under DATA/.sodlab-cache/pretrain/, keyed by a hash of
+* The pairs and the trained G are cached under ~/.cache/sodlab/pretrain/ ($SODLAB_CACHE), keyed by a hash of
   the config and of the split's annotation file, so seeds and bench variants reuse them:
 
       pairs-<key>.pt       {"lr", "hr": uint8 patches, "side", "boxes", "image_ids", "record"}
@@ -102,14 +102,14 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig: warmup_iters ({self.warmup_iters}) must be below iters ({self.iters})")
 
     @classmethod
-    def from_sr(cls, sr, **overrides) -> "PretrainConfig":
-        """The pretraining that fits an SR branch's config (any object with SRConfig's field names):
-        its patches, its G, and its SR scope as the last bin edge (sqrt of area_threshold)."""
+    def from_sr(cls, sr, sr_train, **overrides) -> "PretrainConfig":
+        """The pretraining that fits an SR branch's config (SRConfig, SRTrainConfig): its patches,
+        its G, its HR source, and its SR scope as the last bin edge (sqrt of area_threshold)."""
         scope = math.sqrt(sr.area_threshold)
-        values = {"lr_size": sr.lr_size, "scale": sr.scale, "context": sr.context, "hr_source": sr.hr_source,
-                  "hr_scale": getattr(sr, "hr_scale", sr.scale),  # sodlab.train reads x{scale} twins
+        values = {"lr_size": sr.lr_size, "scale": sr.scale, "context": sr.context, "hr_source": sr_train.hr_source,
+                  "hr_scale": sr.scale,  # sodlab.train reads x{scale} twins
                   "size_bins": tuple(e for e in EVAL_BIN_EDGES if e < scope) + (scope,),
-                  "jitter": sr.gt_jitter, "jitters_per_gt": sr.jitters_per_gt,
+                  "jitter": sr_train.gt_jitter, "jitters_per_gt": sr_train.jitters_per_gt,
                   "channels": sr.generator_channels, "blocks": sr.generator_blocks}
         return cls(**{**values, **overrides})
 
@@ -358,7 +358,12 @@ def train_generator(pairs: dict, cfg: PretrainConfig, generator: SRGenerator | N
 
 
 def default_cache_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / ".sodlab-cache" / "pretrain"
+    """$SODLAB_CACHE/pretrain (default ~/.cache/sodlab/pretrain): never inside the user's data
+    folder; the key carries the dataset's fingerprint, so one cache serves every dataset."""
+    import os
+
+    root = os.environ.get("SODLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sodlab"
+    return Path(root) / "pretrain"
 
 
 def _machine() -> dict:
@@ -391,7 +396,7 @@ def pretrain_generator(
 ) -> PretrainResult:
     """The pretrained G for (data, cfg): from the cache, or cut the pairs, train, evaluate, cache.
 
-    ``cache_dir`` defaults to DATA/.sodlab-cache/pretrain. ``evaluate_split`` (skipped when None or
+    ``cache_dir`` defaults to ``default_cache_dir``. ``evaluate_split`` (skipped when None or
     absent from the data) adds ``evaluate_generator``'s table to the record.
     """
     data_dir = Path(data_dir)

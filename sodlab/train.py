@@ -275,6 +275,19 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
     model.detector.requires_grad_(False)
 
 
+def init_generator(cfg: TrainConfig, model) -> None:
+    """Start G from a pretrained one: the file cfg.sr_train.generator_init names, or, for
+    "pretrain", the PSNR-oriented G of this data and SR config (made once, then cached)."""
+    from sodlab.pretrain import PretrainConfig, init_generator_from, pretrain_generator
+
+    path = cfg.sr_train.generator_init
+    if path == "pretrain":
+        pretrain_cfg = PretrainConfig.from_sr(cfg.sr, cfg.sr_train, iters=cfg.sr_train.pretrain_iters)
+        path = pretrain_generator(cfg.data, pretrain_cfg, split=cfg.train_split, evaluate_split=None,
+                                  log=tqdm.write).path
+    init_generator_from(model.generator, path, lr_size=cfg.sr.lr_size)
+
+
 def truncate_metrics(path: Path, last_iter: int) -> None:
     """Drop log lines past the checkpoint we restart from, so a resumed log has no duplicates."""
     if not path.exists():
@@ -504,6 +517,8 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: 
     model = build_model(cfg, dataset.num_classes)
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
         init_detector_from(cfg, model)
+    if cfg.is_sr and cfg.sr_train.generator_init and model.generator is not None and not resume:
+        init_generator(cfg, model)
     model.to(device)
     optimizers = make_optimizers(cfg, model)
     amp_dtype = autocast_dtype(cfg, device)

@@ -121,18 +121,28 @@ def test_the_cache_is_reused_and_a_config_change_misses_it(tiny_synth, tmp_path,
 
 @pytest.mark.slow
 def test_config_follows_the_sr_branch_and_a_pretrained_g_loads_into_it(tiny_synth, tmp_path):
-    from sodlab.models.sr_detector import SRConfig
+    from sodlab.config import SRConfig, SRTrainConfig
 
-    sr = SRConfig(lr_size=16, scale=4, area_threshold=16.0**2, hr_source="twin", generator_channels=16,
-                  generator_blocks=2)
-    cfg = PretrainConfig.from_sr(sr, iters=2, warmup_iters=1, pairs_per_bin=10)
+    sr = SRConfig(lr_size=16, scale=4, area_threshold=16.0**2, generator_channels=16, generator_blocks=2)
+    cfg = PretrainConfig.from_sr(sr, SRTrainConfig(hr_source="twin"), iters=2, warmup_iters=1, pairs_per_bin=10)
     assert cfg.size_bins == (0.0, 8.0, 16.0) and (cfg.channels, cfg.blocks, cfg.hr_scale) == (16, 2, 4)
-    assert PretrainConfig.from_sr(SRConfig(area_threshold=24.0**2)).size_bins == (0.0, 8.0, 16.0, 24.0)
+    assert PretrainConfig.from_sr(SRConfig(area_threshold=24.0**2), SRTrainConfig()).size_bins == (0.0, 8.0, 16.0,
+                                                                                                   24.0)
     result = pretrain_generator(tiny_synth, cfg, cache_dir=tmp_path, evaluate_split=None, log=None)
     fresh = SRGenerator(16, 2, 4)
     record = init_generator_from(fresh, result.path, lr_size=16)
     assert record["train"]["iterations"] == 2
     for a, b in zip(fresh.state_dict().values(), result.generator.state_dict().values()):
+        assert torch.equal(a, b)
+    # an SR run whose config names the file starts G from it
+    from sodlab.config import make_config
+    from sodlab.models import build_model
+    from sodlab.train import init_generator
+
+    run_cfg = make_config("cpu", method="sr", sr=sr, sr_train=SRTrainConfig(generator_init=str(result.path)))
+    model = build_model(run_cfg, num_classes=9)
+    init_generator(run_cfg, model)
+    for a, b in zip(model.generator.state_dict().values(), result.generator.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="pretrained G is"):
         init_generator_from(SRGenerator(32, 2, 4), result.path)

@@ -128,7 +128,7 @@ def test_ensure_data_never_writes_into_a_foreign_folder(tmp_path):
 # data -> models -> train -> evaluate -> bench / explore / viz -> cli: each module may import only
 # modules of its own layer or a lower one (config, io, and the plain helpers sit at the bottom).
 LAYERS = [
-    {"sodlab", "sodlab.config", "sodlab.io"},
+    {"sodlab", "sodlab.config", "sodlab.io", "sodlab.rng", "sodlab.rundir"},
     {"sodlab.data", "sodlab.data.coco", "sodlab.data.synth", "sodlab.data.oracle", "sodlab.data.convert",
      "sodlab.data.tiles", "sodlab.data.check"},
     {"sodlab.patches", "sodlab.losses", "sodlab.models", "sodlab.models.detector", "sodlab.models.generator",
