@@ -28,8 +28,8 @@ six hand-built cases of tests/test_errors.py as this module does, but:
     (AP50 1.0 against 0.505); a 30 px box inside a 60 px car (IoU 0.25) is a small FP for
     COCOeval and ignored by the emulation (0.5 against 1.0);
   * its AP counts a class without ground truth (only false positives) as AP 0, where COCO
-    leaves it out, so its AP is not eval.json's AP50 (the Cls case: 25.3 against 50.5), and an
-    empty bin divides by zero;
+    leaves it out, so its AP is not eval.json's AP50 (the Cls case: 25.3 against 50.5), and
+    fixing Miss where every object was missed divides by zero;
   * it needs opencv, seaborn and pandas.
 So this module implements TIDE's definitions on pycocotools' matching, with these choices:
   * Matching is COCOeval's (one run at IoU t_f, the bins as area ranges, maxDets 100), so a

@@ -86,9 +86,9 @@ def test_one_case_per_error_type(kind, tmp_path):
     # the objects' outcomes, and the one erroneous detection's type (detection ids are 1..N)
     bins = analysis(ann_file, dets)
     assert bins["all"].ground_truth == outcomes
-    erroneous = [n + 1 for n, (_, cat, _, box) in enumerate(dets)
-                 if kind != "Miss" and bins["all"].detections[n + 1] != "tp"]
-    assert [bins["all"].detections[d] for d in erroneous] == ([] if kind == "Miss" else [kind])
+    detections = bins["all"].detections
+    assert sorted(detections) == list(range(1, len(dets) + 1))
+    assert [o for o in detections.values() if o != "tp"] == ([] if kind == "Miss" else [kind])
     # every object here is 20 px: the small bin sees the same; the <8 and 8-16 bins see nothing
     assert stats["errors"]["bins"]["small"] == stats["errors"]["bins"]["16-32"] == result
     assert stats["errors"]["bins"]["<8"]["AP50"] == -1 and stats["errors"]["bins"]["<8"]["dAP"][kind] == -1

@@ -1,7 +1,7 @@
 """The FiftyOne App serves a sodlab dataset: headless Chromium (Debian's chromium and
-chromium-driver, driven by selenium) sees the sample grid, the dataset name and its count, and
-the grid of a saved view of one TIDE error type. SODLAB_APP_SCREENSHOT=PATH keeps a copy of the
-error-type screenshot."""
+chromium-driver, driven by selenium) sees the sample grid, the dataset name and its count, opens
+a saved view of one TIDE error type by URL and filters the grid to one error type in the
+sidebar. SODLAB_APP_SCREENSHOT=PATH keeps a copy of that last screenshot."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,7 @@ from test_explore import (CATEGORIES, ERROR_ANNOTATIONS, ERROR_BASELINE, ERROR_I
 use_private_fiftyone_database()
 
 import sodlab.explore as explore  # noqa: E402
+from fiftyone import ViewField as F  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -96,46 +97,80 @@ def test_app_shows_grid_name_and_count(served_dataset, chromium_driver, tmp_path
     assert "ground_truth" in body and "baseline" in body  # the label fields in the sidebar
 
 
-@pytest.fixture
-def served_error_case(tmp_path):
-    data_dir = write_coco_split(tmp_path / "errorcase", ERROR_IMAGES, ERROR_ANNOTATIONS, CATEGORIES)
-    runs = [write_run(tmp_path / "runs", "baseline", "baseline", ERROR_BASELINE),
-            write_run(tmp_path / "runs", "sr", "sr", ERROR_SR)]
+@pytest.fixture(scope="module")
+def served_error_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-errors")
+    data_dir = write_coco_split(root / "errorcase", ERROR_IMAGES, ERROR_ANNOTATIONS, CATEGORIES)
+    runs = [write_run(root / "runs", "baseline", "baseline", ERROR_BASELINE),
+            write_run(root / "runs", "sr", "sr", ERROR_SR)]
     dataset = explore.build_dataset(data_dir, runs)
     port = free_port()
     session = explore.launch(dataset, port=port, wait=False)
-    yield dataset, session, f"http://127.0.0.1:{port}/"
+    yield dataset, f"http://127.0.0.1:{port}/"
     session.close()
 
 
-def test_app_shows_one_error_type(served_error_case, chromium_driver, tmp_path):
-    """The saved view of the baseline's small Loc errors, opened in the App: only the images that
-    hold one, each showing only the Loc-typed boxes (ground truth it would recover and the
-    detections themselves)."""
+THUMBNAILS = '[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]'
+
+
+def wait_for_grid(driver, num_samples):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    dataset, session, url = served_error_case
-    view = dataset.load_saved_view("small-loc-baseline")
-    assert sorted(view.values("image_id")) == [1, 3, 4]
-    session.view = view
-    driver = chromium_driver
-    driver.get(url)
-    thumbnails = '[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]'
-    WebDriverWait(driver, 90).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == len(view))
+    WebDriverWait(driver, 90).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, THUMBNAILS)) == num_samples)
     counts = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-cy="entry-counts"]'))
     WebDriverWait(driver, 30).until(lambda d: counts.text.strip())
     for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Dismiss']"):
-        button.click()
+        button.click()  # the product banner would cover part of the grid in the screenshot
+    return counts
+
+
+def test_app_opens_a_saved_error_view_by_url(served_error_case, chromium_driver):
+    from selenium.webdriver.common.by import By
+
+    dataset, url = served_error_case
+    view = dataset.load_saved_view("small-loc-baseline")
+    assert sorted(view.values("image_id")) == [1, 3, 4]
+    chromium_driver.get(f"{url}datasets/{dataset.name}?view=small-loc-baseline")
+    counts = wait_for_grid(chromium_driver, len(view))
+    assert counts.text.strip().startswith(f"{len(view)} ")
+    body = chromium_driver.find_element(By.TAG_NAME, "body").text
+    assert "small-loc-baseline" in body  # the saved view's name in the view selector
+    assert "ground_truth" in body and "baseline" in body
+
+
+def test_app_filters_one_error_type_in_the_sidebar(served_error_case, chromium_driver, tmp_path):
+    """In the App's sidebar, error_baseline of the baseline's detections filtered to "Loc": the
+    grid keeps the images with a Loc error of the baseline (1, 3 and 4), each showing only those
+    detections (the ground truth stays drawn)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dataset, url = served_error_case
+    driver = chromium_driver
+    driver.set_window_size(1400, 1200)  # room in the sidebar for the baseline's attribute filters
+    driver.get(f"{url}datasets/{dataset.name}")
+    wait_for_grid(driver, len(dataset))
+    driver.find_element(By.CSS_SELECTOR, '[data-cy="sidebar-field-arrow-enabled-baseline"]').click()
+    # The attribute's filter is a search box: type the value, wait for it among the results,
+    # take it with Enter.
+    path = "baseline.detections.error_baseline"
+    search = WebDriverWait(driver, 30).until(lambda d: d.find_element(
+        By.CSS_SELECTOR, f'[data-cy="selector-sidebar-search-{path}"]'))
+    search.click()
+    search.send_keys("Loc")
+    results = f'[data-cy="selector-results-container-sidebar-search-{path}"]'
+    WebDriverWait(driver, 30).until(lambda d: "Loc" in d.find_element(By.CSS_SELECTOR, results).text.split())
+    search.send_keys(Keys.ENTER)
+    expected = dataset.filter_labels("baseline", F("error_baseline") == "Loc")
+    assert sorted(expected.values("image_id")) == [1, 3, 4]
+    counts = wait_for_grid(driver, len(expected))
+    WebDriverWait(driver, 30).until(lambda d: counts.text.strip().startswith(f"{len(expected)} "))
 
     screenshot = tmp_path / "app-error-filter.png"
     assert driver.save_screenshot(str(screenshot))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("SODLAB_APP_SCREENSHOT"):
         shutil.copyfile(screenshot, os.environ["SODLAB_APP_SCREENSHOT"])
-
-    assert counts.text.strip().startswith(f"{len(view)} ")
-    body = driver.find_element(By.TAG_NAME, "body").text
-    assert "small-loc-baseline" in body  # the saved view's name in the view selector
-    assert "ground_truth" in body and "baseline" in body
-    assert "sr" not in body.split()  # the view selects the baseline's fields only
+    assert "error_baseline" in driver.find_element(By.TAG_NAME, "body").text
