@@ -191,22 +191,22 @@ def test_resume_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     evidence = tmp_path / "PWNED"
     _malicious_run(Path(tiny_config.out), tiny_config, evidence)
     with pytest.raises(CheckpointError):
-        train(tiny_config, resume=True, progress=False, evaluate=False)
+        train(tiny_config, resume=True, progress=False)
     assert not evidence.exists()
 
 
 def test_init_from_refuses_a_malicious_checkpoint(tiny_config, tmp_path):
     import dataclasses
 
-    from sodlab.models.sr_detector import SRConfig
+    from sodlab.config import SRTrainConfig
     from sodlab.train import train
 
     evidence = tmp_path / "PWNED"
     source = _malicious_run(tmp_path / "baseline", tiny_config, evidence)
     cfg = dataclasses.replace(tiny_config, method="sr", init_from=str(source), out=str(tmp_path / "sr"),
-                              sr=SRConfig(schedule="staged", hr_source="twin"))
+                              sr_train=SRTrainConfig(schedule="staged", hr_source="twin"))
     with pytest.raises(CheckpointError):
-        train(cfg, progress=False, evaluate=False)
+        train(cfg, progress=False)
     assert not evidence.exists()
 
 
