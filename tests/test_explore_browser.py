@@ -97,7 +97,7 @@ def test_app_shows_grid_name_and_count(served_dataset, chromium_driver, tmp_path
     assert "ground_truth" in body and "baseline" in body  # the label fields in the sidebar
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one App session per test: a saved view opened by one test must not stay the next one's view
 def served_error_case(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-errors")
     data_dir = write_coco_split(root / "errorcase", ERROR_IMAGES, ERROR_ANNOTATIONS, CATEGORIES)
@@ -152,12 +152,14 @@ def test_app_filters_one_error_type_in_the_sidebar(served_error_case, chromium_d
     driver.set_window_size(1400, 1200)  # room in the sidebar for the baseline's attribute filters
     driver.get(f"{url}datasets/{dataset.name}")
     wait_for_grid(driver, len(dataset))
-    driver.find_element(By.CSS_SELECTOR, '[data-cy="sidebar-field-arrow-enabled-baseline"]').click()
     # The attribute's filter is a search box: type the value, wait for it among the results,
-    # take it with Enter.
+    # take it with Enter. The baseline's field group is expanded first, unless the shared browser
+    # session of an earlier test left it expanded (the App remembers it).
     path = "baseline.detections.error_baseline"
-    search = WebDriverWait(driver, 30).until(lambda d: d.find_element(
-        By.CSS_SELECTOR, f'[data-cy="selector-sidebar-search-{path}"]'))
+    selector = f'[data-cy="selector-sidebar-search-{path}"]'
+    if not driver.find_elements(By.CSS_SELECTOR, selector):
+        driver.find_element(By.CSS_SELECTOR, '[data-cy="sidebar-field-arrow-enabled-baseline"]').click()
+    search = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, selector))
     search.click()
     search.send_keys("Loc")
     results = f'[data-cy="selector-results-container-sidebar-search-{path}"]'

@@ -102,9 +102,12 @@ def test_metric_series_skips_records_without_the_key(tmp_path):
     records = viz.read_metrics(tmp_path / "r")
     its, values = viz.metric_series(records, "d_adv")
     assert its.tolist() == [2, 3] and values.tolist() == [0.7, 0.6]
-    (tmp_path / "r" / "metrics.jsonl").write_text('{"iter": 1}\n{"iter": 2,\n')
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"iter": 1}\n{"iter": 2,\n{"iter": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2"):
         viz.read_metrics(tmp_path / "r")
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"iter": 1}\n{"iter": 2,\n')  # a torn last line: dropped
+    with pytest.warns(UserWarning, match="torn last line 2"):
+        assert viz.read_metrics(tmp_path / "r") == [{"iter": 1}]
 
 
 def test_gan_figure_has_d_g_and_balance_panels(tmp_path):
