@@ -230,7 +230,7 @@ def test_counts_add_up_and_no_fix_lowers_ap(random_case):
 
 @pytest.mark.slow  # importing tidecv imports opencv, seaborn and pandas
 def test_agrees_with_tidecv_where_both_apply(random_case):
-    """tidecv (not a dependency) on the whole image set: the same errors and dAPs. Its AP also
+    """tidecv (a dev dependency) on the whole image set: the same errors and dAPs. Its AP also
     counts classes without ground truth, which every class here has."""
     tidecv = pytest.importorskip("tidecv")
     ann_file, dets, stats, bins = random_case

@@ -495,7 +495,18 @@ def test_decompression_bomb_error_names_file_and_id(tmp_path):
     with pytest.raises(ValueError) as refused:
         dataset[0]
     message = one_line(refused.value)
-    assert "bomb.png (image id 6): image of 900,000,000 pixels is over the limit" in message
+    assert "bomb.png (image id 6): image of " in message
+    assert "900,000,000 pixels is over the limit of 67,108,864" in message
+
+
+def test_pixel_limit_holds_when_pillow_guard_is_off(tmp_path, monkeypatch):
+    """SAHI sets PIL.Image.MAX_IMAGE_PIXELS = None when it reads an image; sodlab's own limit must still refuse."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    image = {"id": 6, "file_name": "bomb.png", "width": 30000, "height": 30000}
+    dataset = CocoDetection(*_split(tmp_path, [image], files={"bomb.png": black_png(30000, 30000, pixel_rows=1)}))
+    with pytest.raises(ValueError, match=r"bomb\.png \(image id 6\): image of 30000x30000 = 900,000,000 pixels "
+                                         r"is over the limit of 67,108,864"):
+        dataset[0]
 
 
 def test_size_disagreeing_with_the_json_is_caught_before_decoding(tmp_path, no_decoding):
