@@ -457,6 +457,11 @@ def format_tiny_table(rows: Mapping[str, Mapping] | Iterable[tuple], name_header
     return _markdown(headers, body)
 
 
+def _count(value: float) -> str:
+    """An error count: an integer for one run, one decimal for a mean over seeds."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
 def format_errors_table(rows: Mapping[str, Mapping] | Iterable[tuple], size_bin: str = "small",
                         name_header: str = "Methods") -> str:
     """Markdown table of TIDE's dAP per error type (percent points, one decimal) in one bin of
@@ -471,5 +476,5 @@ def format_errors_table(rows: Mapping[str, Mapping] | Iterable[tuple], size_bin:
         counts = result.get("counts", {})
         body.append([name] + ([backbone or ""] if with_backbone else []) + [_percent(result.get("AP50"))]
                     + [_percent(result.get("dAP", {}).get(t)) for t in ERROR_TYPES]
-                    + [str(counts[t]) if t in counts else "" for t in ERROR_TYPES])
+                    + [_count(counts[t]) if t in counts else "" for t in ERROR_TYPES])
     return _markdown(headers, body)

@@ -114,11 +114,6 @@ def check_replaceable(path: str | os.PathLike, force: bool, is_ours, what: str, 
         if not is_ours(path):
             raise FileExistsError(f"{path}: not a sodlab {what} (no marker file), so --force will not delete it; "
                                   "choose another folder")
-        import shutil
-
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

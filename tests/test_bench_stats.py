@@ -80,3 +80,25 @@ def test_the_verdict_follows_the_numbers():
     assert "Significantly worse: `upscale` (-5.0 [-8.0, -2.0], 4.00x the latency)" in text
     rows[1] = _row("sr", 0.26, (-0.01, 0.09))
     assert "no method is significantly better" in verdict(rows)
+
+
+def test_errors_and_tiny_metrics_are_averaged_over_seeds():
+    from sodlab.bench.report import mean_over_seeds
+    from sodlab.evaluate import format_errors_table
+
+    def seed(ap50, loc, count, tiny_ap):
+        return {"errors": {"fg_iou": 0.5, "bins": {"small": {"AP50": ap50, "num_gt": 40, "dAP": {"Loc": loc},
+                                                             "counts": {"Loc": count}}}},
+                "tiny": {"nwd_constant": 12.8, "ranges": {"very tiny": {"AP": tiny_ap}}}}
+
+    seeds = [seed(0.2, 0.04, 3, 0.1), seed(0.4, 0.02, 4, -1.0)]
+    errors = mean_over_seeds([s["errors"] for s in seeds])
+    small = errors["bins"]["small"]
+    assert small["AP50"] == pytest.approx(0.3) and small["dAP"]["Loc"] == pytest.approx(0.03)
+    assert small["counts"]["Loc"] == 3.5 and small["num_gt"] == 40 and errors["fg_iou"] == 0.5
+    # a bin without ground truth in one seed has no mean
+    assert mean_over_seeds([s["tiny"] for s in seeds])["ranges"]["very tiny"]["AP"] == -1.0
+    # a key one seed lacks is left out rather than averaged over fewer seeds
+    assert "extra" not in mean_over_seeds([{"extra": 1.0, "a": 1}, {"a": 3}])
+    table = format_errors_table({"sr": {"errors": errors}})
+    assert "| 3.5 |" in table and "| 30.0 |" in table

@@ -288,6 +288,28 @@ def test_check_replaceable_passes_missing_and_empty_folders(tmp_path):
     assert not is_sodlab_run(tmp_path / "broken")
 
 
+def test_replace_dir_checks_before_it_deletes_and_deletes_only_its_own(tmp_path):
+    """io.replace_dir, the benches' guard: the check alone (check_replaceable) touches nothing."""
+    from sodlab import io
+
+    def is_bench(path):
+        return (path / "bench.json").is_file()
+
+    bench, foreign = tmp_path / "bench", tmp_path / "foreign"
+    for folder, marker in ((bench, "bench.json"), (foreign, "notes.txt")):
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+    io.check_replaceable(bench, True, is_bench, "bench")
+    assert (bench / "bench.json").exists()  # checked, not deleted
+    with pytest.raises(FileExistsError, match="already holds a bench; choose another --name, or pass --force"):
+        io.replace_dir(bench, False, is_bench, "bench", hint="choose another --name")
+    with pytest.raises(FileExistsError, match="foreign: not a sodlab bench"):
+        io.replace_dir(foreign, True, is_bench, "bench")
+    assert (foreign / "notes.txt").exists()
+    assert list(io.replace_dir(bench, True, is_bench, "bench").iterdir()) == []
+    assert io.replace_dir(tmp_path / "new" / "bench", False, is_bench, "bench").is_dir()
+
+
 # --- run directories: one live process per run ----------------------------------------------------
 
 HOLD_LOCK = textwrap.dedent("""

@@ -174,7 +174,7 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows, records).encode())
     atomic_write_bytes(out_dir / "ap_by_size.png", plot_ap_by_size(rows))
     atomic_write_bytes(out_dir / "speed_accuracy.png", plot_speed_accuracy(rows))
-    atomic_write_bytes(out_dir / "errors.png", plot_errors(records))
+    atomic_write_bytes(out_dir / "errors.png", plot_errors(rows))
     return out_dir
 
 

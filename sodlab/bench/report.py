@@ -41,8 +41,24 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def mean_over_seeds(values: list):
+    """The seeds' mean of a json tree (eval.json's "errors" or "tiny"): numbers averaged leaf by
+    leaf over the keys every seed has; COCO's -1 (no ground truth) in any seed stays -1; other
+    leaves are the first seed's."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: mean_over_seeds([v[k] for v in values]) for k in first if all(k in v for v in values)}
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
+            isinstance(v, (int, float)) for v in values):
+        return -1.0 if any(v == -1 for v in values) else statistics.fmean(values)
+    return first
+
+
 def _aggregate_eval(stats: list[dict]) -> tuple[dict, dict | None]:
     mean, std = {}, {}
+    for tree in ("errors", "tiny"):  # TIDE and the tiny-object metrics, averaged over seeds
+        if all(tree in s for s in stats):
+            mean[tree] = mean_over_seeds([s[tree] for s in stats])
     for name in STAT_NAMES:
         mean[name], std[name] = _mean_std([s[name] for s in stats])
     mean["fine_bins"], std["fine_bins"] = {}, {}
@@ -243,12 +259,13 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         from sodlab.evaluate import format_errors_table
         from sodlab.viz import loc_comparison
 
-        first = [(r["method"], r["backbone"], r["eval"]) for r in records
-                 if r["seed"] == 0 and r["preset"] == rows[0]["preset"]]
-        parts += ["", "## Which errors each method makes on small objects (TIDE, seed 0)", "",
+        averaged = [(row["method"], row["backbone"], row["eval"]) for row in rows
+                    if row["preset"] == rows[0]["preset"] and "errors" in row["eval"]]
+        over = "seed 0" if seeds == 1 else f"mean over {seeds} seeds"
+        parts += ["", f"## Which errors each method makes on small objects (TIDE, {over})", "",
                   "dAP: AP50 points gained if every error of that type were fixed (Bolya et al. 2020; foreground "
                   "IoU 0.5, background IoU 0.1); # counts the errors. errors.png has the fine bins.", "",
-                  format_errors_table(first), "", loc_comparison([(m, e) for m, _, e in first])]
+                  format_errors_table(averaged), "", loc_comparison([(m, e) for m, _, e in averaged])]
     if seeds > 1:
         parts += ["", f"Standard deviation over {seeds} seeds:", "",
                   format_table([(row["method"], row["backbone"], row["eval_std"]) for row in rows])]
@@ -298,11 +315,11 @@ def plot_ap_by_size(rows: list[dict]) -> bytes:
                            errors={_label(r, rows): r["eval_std"] for r in rows}), dpi=120)
 
 
-def plot_errors(records: list[dict]) -> bytes:
-    """TIDE's dAP per error type, stacked per method, for small objects and each fine bin (seed 0)."""
+def plot_errors(rows: list[dict]) -> bytes:
+    """TIDE's dAP per error type, stacked per method, for small objects and each fine bin (mean over seeds)."""
     from sodlab.viz import figure_png, plot_error_bars
 
-    return figure_png(plot_error_bars([(r["method"], r["eval"]) for r in records if r["seed"] == 0]), dpi=120)
+    return figure_png(plot_error_bars([(_label(r, rows), r["eval"]) for r in rows if "errors" in r["eval"]]), dpi=120)
 
 
 def plot_speed_accuracy(rows: list[dict]) -> bytes:
