@@ -101,6 +101,24 @@ def test_hand_computed_average_precision(tmp_path):
     assert results[0]["bbox"] == [10, 10, 20, 19.5] and "id" not in results[0]  # caller's list untouched
 
 
+def test_ap75_of_small_objects_separates_loose_from_tight_boxes(tmp_path):
+    """Two small objects (20 px) boxed at IoU 0.9 and at IoU 0.6, one medium object (50 px) exact:
+    AP75s counts only the tight small box (recall 1/2 at precision 1: AP 51/101), AP50 on small
+    objects (fine bin 16-32) both, and the medium object does not enter AP75s."""
+    ann_file = write_gt(tmp_path / "gt.json", {1: [(3, [10, 10, 20, 20]), (3, [100, 100, 20, 20]),
+                                                   (3, [200, 200, 50, 50])]}, categories=CATEGORIES[:1])
+    results = [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 18], "score": 0.9},  # IoU 360/400 = 0.9
+        {"image_id": 1, "category_id": 3, "bbox": [100, 100, 20, 12], "score": 0.8},  # IoU 240/400 = 0.6
+        {"image_id": 1, "category_id": 3, "bbox": [200, 200, 50, 50], "score": 0.7},
+    ]
+    stats = coco_eval(ann_file, results)
+    assert stats["AP75s"] == pytest.approx(51 / 101, abs=1e-6)
+    assert stats["fine_bins"]["16-32"]["AP50"] == pytest.approx(1.0)
+    assert coco_eval(ann_file, results[2:])["AP75s"] == 0.0  # small objects missed: 0, not -1
+    assert coco_eval(ann_file, perfect_results(ann_file))["AP75s"] == pytest.approx(1.0)
+
+
 def test_crowd_ground_truth_is_ignored_not_a_false_positive(tmp_path):
     """A 0.9 detection on a crowd region, then a 0.5 TP: the crowd hit is ignored, AP = 1.
 
@@ -221,5 +239,5 @@ def test_evaluate_run_maps_boxes_back_from_upscaled_input(tmp_path):
     assert stats["AP50"] == pytest.approx(1.0)
     assert json.loads((run_dir / "eval.json").read_text()) == stats
     assert json.loads((run_dir / "detections_val.json").read_text()) == results
-    assert set(STAT_NAMES) | {"fine_bins", "errors", "tiny", "inference"} == set(stats)
+    assert set(STAT_NAMES) | {"AP75s", "fine_bins", "errors", "tiny", "inference"} == set(stats)
     assert stats["inference"] == {"mode": "whole image"}
