@@ -193,6 +193,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "data": str(data_dir), "val_images": len(lr_val), "evaluated_images": evaluated,
         "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
         "sr_hr_source": hr_source, "sr_fusion": {**SR_RECIPE, **budget.sr}.get("fusion", "replace"),
+        "sr_gate_top_k": {**SR_RECIPE, **budget.sr}.get("gate_top_k", 0),
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},

@@ -226,7 +226,10 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations",
         f"- SR methods: HR patches from the {header['sr_hr_source']}; D's class scores and boxes on small "
         f"proposals {'are averaged with' if header.get('sr_fusion') == 'mean' else 'replace'} the box head's "
-        f"(fusion `{header.get('sr_fusion', 'replace')}`)",
+        f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
+            f"; gated: only the {header['sr_gate_top_k']} small proposals per image the box head finds most likely "
+            "foreground go through G and D" if header.get("sr_gate_top_k") else "; ungated: every small proposal "
+            "goes through G and D"),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
         f"- SAHI {sahi['package_version']}: {sahi['slice']}x{sahi['slice']} px slices, overlap {sahi['overlap']}, "
