@@ -62,6 +62,7 @@ def test_gap_closed_by_hand():
 
 # --- end to end --------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
 def test_every_method_has_a_row_with_finite_numbers(bench_dir):
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert bench["complete"]
@@ -89,6 +90,7 @@ def test_every_method_has_a_row_with_finite_numbers(bench_dir):
     assert bench["sr_hr_source"] == "twin"
 
 
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
 def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     for method in METHODS:
         run_dir = bench_dir / "runs" / f"{method.name}-seed0"
@@ -113,6 +115,7 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
             assert image.format == "PNG" and image.width > 300
 
 
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
 def test_sr_variants_of_a_seed_share_the_baseline_detector_bytes(bench_dir):
     def detector_state(run):
         state = torch.load(bench_dir / "runs" / run / "checkpoints" / "last.pt", weights_only=False)["model"]
@@ -130,6 +133,7 @@ def test_sr_variants_of_a_seed_share_the_baseline_detector_bytes(bench_dir):
     assert sr["training"]["shared_detector"].endswith("baseline-seed0")
 
 
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
 def test_a_killed_bench_resumes_reusing_its_finished_runs(bench_dir, tmp_path):
     killed = tmp_path / "bench-test"
     shutil.copytree(bench_dir, killed, symlinks=True)
@@ -147,6 +151,7 @@ def test_a_killed_bench_resumes_reusing_its_finished_runs(bench_dir, tmp_path):
     assert {row["method"] for row in after["rows"]} == set(METHOD_NAMES)
 
 
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
 def test_existing_output_is_refused_and_left_untouched(bench_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the embedded benchmark would be generated into ./data
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bench_dir.iterdir() if p.is_file()}
@@ -272,6 +277,7 @@ def tiny_coco(tiny_synth, tmp_path):
     return out
 
 
+@pytest.mark.slow  # the paper's four R50/R101 detectors built and stepped
 def test_paper_dry_run_on_a_handful_of_images(tiny_coco, tmp_path):
     """Both backbone depths, with and without FPN, every kind of method (the oracle: skipped, no twins)."""
     out = cmd_bench(parse(["--paper", "--dry-run", "--data", str(tiny_coco), "--no-pretrained",

@@ -625,6 +625,7 @@ def test_refuses_to_replace_a_dataset_sodlab_did_not_build(view_case):
     assert len(fo.load_dataset("other")) == 1
 
 
+@pytest.mark.slow  # a fresh interpreter importing FiftyOne
 def test_importing_explore_turns_tracking_off_even_if_the_user_enabled_it():
     probe = ("import os, sodlab.explore, fiftyone as fo; "
              "print(fo.config.do_not_track, os.environ['FIFTYONE_DO_NOT_TRACK'])")

@@ -27,6 +27,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-quic", "--window-size=1400,900"]
 NUM_IMAGES = 5
 
+pytestmark = pytest.mark.slow  # every test starts the FiftyOne App and a headless chromium
+
 
 @pytest.fixture
 def chromium_driver(tmp_path, monkeypatch):

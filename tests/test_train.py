@@ -96,6 +96,7 @@ def test_resume_refuses_a_changed_config(tiny_config):
         train(tiny_config, resume=True, progress=False)
 
 
+@pytest.mark.slow  # two trainings
 def test_same_seed_same_weights(tiny_config, tmp_path):
     a = train(tiny_config, progress=False)
     tiny_config = dataclasses.replace(tiny_config, out=str(tmp_path / "again"))
