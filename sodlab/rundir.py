@@ -14,6 +14,7 @@ import fcntl
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -120,12 +121,23 @@ class RunLock:
         self._created_dir = False
 
     def acquire(self) -> RunLock:
-        if self.run_dir.exists() and not self.run_dir.is_dir():
+        try:  # one stat: a releasing holder may remove the (empty) directory at any moment
+            mode = os.stat(self.run_dir).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):
             raise NotADirectoryError(f"{self.run_dir}: not a directory")
-        self._created_dir = not self.run_dir.exists()
+        self._created_dir = mode is None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                # A holder that created the run directory released it and removed it (empty)
+                # between our mkdir and open: make it again, and remove it on release in turn.
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._created_dir = True
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
