@@ -200,6 +200,26 @@ def test_oracle_renders_twins_from_scenes_or_is_skipped(tiny_synth, tmp_path):
     assert out is None and note.startswith("HR oracle skipped")
 
 
+def test_bench_takes_the_twin_scale_of_converted_data(tmp_path):
+    """Data converted with --twins 2 has train_x2/ and val_x2/: the SR methods super-resolve x2 and
+    cut their HR patches from those twins; data with the recipe's x4 twins, or a budget that sets
+    the scale itself, is left as it is."""
+    from sodlab.bench import fit_twin_scale, resolve_hr_source
+
+    budget = tiny_budget()
+    for folder in ("train", "val", "train_x2", "val_x2", "val_x3"):
+        (tmp_path / folder).mkdir()
+    fitted, note = fit_twin_scale(budget, tmp_path)
+    assert (fitted.sr["scale"], fitted.oracle_scale) == (2, 2) and "x2 twins, not x4" in note
+    assert resolve_hr_source(fitted, tmp_path)[0] == "twin"
+    assert resolve_hr_source(budget, tmp_path)[0] == "image"
+    assert fit_twin_scale(dataclasses.replace(budget, sr={"scale": 4}), tmp_path) == (
+        dataclasses.replace(budget, sr={"scale": 4}), None)
+    for folder in ("train_x4", "val_x4"):
+        (tmp_path / folder).mkdir()
+    assert fit_twin_scale(budget, tmp_path) == (budget, None)
+
+
 class CentreDetector(torch.nn.Module):
     """Detects one 8 x 8 object at the centre of its input: SAHI must shift each slice's box into place."""
 

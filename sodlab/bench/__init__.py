@@ -53,6 +53,24 @@ def resolve_hr_source(budget: Budget, data_dir: Path) -> tuple[str, str]:
                      f"has a real HR patch only for RoIs >= {SRConfig().lr_size * scale} px: small RoIs get none")
 
 
+def fit_twin_scale(budget: Budget, data_dir: Path) -> tuple[Budget, str | None]:
+    """The budget at the data's own twin scale, and a note, when its twins are written at another
+    scale than the SR recipe's: data converted with ``sodlab convert --twins 2`` trains G at x2, and
+    the oracle on those x2 twins. A budget that sets the SR scale itself is kept as it is."""
+    from sodlab.config import SRConfig
+    from sodlab.data.oracle import written_twin_scales
+
+    scale = SRConfig(**budget.sr).scale
+    written = [set(written_twin_scales(data_dir, split)) for split in (budget.train_split, budget.val_split)]
+    common = set.intersection(*written)
+    if "scale" in budget.sr or scale in common or not common:
+        return budget, None
+    k = max(common)
+    return (dataclasses.replace(budget, sr={**budget.sr, "scale": k}, oracle_scale=k),
+            f"{data_dir} has x{k} twins, not x{scale}: the SR methods super-resolve x{k}, and the HR oracle "
+            f"trains on the x{k} twins")
+
+
 def backbone_label(detector: DetectorConfig) -> str:
     return f"ResNet-{detector.backbone.removeprefix('resnet')}" + ("-FPN" if detector.fpn else "")
 
@@ -104,10 +122,13 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         preset(preset_name)  # an unknown preset fails here, before anything is written
     data_dir = Path(data) if data else ensure_data(budget, progress=progress)
     lr_val = load_split(data_dir, budget.val_split, train=False)  # fail early on a missing split
+    budget, scale_note = fit_twin_scale(budget, data_dir)
     finished = open_bench_dir(out_dir, budget, force)
     started = time.perf_counter()
     hr_source, note = resolve_hr_source(budget, data_dir)
-    notes = [note] if any(m.train_as and m.train_as.startswith("sr") for m in chosen) else []
+    notes = [scale_note] if scale_note else []
+    if any(m.train_as and m.train_as.startswith("sr") for m in chosen):
+        notes.append(note)
     oracle_dir = None
     if any(m.twins for m in chosen):
         oracle_dir, note = prepare_oracle_data(data_dir, budget.oracle_scale,

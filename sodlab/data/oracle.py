@@ -16,13 +16,18 @@ from sodlab.data.synth import area_downsample, render_twin
 from sodlab.io import atomic_write_json, read_json
 
 
+def written_twin_scales(data_dir: str | Path, split: str) -> list[int]:
+    """The scales k of the twins written for a split (DIR/{split}_xk/), smallest first."""
+    return sorted(int(p.name.rsplit("_x", 1)[1]) for p in Path(data_dir).glob(f"{split}_x*")
+                  if p.is_dir() and p.name.rsplit("_x", 1)[1].isdigit())
+
+
 def _twin_source(data_dir: Path, split: str, k: int) -> tuple[str, int] | None:
     """How to get the xk twins of a split: ("written", k), ("reduce", m) from written xm twins
     (m a multiple of k, area-averaged by m/k), ("render", k) from the scene file, or None."""
     if (data_dir / f"{split}_x{k}").is_dir():
         return "written", k
-    for m in sorted(int(p.name.rsplit("_x", 1)[1]) for p in data_dir.glob(f"{split}_x*")
-                    if p.is_dir() and p.name.rsplit("_x", 1)[1].isdigit()):
+    for m in written_twin_scales(data_dir, split):
         if m > k and m % k == 0:
             return "reduce", m
     if (data_dir / "annotations" / f"scenes_{split}.json").is_file():
