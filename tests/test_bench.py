@@ -110,6 +110,8 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert "| Methods | Backbone | AP 0.5:0.95 | 0.5 | 0.75 | S | M | L |" in report
     assert "w/o clsloss (cf. sr-no-cls) | ResNet-50 | 32.5 | 52.8 | 34.5 | 1.9 | 11.5 | 29.9 |" in report
     assert "64x64 px slices, overlap 0.2" in report and "HR oracle at x2" in report
+    assert "- evaluation: whole images, each resized by its own detector (the oracle's 2x larger ones" in report
+    assert "annotations/instances_val.json`, the ground truth at the data's own resolution" in report
     for name in ("ap_by_size.png", "speed_accuracy.png"):
         with Image.open(bench_dir / name) as image:
             assert image.format == "PNG" and image.width > 300

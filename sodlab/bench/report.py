@@ -232,6 +232,10 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
             "goes through G and D"),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
+        f"- evaluation: whole images, each resized by its own detector (the oracle's {header['oracle']['scale']}x "
+        "larger ones by a detector that many times larger), unsliced except in the SAHI row; COCOeval against "
+        f"`{header['data']}/annotations/instances_{budget['val_split']}.json`, the ground truth at the data's own "
+        "resolution (the oracle's boxes mapped back to it)",
         f"- SAHI {sahi['package_version']}: {sahi['slice']}x{sahi['slice']} px slices, overlap {sahi['overlap']}, "
         f"each resized by the detector to its min_size, plus one full-image pass; merged by class-wise "
         f"{sahi['postprocess_type']} at {sahi['postprocess_match_metric']} {sahi['postprocess_match_threshold']}",
