@@ -331,6 +331,7 @@ def test_convert_with_twins(tmp_path):
     assert coco["images"][0] == {"id": 1, "file_name": "a.png", "width": 32, "height": 24}
     assert coco["annotations"][0]["bbox"] == [5.0, 2.5, 5.0, 10.0]
     assert coco["info"]["sodlab_convert"]["format"] == "voc" and coco["info"]["sodlab_twins"]["scale"] == 2
+    assert coco["info"]["sodlab_twins"]["src"] == str(src)  # the converted dataset, not the temporary folder
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason=f"{REALDATA} not present")

@@ -557,7 +557,7 @@ def convert(format: str, src: str | os.PathLike, out: str | os.PathLike, names: 
         else:
             summary = convert_visdrone(src, target, splits, copy=copy, overwrite=overwrite_target)
         if twins is not None:
-            summary["twins"] = make_twins(intermediate, out, twins, overwrite=overwrite)
+            summary["twins"] = make_twins(intermediate, out, twins, overwrite=overwrite, source=src)
             summary["out"] = str(out)
     finally:
         if intermediate is not None and intermediate.exists():
@@ -574,7 +574,7 @@ def _png(path: Path, pixels: np.ndarray) -> None:
 
 
 def make_twins(src: str | os.PathLike, out: str | os.PathLike, k: int, splits: Iterable[str] | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, source: str | os.PathLike | None = None) -> dict:
     """A COCO folder of real images -> an LR dataset whose exact xk HR twins are those images.
 
     For every split (default: every annotations/instances_SPLIT.json of ``src``) and image:
@@ -586,8 +586,11 @@ def make_twins(src: str | os.PathLike, out: str | os.PathLike, k: int, splits: I
     single-channel PNGs. Boxes are clipped to the crop and divided by k, areas by k^2 (a box
     that the crop leaves empty is dropped and counted). ``load_split(out, split, hr_scale=k)``
     then returns each LR image with its twin, as for the embedded benchmark's ``--hr-scale k``.
+    ``source`` is the dataset recorded as the twins' origin (info.sodlab_twins.src; default: src):
+    ``convert`` names the dataset it converted, not its temporary COCO folder.
     """
     src, out, started = Path(src), Path(out), time.perf_counter()
+    source = str(src if source is None else source)
     if not (isinstance(k, int) and k >= 2):
         raise ValueError(f"the twin scale must be an integer >= 2, got {k!r}")
     if splits is None:
@@ -596,7 +599,7 @@ def make_twins(src: str | os.PathLike, out: str | os.PathLike, k: int, splits: I
     if not splits:
         raise FileNotFoundError(f"{src}: no annotations/instances_SPLIT.json to make twins of")
     staging = _staging_dir(out, overwrite)
-    summary = {"src": str(src), "out": str(out), "scale": k, "splits": {}}
+    summary = {"src": source, "out": str(out), "scale": k, "splits": {}}
     try:
         for split in splits:
             ann_file = src / "annotations" / f"instances_{split}.json"
@@ -650,7 +653,7 @@ def make_twins(src: str | os.PathLike, out: str | os.PathLike, k: int, splits: I
                                     "area": area / (k * k)})
             coco["annotations"] = annotations
             coco.setdefault("info", {})["sodlab_twins"] = {
-                "scale": k, "src": str(src), "lr": f"{k}x{k} area average of the HR twin",
+                "scale": k, "src": source, "lr": f"{k}x{k} area average of the HR twin",
                 "crop": "right and bottom remainder (< k px) removed before reducing"}
             atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco, indent=None)
             summary["splits"][split] = {"images": len(images), "cropped_images": cropped,
