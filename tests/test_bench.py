@@ -112,6 +112,10 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert "64x64 px slices, overlap 0.2" in report and "HR oracle at x2" in report
     assert "- evaluation: whole images, each resized by its own detector (the oracle's 2x larger ones" in report
     assert "annotations/instances_val.json`, the ground truth at the data's own resolution" in report
+    assert "| APs - score-matched baseline | 95% interval |" in report
+    rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
+    matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
+    assert matched["low"] <= matched["high"] and np.isfinite(matched["point"])
     for name in ("ap_by_size.png", "speed_accuracy.png"):
         with Image.open(bench_dir / name) as image:
             assert image.format == "PNG" and image.width > 300

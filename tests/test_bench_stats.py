@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sodlab.bench.report import verdict
-from sodlab.bench.stats import (match_detections, paired_differences, resample_weights, summarize_differences,
-                                weighted_ap)
+from sodlab.bench.stats import (match_detections, match_small_scores, paired_differences, resample_weights,
+                                score_matched_differences, summarize_differences, weighted_ap)
 from sodlab.evaluate import coco_eval
 
 
@@ -64,6 +64,66 @@ def test_a_known_improvement_gives_a_positive_significant_interval(gt_file):
     assert up["AP"]["low"] > 0
 
 
+def _logit(p):
+    return np.log(p) - np.log1p(-p)
+
+
+def test_score_matching_moves_only_small_scores_and_keeps_their_order():
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, w, w], "score": p}
+            for w, p in [(10, 0.9), (20, 0.2), (31, 0.6), (40, 0.7), (5, 0.05)]]
+    like = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8], "score": p} for p in (0.1, 0.3, 0.2, 0.15)]
+    moved = match_small_scores(dets, like)
+    assert [d["score"] for d in moved][3] == 0.7 and dets[0]["score"] == 0.9  # a 40 px box, and the input, untouched
+    small_before = [d["score"] for d in dets if d["bbox"][2] < 32]
+    small_after = [d["score"] for d in moved if d["bbox"][2] < 32]
+    assert np.argsort(small_before).tolist() == np.argsort(small_after).tolist()
+    target = _logit(np.array([d["score"] for d in like]))
+    assert _logit(np.array(small_after)).mean() == pytest.approx(target.mean())
+    assert _logit(np.array(small_after)).std() == pytest.approx(target.std())
+
+
+@pytest.fixture
+def boundary_gt_file(tmp_path):
+    """20 images, each with a small object just under 32 px and a medium one."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 21)]
+    anns = []
+    for i in range(1, 21):
+        anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0})
+        anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 1, "bbox": [50, 50, 40, 40], "area": 1600,
+                     "iscrowd": 0})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    return path
+
+
+def _boundary_detections(small_logit_shift: float = 0.0) -> list[dict]:
+    """A medium hit, a 33 px box on the 30 px object, a small box on it, and a small false positive."""
+    def small(p):
+        return float(1 / (1 + np.exp(-(_logit(p) + small_logit_shift))))
+
+    dets = []
+    for i in range(1, 21):
+        dets += [{"image_id": i, "category_id": 1, "bbox": [50, 50, 40, 40], "score": 0.9},
+                 {"image_id": i, "category_id": 1, "bbox": [10, 10, 33, 33], "score": 0.6},
+                 {"image_id": i, "category_id": 1, "bbox": [12, 12, 30, 30], "score": small(0.7 if i % 2 else 0.3)},
+                 {"image_id": i, "category_id": 1, "bbox": [60, 5, 20, 20], "score": small(0.4 + i / 100)}]
+    return dets
+
+
+def test_a_lower_small_score_scale_alone_raises_aps_but_not_against_the_score_matched_baseline(boundary_gt_file):
+    baseline, rescaled = _boundary_detections(), _boundary_detections(small_logit_shift=-2.0)
+    ids, ones = range(1, 21), np.ones((1, 20))
+    base, method = match_detections(boundary_gt_file, baseline, ids), match_detections(boundary_gt_file, rescaled, ids)
+    # the artefact: nothing but the small detections' score scale changed, and APs rose
+    raw = paired_differences(method, base, ones)
+    assert raw["APs"][0] > 0.02
+    # against the baseline on the method's small-score scale, the rescale earns nothing
+    matched = match_detections(boundary_gt_file, match_small_scores(baseline, rescaled), ids)
+    control = score_matched_differences(method, matched, resample_weights(20, 200, seed=3))
+    assert np.abs(control["APs_vs_score_matched"]).max() < 1e-9
+    assert np.abs(control["AP_vs_score_matched"]).max() < 1e-9
+
+
 def _row(method, aps, ci=None, cost=1.0):
     return {"method": method, "preset": "cpu", "backbone": "ResNet-18-FPN", "eval": {"APs": aps},
             "vs_baseline": {"infer_ms_per_image": cost},
@@ -78,6 +138,12 @@ def test_the_verdict_follows_the_numbers():
     assert "significantly better: `sr` (+6.0 [+2.0, +9.0], 1.25x the latency)" in text
     assert "Within the noise: `sr-no-adv` (+1.0 [-1.0, +3.0]" in text
     assert "Significantly worse: `upscale` (-5.0 [-8.0, -2.0], 4.00x the latency)" in text
+    assert "score-matched" not in text  # no such interval, no such sentence
+    rows[1]["intervals"]["APs_vs_score_matched"] = {"point": 0.004, "low": -0.01, "high": 0.02, "significant": False}
+    rows[2]["intervals"]["APs_vs_score_matched"] = {"point": 0.03, "low": 0.01, "high": 0.05, "significant": True}
+    text = verdict(rows)
+    assert ("APs is significantly higher for `sr-no-adv` (+3.0 [+1.0, +5.0]); within the noise for `sr` "
+            "(+0.4 [-1.0, +2.0]).") in text
     rows[1] = _row("sr", 0.26, (-0.01, 0.09))
     assert "no method is significantly better" in verdict(rows)
 

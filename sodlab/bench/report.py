@@ -178,14 +178,32 @@ def verdict(rows: list[dict]) -> str:
             sentence += f" Within the noise: {', '.join(within)}."
         if worse:
             sentence += f" Significantly worse: {', '.join(worse)}."
-        parts.append(sentence)
+        parts.append(sentence + score_matched_verdict(group))
     return "\n\n".join(parts)
+
+
+def score_matched_verdict(group: list[dict]) -> str:
+    """The verdict's second sentence: each method against the baseline with its small detections'
+    scores on the method's scale (bench.stats.match_small_scores), which credits ranking only."""
+    better, within, worse = [], [], []
+    for row in group:
+        ci = (row.get("intervals") or {}).get("APs_vs_score_matched")
+        if row["method"] == "baseline" or not ci:
+            continue
+        text = f"`{row['method']}` ({_signed(ci['point'])} [{_signed(ci['low'])}, {_signed(ci['high'])}])"
+        (better if ci["low"] > 0 else worse if ci["high"] < 0 else within).append(text)
+    if not (better or within or worse):
+        return ""
+    sentence = (" Against the score-matched baseline (its small detections' scores on each method's scale, "
+                "since a lower small-score scale alone raises COCO's APs), APs is")
+    groups = [(better, "significantly higher for"), (within, "within the noise for"), (worse, "significantly lower for")]
+    return sentence + ";".join(f" {words} {', '.join(items)}" for items, words in groups if items) + "."
 
 
 def interval_table(rows: list[dict]) -> str:
     """Each method's AP and APs difference to the baseline, with its interval; * marks significance."""
     headers = ["Methods", "Backbone", "AP - baseline", "95% interval", "APs - baseline", "95% interval",
-               "gap closed (APs)", "95% interval"]
+               "gap closed (APs)", "95% interval", "APs - score-matched baseline", "95% interval"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
         if row["method"] == "baseline" or not row.get("intervals"):
@@ -198,6 +216,9 @@ def interval_table(rows: list[dict]) -> str:
             cells += [diff, f"[{_signed(ci['low'])}, {_signed(ci['high'])}]" if ci else ""]
         gap = row["intervals"].get("gap_closed")
         cells += [_fmt(row["gap_closed"], 2), f"[{gap['low']:.2f}, {gap['high']:.2f}]" if gap else ""]
+        matched = row["intervals"].get("APs_vs_score_matched")
+        cells += [_signed(matched["point"]) + ("*" if matched["significant"] else ""),
+                  f"[{_signed(matched['low'])}, {_signed(matched['high'])}]"] if matched else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -256,7 +277,11 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         "",
         f"Each seed's val images resampled {header.get('bootstrap_resamples', 1000)} times with replacement; both "
         "methods of a seed scored on the same resample; the seeds' differences averaged per resample. "
-        "* = the 95% interval excludes 0.",
+        "* = the 95% interval excludes 0. The score-matched baseline is the baseline with its small detections' "
+        "scores moved onto the method's small-score scale (a strictly increasing map, so their order stays): "
+        "COCO's APs ignores unmatched detections above the small range, so a lower small-score scale alone "
+        "raises APs and lowers AP. A method that beats the baseline but not the score-matched baseline gains "
+        "by its score scale, not by ranking small objects better.",
         "",
         interval_table(rows),
     ]
