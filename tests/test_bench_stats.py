@@ -6,7 +6,7 @@ import pytest
 
 from sodlab.bench.report import verdict
 from sodlab.bench.stats import (match_detections, match_small_scores, paired_differences, resample_weights,
-                                score_matched_differences, summarize_differences, weighted_ap)
+                                summarize_differences, weighted_ap)
 from sodlab.evaluate import coco_eval
 
 
@@ -119,7 +119,7 @@ def test_a_lower_small_score_scale_alone_raises_aps_but_not_against_the_score_ma
     assert raw["APs"][0] > 0.02
     # against the baseline on the method's small-score scale, the rescale earns nothing
     matched = match_detections(boundary_gt_file, match_small_scores(baseline, rescaled), ids)
-    control = score_matched_differences(method, matched, resample_weights(20, 200, seed=3))
+    control = paired_differences(method, base, resample_weights(20, 200, seed=3), score_matched=matched)
     assert np.abs(control["APs_vs_score_matched"]).max() < 1e-9
     assert np.abs(control["AP_vs_score_matched"]).max() < 1e-9
 

@@ -159,13 +159,17 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 
 def paired_differences(method: Matches, baseline: Matches, weights: np.ndarray,
-                       oracle: Matches | None = None) -> dict:
-    """Per resample: AP and APs of method minus baseline, and the gap closed to the oracle."""
+                       oracle: Matches | None = None, score_matched: Matches | None = None) -> dict:
+    """Per resample: AP and APs of method minus baseline, the gap closed to the oracle, and AP and
+    APs of method minus the score-matched baseline (``match_small_scores``)."""
     if method.image_ids != baseline.image_ids:
         raise ValueError("a paired bootstrap needs both methods evaluated on the same images")
     out = {}
     for name, area in (("AP", "all"), ("APs", "small")):
-        out[name] = weighted_ap(method, weights, area) - weighted_ap(baseline, weights, area)
+        mine = weighted_ap(method, weights, area)
+        out[name] = mine - weighted_ap(baseline, weights, area)
+        if score_matched is not None:
+            out[f"{name}_vs_score_matched"] = mine - weighted_ap(score_matched, weights, area)
     if oracle is not None:
         base_s, oracle_s = weighted_ap(baseline, weights, "small"), weighted_ap(oracle, weights, "small")
         denominator = oracle_s - base_s
@@ -192,12 +196,6 @@ def summarize_differences(per_seed: list[dict], level: float = 0.95) -> dict:
     return summary
 
 
-def score_matched_differences(method: Matches, matched_baseline: Matches, weights: np.ndarray) -> dict:
-    """Per resample: APs and AP of method minus the score-matched baseline (``match_small_scores``)."""
-    return {f"{name}_vs_score_matched": weighted_ap(method, weights, area) - weighted_ap(matched_baseline, weights, area)
-            for name, area in (("AP", "all"), ("APs", "small"))}
-
-
 def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1000, seed: int = 0,
                     level: float = 0.95) -> dict[tuple[str, str], dict]:
     """For every (preset, method) but the baseline: the paired bootstrap interval of its AP and APs
@@ -220,16 +218,14 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
         for (p, m, s), match in matches.items():
             if (p, m) != (preset, method) or (p, "baseline", s) not in matches:
                 continue
-            differences = paired_differences(match, matches[(p, "baseline", s)], weights,
-                                             matches.get((p, "hr-oracle", s)))
+            base = matches[(p, "baseline", s)]
             matched = match_detections(ann_file, match_small_scores(results[(p, "baseline", s)], results[(p, m, s)]),
                                        image_ids)
-            differences.update(score_matched_differences(match, matched, weights))
-            points.append(score_matched_differences(match, matched, ones))
-            per_seed.append(differences)
+            per_seed.append(paired_differences(match, base, weights, matches.get((p, "hr-oracle", s)), matched))
+            points.append(paired_differences(match, base, ones, score_matched=matched))
         if per_seed:
             out[(preset, method)] = summary = summarize_differences(per_seed, level)
-            for key in points[0]:
+            for key in ("AP_vs_score_matched", "APs_vs_score_matched"):
                 if key in summary:
                     summary[key]["point"] = float(np.mean([point[key][0] for point in points]))
     return out
