@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
+from sodlab.config import SR_METHODS
 from sodlab.evaluate import _load_results, load_coco_gt
 
 AREAS = {"all": 0, "small": 1}  # COCOeval's default areaRng order: all, small, medium, large
@@ -200,8 +201,9 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
                     level: float = 0.95) -> dict[tuple[str, str], dict]:
     """For every (preset, method) but the baseline: the paired bootstrap interval of its AP and APs
     difference to the baseline of the same seed (averaged over seeds), of the gap it closes to the
-    HR oracle, and of its AP and APs difference to the score-matched baseline (``*_vs_score_matched``,
-    with the seeds' mean ``point``). Detections are read from each record's run directory."""
+    HR oracle, and, for the SR methods, of their AP and APs difference to the score-matched baseline
+    (``*_vs_score_matched``, with the seeds' mean ``point``). Detections are read from each record's
+    run directory."""
     import json
     from pathlib import Path
 
@@ -218,11 +220,12 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
         for (p, m, s), match in matches.items():
             if (p, m) != (preset, method) or (p, "baseline", s) not in matches:
                 continue
-            base = matches[(p, "baseline", s)]
-            matched = match_detections(ann_file, match_small_scores(results[(p, "baseline", s)], results[(p, m, s)]),
-                                       image_ids)
+            base, matched = matches[(p, "baseline", s)], None
+            if m in SR_METHODS:  # they rescore small proposals only: the score-scale control is theirs
+                matched = match_detections(ann_file, match_small_scores(results[(p, "baseline", s)],
+                                                                        results[(p, m, s)]), image_ids)
+                points.append(paired_differences(match, base, ones, score_matched=matched))
             per_seed.append(paired_differences(match, base, weights, matches.get((p, "hr-oracle", s)), matched))
-            points.append(paired_differences(match, base, ones, score_matched=matched))
         if per_seed:
             out[(preset, method)] = summary = summarize_differences(per_seed, level)
             for key in ("AP_vs_score_matched", "APs_vs_score_matched"):
