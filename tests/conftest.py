@@ -2,6 +2,15 @@
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pretrain_cache(tmp_path_factory):
+    """The SR recipe pretrains G and caches it ($SODLAB_CACHE): tests keep theirs out of the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("sodlab-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SODLAB_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory):
     """12 train / 6 val images of 128x128 with x4 twins: enough to train a few iterations."""
