@@ -31,12 +31,11 @@ SMALL_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200, 
 # the GATE_TOP_K small proposals the box head finds most likely foreground go through them (README:
 # the gate sweep, which chose k from the share of small true positives kept and the latency).
 # The SR scope is proposals under 16^2 px (area_threshold 256), for training and inference: the
-# 16 px LR patch downsamples larger RoIs before G, so G has nothing to recover there, and over
-# three seeds the 16^2 scope kept AP where COCO's 32^2 lost it (README: the SR scope).
+# 16 px LR patch downsamples larger RoIs before G, so G has nothing to recover there, and the
+# 16^2 scope kept AP where COCO's 32^2 lost it (README: "The SR recipe over three seeds").
 # G starts from a PSNR-oriented G pretrained on the data's small RoIs (sodlab.pretrain, cached per
-# dataset), as SRGAN and ESRGAN start their adversarial stage: from its bicubic start, G stayed
-# bicubic (+0.0 dB) through the staged branch, and the pretrained G is +1.1 to +1.6 dB above
-# bicubic under 16 px over three seeds (README).
+# dataset), as SRGAN and ESRGAN start their adversarial stage: from its bicubic start G stayed
+# bicubic through the staged branch, and only the pretrained G beats bicubic (README).
 GATE_TOP_K = 32
 SR_RECIPE = dict(fusion="mean", gate_top_k=GATE_TOP_K, area_threshold=16.0 ** 2)
 SR_TRAIN_RECIPE = dict(schedule="staged", hr_source="twin", generator_init="pretrain")
