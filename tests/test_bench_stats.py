@@ -10,19 +10,21 @@ from sodlab.bench.stats import (match_detections, match_small_scores, paired_dif
 from sodlab.evaluate import coco_eval
 
 
+def _write_gt(path, objects: list[tuple[int, list[float]]]):
+    """20 images of 100 px, each holding the same objects (category id, xywh box)."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 21)]
+    anns = [{"id": len(objects) * i + j, "image_id": i, "category_id": category, "bbox": box,
+             "area": box[2] * box[3], "iscrowd": 0}
+            for i in range(1, 21) for j, (category, box) in enumerate(objects)]
+    categories = [{"id": c, "name": "ab"[c - 1]} for c in sorted({c for c, _ in objects})]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return path
+
+
 @pytest.fixture
 def gt_file(tmp_path):
     """20 images of 100 px, each with one small (10 px) and one medium (50 px) object."""
-    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 21)]
-    anns = []
-    for i in range(1, 21):
-        anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0})
-        anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 2, "bbox": [40, 40, 50, 50], "area": 2500,
-                     "iscrowd": 0})
-    path = tmp_path / "gt.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
-    return path
+    return _write_gt(tmp_path / "gt.json", [(1, [5, 5, 10, 10]), (2, [40, 40, 50, 50])])
 
 
 def _detections(finds_small_in: set[int], shift: float = 0.0) -> list[dict]:
@@ -85,15 +87,7 @@ def test_score_matching_moves_only_small_scores_and_keeps_their_order():
 @pytest.fixture
 def boundary_gt_file(tmp_path):
     """20 images, each with a small object just under 32 px and a medium one."""
-    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 21)]
-    anns = []
-    for i in range(1, 21):
-        anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0})
-        anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 1, "bbox": [50, 50, 40, 40], "area": 1600,
-                     "iscrowd": 0})
-    path = tmp_path / "gt.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
-    return path
+    return _write_gt(tmp_path / "gt.json", [(1, [10, 10, 30, 30]), (1, [50, 50, 40, 40])])
 
 
 def _boundary_detections(small_logit_shift: float = 0.0) -> list[dict]:
