@@ -282,7 +282,10 @@ def init_generator(cfg: TrainConfig, model) -> None:
 
     path = cfg.sr_train.generator_init
     if path == "pretrain":
-        pretrain_cfg = PretrainConfig.from_sr(cfg.sr, cfg.sr_train, iters=cfg.sr_train.pretrain_iters)
+        iters = cfg.sr_train.pretrain_iters
+        # the default warm-up (50 of 1,000 iterations), shortened for the short runs of tests and dry runs
+        warmup = min(PretrainConfig.warmup_iters, max(1, iters // 10))
+        pretrain_cfg = PretrainConfig.from_sr(cfg.sr, cfg.sr_train, iters=iters, warmup_iters=warmup)
         path = pretrain_generator(cfg.data, pretrain_cfg, split=cfg.train_split, evaluate_split=None,
                                   log=tqdm.write).path
     init_generator_from(model.generator, path, lr_size=cfg.sr.lr_size)
