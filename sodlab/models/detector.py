@@ -14,10 +14,10 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
 from sodlab.config import PRESETS, DetectorConfig, preset  # noqa: F401 (the presets' builders live here)
+from sodlab.models.roi_pool import SparseMultiScaleRoIAlign
 
 RESNETS = {
     "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
@@ -101,11 +101,11 @@ def build_detector(cfg: DetectorConfig, num_classes: int, image_scale: float = 1
         if len(sizes) != num_levels:
             raise ValueError(f"FPN needs anchor sizes for {num_levels} levels, got {sizes}")
         anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * num_levels)
-        roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        roi_pool = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     else:
         backbone = C4Backbone(body)
         anchors = AnchorGenerator((sum(sizes, ()),), (tuple(cfg.aspect_ratios),))
-        roi_pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
+        roi_pool = SparseMultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
 
     if cfg.box_head == "2mlp":
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_representation_size)
