@@ -46,6 +46,30 @@ def test_unit_weights_give_cocoevals_own_ap(gt_file):
     assert weighted_ap(matches, ones, "small")[0] == pytest.approx(stats["APs"], abs=1e-9)
 
 
+def test_a_resamples_weighted_ap_is_cocoevals_ap_on_the_resampled_images(tmp_path, gt_file):
+    """Weights are draw counts: AP with them equals COCOeval on a dataset holding each image as often
+    as it was drawn (scores without ties, so COCOeval's order among copies cannot matter)."""
+    rng = np.random.default_rng(3)
+    dets = [{**d, "score": float(rng.uniform(0.05, 0.95))}
+            for d in _detections(set(range(1, 13)), shift=1.5)]
+    matches = match_detections(gt_file, dets, range(1, 21))
+    gt = json.loads(gt_file.read_text())
+    for draws in resample_weights(20, 3, seed=4):
+        copies = [(image_id, copy) for image_id in range(1, 21) for copy in range(int(draws[image_id - 1]))]
+        new_id = {pair: n for n, pair in enumerate(copies, start=1)}
+        resampled = {**gt, "images": [{**gt["images"][i - 1], "id": new_id[(i, c)]} for i, c in copies],
+                     "annotations": [{**a, "id": n, "image_id": new_id[(a["image_id"], c)]}
+                                     for n, ((i, c), a) in enumerate(((pair, a) for pair in copies
+                                                                     for a in gt["annotations"] if a["image_id"] == pair[0]),
+                                                                    start=1)]}
+        (tmp_path / "resampled.json").write_text(json.dumps(resampled))
+        resampled_dets = [{**d, "image_id": new_id[(d["image_id"], c)]} for d in dets
+                          for c in range(int(draws[d["image_id"] - 1]))]
+        stats = coco_eval(tmp_path / "resampled.json", resampled_dets, fine_bins=False)
+        assert weighted_ap(matches, draws[None], "all")[0] == pytest.approx(stats["AP"], abs=1e-9)
+        assert weighted_ap(matches, draws[None], "small")[0] == pytest.approx(stats["APs"], abs=1e-9)
+
+
 def test_identical_detections_give_a_zero_width_interval_at_zero(gt_file):
     dets = _detections(set(range(1, 11)))
     a, b = match_detections(gt_file, dets, range(1, 21)), match_detections(gt_file, dets, range(1, 21))

@@ -28,6 +28,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from pycocotools.cocoeval import COCOeval
 
 from sodlab.config import SR_METHODS
@@ -136,12 +137,12 @@ def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all") -> np.
                 recall = tp_sum / np.maximum(npig, 1e-12)[:, None]
                 precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))  # COCOeval's own guard
                 precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-                for b in np.where(has_gt)[0]:
-                    idx = np.searchsorted(recall[b], rec_thrs, side="left")
-                    sampled = np.zeros(len(rec_thrs))
-                    ok = idx < recall.shape[1]
-                    sampled[ok] = precision[b, idx[ok]]
-                    ap[b] += sampled.mean() / matches.num_thresholds
+                # COCOeval's np.searchsorted per resample, batched (torch's takes a row per query):
+                # the first detection reaching each recall point, or none (precision 0).
+                idx = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(recall)),
+                                         torch.from_numpy(np.tile(rec_thrs, (len(recall), 1))), side="left").numpy()
+                padded = np.concatenate([precision, np.zeros((len(precision), 1))], axis=1)
+                ap += np.take_along_axis(padded, idx, axis=1).mean(axis=1) / matches.num_thresholds
         total += np.where(has_gt, ap, 0.0)
         count += has_gt
     return np.where(count > 0, total / np.maximum(count, 1), -1.0)
