@@ -132,7 +132,7 @@ LAYERS = [
     {"sodlab.data", "sodlab.data.coco", "sodlab.data.synth", "sodlab.data.oracle", "sodlab.data.convert",
      "sodlab.data.tiles", "sodlab.data.check"},
     {"sodlab.patches", "sodlab.losses", "sodlab.models", "sodlab.models.detector", "sodlab.models.generator",
-     "sodlab.models.discriminator", "sodlab.models.sr_detector", "sodlab.models.sahi_adapter",
+     "sodlab.models.discriminator", "sodlab.models.sr_detector", "sodlab.models.sahi_adapter", "sodlab.models.roi_pool",
      "sodlab.distributed", "sodlab.sr_quality"},
     {"sodlab.recipes", "sodlab.pretrain"},
     {"sodlab.train"},
