@@ -71,9 +71,10 @@ def sampling_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, i
                            y_frac * (1 - x_frac), y_frac * x_frac], dim=-1) * kept[..., None]
     rows = torch.stack([y_low, y_low, y_high, y_high], dim=-1)
     cols = torch.stack([x_low, x_high, x_low, x_high], dim=-1)
-    image = rois[:, 0].long()
-    pixel = (offset.view(-1, 1, 1, 1, 1, 1) + (image.view(-1, 1, 1, 1, 1, 1) * height.view(-1, 1, 1, 1, 1, 1) + rows)
-             * width.view(-1, 1, 1, 1, 1, 1) + cols)
+    def per_roi(values: Tensor) -> Tensor:  # one value per RoI, over the other five dims
+        return values.view(-1, 1, 1, 1, 1, 1)
+
+    pixel = per_roi(offset) + (per_roi(rois[:, 0].long()) * per_roi(height) + rows) * per_roi(width) + cols
     shape = (num, out, out, ratio, ratio, 4)
     pixel, weights = pixel.expand(shape).reshape(num * out * out, -1), weights.expand(shape).reshape(num * out * out, -1)
     crow = torch.arange(0, pixel.numel() + 1, pixel.shape[1], device=device)
