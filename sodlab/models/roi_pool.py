@@ -22,8 +22,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _setup_scales
 
 
-def _axis_samples(coords: Tensor, size: int):
-    """Bilinear neighbours along one axis of a feature map ``size`` pixels long, as
+def _axis_samples(coords: Tensor, size: Tensor):
+    """Bilinear neighbours along one axis of feature maps ``size`` pixels long (one per RoI), as
     torchvision's roi_align kernel takes them: a sample more than a pixel outside contributes
     nothing, one within a pixel of the border is clamped onto it."""
     inside = (coords >= -1.0) & (coords <= size)
@@ -71,6 +71,7 @@ def sampling_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, i
                            y_frac * (1 - x_frac), y_frac * x_frac], dim=-1) * kept[..., None]
     rows = torch.stack([y_low, y_low, y_high, y_high], dim=-1)
     cols = torch.stack([x_low, x_high, x_low, x_high], dim=-1)
+
     def per_roi(values: Tensor) -> Tensor:  # one value per RoI, over the other five dims
         return values.view(-1, 1, 1, 1, 1, 1)
 
