@@ -57,11 +57,10 @@ def test_a_resamples_weighted_ap_is_cocoevals_ap_on_the_resampled_images(tmp_pat
     for draws in resample_weights(20, 3, seed=4):
         copies = [(image_id, copy) for image_id in range(1, 21) for copy in range(int(draws[image_id - 1]))]
         new_id = {pair: n for n, pair in enumerate(copies, start=1)}
+        annotations = [{**a, "image_id": new_id[pair]} for pair in copies
+                       for a in gt["annotations"] if a["image_id"] == pair[0]]
         resampled = {**gt, "images": [{**gt["images"][i - 1], "id": new_id[(i, c)]} for i, c in copies],
-                     "annotations": [{**a, "id": n, "image_id": new_id[(a["image_id"], c)]}
-                                     for n, ((i, c), a) in enumerate(((pair, a) for pair in copies
-                                                                     for a in gt["annotations"] if a["image_id"] == pair[0]),
-                                                                    start=1)]}
+                     "annotations": [{**a, "id": n} for n, a in enumerate(annotations, start=1)]}  # ids from 1
         (tmp_path / "resampled.json").write_text(json.dumps(resampled))
         resampled_dets = [{**d, "image_id": new_id[(d["image_id"], c)]} for d in dets
                           for c in range(int(draws[d["image_id"] - 1]))]

@@ -121,7 +121,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        levels = self.map_levels(boxes)  # all 0 with a single level (C4)
         shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in features]
         out = self.output_size[0]
         matrix = sampling_matrix(rois.detach(), levels.to(rois.device), shapes, self.scales, out, self.sampling_ratio)
