@@ -279,6 +279,31 @@ def test_small_counts_equal_pycocotools_evalimgs(random_case):
     assert sizes == {1001: ("small", 1024.0), 1002: ("small", 900.0), 1003: ("medium", 1296.0)}
 
 
+def test_evaluation_equals_fiftyones_evaluate_detections(random_case):
+    """build_dataset evaluates the samples before writing them; FiftyOne's own
+    evaluate_detections, run again on a copy, must give every label the same outcome, match
+    and IoU, every sample the same counts, and the same registered results."""
+    _, _, dataset = random_case
+    copy = dataset.clone(f"{dataset.name}-reference")
+    try:
+        for field in ("baseline", "sr_x4"):
+            reference = copy.evaluate_detections(field, gt_field="ground_truth", eval_key="reference",
+                                                 method="coco", iou=0.5, classwise=True)
+            for labels in ("ground_truth", field):
+                for suffix in ("", "_id", "_iou"):
+                    ours = dataset.values(f"{labels}.detections.eval_{field}{suffix}")
+                    assert ours == copy.values(f"{labels}.detections.reference{suffix}"), (field, labels, suffix)
+                    assert any(value not in (None, "") for values in ours for value in values)
+            for kind in ("tp", "fp", "fn"):
+                assert dataset.values(f"eval_{field}_{kind}") == copy.values(f"reference_{kind}"), (field, kind)
+            assert sum(copy.values("reference_fn")) > 0 and sum(copy.values("reference_fp")) > 0
+            assert dataset.load_evaluation_results(f"eval_{field}").report() == reference.report()
+            copy.delete_evaluation("reference")
+        assert sorted(dataset.list_evaluations()) == ["eval_baseline", "eval_sr_x4"]
+    finally:
+        copy.delete()
+
+
 def test_gain_is_recall_difference_and_none_without_small_gt(random_case):
     _, _, dataset = random_case
     for sample in dataset:
