@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -200,6 +201,21 @@ def oracle_config(cfg: TrainConfig, scale: int | None, given: dict) -> TrainConf
     return dataclasses.replace(cfg, data=data, detector=dataclasses.replace(cfg.detector, **sizes))
 
 
+def evaluation_dir(run_dir: Path, run_data: str, run_split: str, data: str, split: str, overrides: dict) -> Path:
+    """Where ``sodlab eval`` writes eval.json and detections_val.json: the run itself for its own
+    settings on its own val split; any other evaluation goes to run_dir/evals/NAME/, NAME saying
+    what differs, so that it never replaces the evaluation the run was trained, benchmarked and
+    browsed with."""
+    parts = []
+    if Path(data).resolve() != Path(run_data).resolve():
+        digest = hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:8]
+        parts.append(f"{Path(data).resolve().name}-{digest}")
+    if split != run_split or overrides:
+        parts.append(split)
+    parts += [f"{setting}={value}" for setting, value in sorted(overrides.items())]
+    return run_dir / "evals" / "+".join(parts) if parts else run_dir
+
+
 def cmd_eval(args) -> None:
     from sodlab.data.coco import load_split
     from sodlab.data.oracle import oracle_ground_truth
@@ -209,13 +225,18 @@ def cmd_eval(args) -> None:
     overrides = {k[len(INFERENCE_DEST):]: v for k, v in vars(args).items() if k.startswith(INFERENCE_DEST)}
     cfg, model = load_trained_model(args.run, inference=overrides)
     data, split = args.data or cfg.data, args.split or cfg.val_split
+    out = evaluation_dir(Path(args.run), cfg.data, cfg.val_split, data, split, overrides)
     val = load_split(data, split, train=False, scale=cfg.input_scale)
     ground_truth, box_scale = oracle_ground_truth(data, split) or (None, 1.0)
+    out.mkdir(parents=True, exist_ok=True)
     # config.json keeps the trained settings; eval.json records what this evaluation changed.
-    stats = evaluate_run(Path(args.run), model, val, batch_size=cfg.eval_batch_size, tile=cfg.tile,
+    stats = evaluate_run(out, model, val, batch_size=cfg.eval_batch_size, tile=cfg.tile,
                          tile_overlap=cfg.tile_overlap, ground_truth=ground_truth, box_scale=box_scale,
-                         record={"inference_overrides": overrides} if overrides else None)
+                         record={"inference_overrides": overrides, "data": str(data), "split": split}
+                         if out != Path(args.run) else None)
     print(format_table({cfg.method: stats}))
+    print(f"wrote {out / 'eval.json'} and {out / 'detections_val.json'}"
+          + ("" if out == Path(args.run) else f" (the run's own {Path(args.run) / 'eval.json'} is unchanged)"))
 
 
 def cmd_demo(args) -> None:
@@ -382,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run: eval.json + detections_val.json")
     p.add_argument("--run", required=True)
     p.add_argument("--data", default=None, help="COCO-format directory (default: the run's)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
-    group = p.add_argument_group("inference settings for this evaluation only (recorded in eval.json as "
-                                 "inference_overrides; config.json keeps the trained ones)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split; another "
+                                                 "split or --data is written to RUN/evals/NAME/)")
+    group = p.add_argument_group("inference settings for this evaluation only (written to RUN/evals/NAME/, "
+                                 "recorded there as inference_overrides; the run's config.json and eval.json "
+                                 "keep the trained ones)")
     for flag, setting, kwargs in (
             ("--sr-fusion", "sr.fusion", dict(choices=CHOICES["fusion"], help="how D's answers join the box head's")),
             ("--sr-scope", "sr.sr_scope", dict(choices=CHOICES["sr_scope"], help="which proposals go through G and D")),

@@ -274,12 +274,19 @@ def test_eval_overrides_inference_for_that_evaluation_and_records_it(sr_run, tmp
     assert "inference_overrides" not in read_json(run / "eval.json")
     scores = [d["score"] for d in json.loads((run / "detections_val.json").read_text())]
     assert any(score < 0.2 for score in scores), "the run's own threshold (0) keeps low-scoring detections"
+    own = {name: (run / name).read_bytes() for name in ("eval.json", "detections_val.json")}
     assert main(["eval", "--run", str(run), "--sr-fusion", "mean", "--sr-scope", "all",
                  "--score-threshold", "0.2"]) == 0
-    stats = read_json(run / "eval.json")
+    out = run / "evals" / "val+detector.box_score_thresh=0.2+sr.fusion=mean+sr.sr_scope=all"
+    stats = read_json(out / "eval.json")
     assert stats["inference_overrides"] == {"sr.fusion": "mean", "sr.sr_scope": "all", "detector.box_score_thresh": 0.2}
-    assert all(d["score"] >= 0.2 for d in json.loads((run / "detections_val.json").read_text()))
+    assert all(d["score"] >= 0.2 for d in json.loads((out / "detections_val.json").read_text()))
     assert (run / "config.json").read_bytes() == config, "config.json keeps the trained settings"
+    assert {name: (run / name).read_bytes() for name in own} == own, "the run's own evaluation is never replaced"
+    # another split is another evaluation too, even without overrides
+    assert main(["eval", "--run", str(run), "--split", "train"]) == 0
+    assert read_json(run / "evals" / "train" / "eval.json")["split"] == "train"
+    assert {name: (run / name).read_bytes() for name in own} == own
     _, model = load_trained_model(run, inference={"sr.fusion": "mean"})
     assert model.fusion == "mean" and load_trained_model(run)[1].fusion == "replace"
 
