@@ -346,8 +346,8 @@ def _evaluate_before_writing(dataset: fo.Dataset, samples: list[fo.Sample], run:
     to be called once the samples are in ``dataset``.
 
     Why not ``evaluate_detections`` itself: its loop saves every sample it evaluates, and with
-    ~100 detections per image each save spent about a second in mongoengine's change tracking
-    (91% of the time in a profile). Evaluated here, the outcomes (``eval_RUN``, ``eval_RUN_id``,
+    ~100 detections per image those saves are mostly mongoengine's change tracking (README: the
+    demo's FiftyOne dataset). Evaluated here, the outcomes (``eval_RUN``, ``eval_RUN_id``,
     ``eval_RUN_iou`` per label, ``eval_RUN_tp/fp/fn`` per sample) go in with the samples' one bulk
     write, and the run is registered as FiftyOne registers it (``load_evaluation_view``,
     ``load_evaluation_results`` and the App see it).
