@@ -57,6 +57,7 @@ def test_gap_closed_by_hand():
     assert gap_closed(0.05, 0.10, 0.20) == pytest.approx(-0.5)  # worse than the baseline
     assert gap_closed(0.15, 0.10, None) is None  # no oracle
     assert gap_closed(0.15, 0.10, 0.10) is None  # nothing to close
+    assert gap_closed(0.15, 0.10, 0.05) is None  # the oracle below the baseline: no gap, not a negative one
     assert gap_closed(0.15, -1.0, 0.20) is None  # COCO's -1: no small ground truth
 
 

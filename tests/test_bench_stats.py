@@ -163,6 +163,12 @@ def test_the_verdict_follows_the_numbers():
             "(+0.4 [-1.0, +2.0]).") in text
     rows[1] = _row("sr", 0.26, (-0.01, 0.09))
     assert "no method is significantly better" in verdict(rows)
+    assert "HR oracle" not in verdict(rows)
+    # an HR oracle at or below the baseline says the detectors have not learned: the verdict says so
+    rows.append(_row("hr-oracle", 0.18, (-0.05, 0.01)))
+    assert "**The HR oracle is not above the baseline on APs (18.0 against 20.0)**" in verdict(rows)
+    rows[-1] = _row("hr-oracle", 0.30, (0.05, 0.15))
+    assert "HR oracle is not above" not in verdict(rows)
 
 
 def test_errors_and_tiny_metrics_are_averaged_over_seeds():

@@ -10,14 +10,16 @@ from sodlab.evaluate import FINE_BIN_LABELS, PAPER_COLUMNS, STAT_NAMES, format_f
 def gap_closed(aps_method: float | None, aps_baseline: float | None, aps_oracle: float | None) -> float | None:
     """(APs_method - APs_baseline) / (APs_oracle - APs_baseline): 0 at the baseline, 1 at the oracle.
 
-    None without an oracle, when oracle and baseline tie (nothing to close), or when a value is
-    missing or COCO's -1 (no small ground truth).
+    None without an oracle, when the oracle is not above the baseline (no gap to close: the
+    oracle has not learned what its resolution gives, and a negative denominator would flip every
+    sign), or when a value is missing or COCO's -1 (no small ground truth). The bootstrap interval
+    (bench.stats.paired_differences) leaves such resamples out in the same way.
     """
     values = (aps_method, aps_baseline, aps_oracle)
     if any(v is None or v < 0 for v in values):
         return None
     denominator = aps_oracle - aps_baseline
-    if denominator == 0:
+    if denominator <= 0:
         return None
     return (aps_method - aps_baseline) / denominator
 
@@ -178,6 +180,12 @@ def verdict(rows: list[dict]) -> str:
             sentence += f" Within the noise: {', '.join(within)}."
         if worse:
             sentence += f" Significantly worse: {', '.join(worse)}."
+        oracle = next((r for r in group if r["method"] == "hr-oracle"), None)
+        if oracle is not None and 0 <= oracle["eval"]["APs"] <= base["eval"]["APs"]:
+            sentence += (f" **The HR oracle is not above the baseline on APs ({100 * oracle['eval']['APs']:.1f} "
+                         f"against {100 * base['eval']['APs']:.1f})**: at this budget the detectors have not "
+                         "learned what resolution gives, so there is no gap to close and these rows are no "
+                         "test of the methods; train longer (--iters).")
         parts.append(sentence + score_matched_verdict(group))
     return "\n\n".join(parts)
 
