@@ -284,15 +284,15 @@ def cmd_explore(args) -> None:
 
 # --- sodlab bench ------------------------------------------------------------------------------------
 
-BENCH_BUDGETS = ("quick", "default", "demo", "paper")
+BENCH_BUDGETS = ("quick", "default", "paper")
 
 
 def add_bench_arguments(parser) -> None:
     from sodlab.bench.methods import METHOD_NAMES
 
     parser.add_argument("--budget", choices=BENCH_BUDGETS, default="default",
-                        help="quick (minutes: tests, notebooks), default (every method trained; bench.md states "
-                             "the budget), demo (the demo's sizes), paper (GPU + COCO 2017)")
+                        help="quick (minutes: tests, notebooks), default (every method trained at the demo's "
+                             "data and lengths; bench.md states the budget), paper (GPU + COCO 2017)")
     parser.add_argument("--paper", action="store_true", help="the paper's configuration (same as --budget paper)")
     parser.add_argument("--dry-run", action="store_true",
                         help="the budget's configuration on a handful of images: 2 iterations, 4 eval images, 128 px")

@@ -114,6 +114,7 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert "- evaluation: whole images, each resized by its own detector (the oracle's 2x larger ones" in report
     assert "annotations/instances_val.json`, the ground truth at the data's own resolution" in report
     assert "| APs - score-matched baseline | 95% interval |" in report
+    assert "Sharing the detector: the 5 SR variants train their branches on the seed's baseline detector" in report
     rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
     matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
     assert matched["low"] <= matched["high"] and np.isfinite(matched["point"])

@@ -191,3 +191,20 @@ def test_errors_and_tiny_metrics_are_averaged_over_seeds():
     assert "extra" not in mean_over_seeds([{"extra": 1.0, "a": 1}, {"a": 3}])
     table = format_errors_table({"sr": {"errors": errors}})
     assert "| 3.5 |" in table and "| 30.0 |" in table
+
+
+def test_sharing_saved_is_one_detector_per_sr_variant():
+    from sodlab.bench.report import sharing_saved
+
+    def row(method, seconds, shares=False, reused=None):
+        return {"method": method, "preset": "cpu", "shares_detector": shares, "cost": {"train_seconds": seconds},
+                "budget": {"reused_from": reused}}
+
+    rows = [row("baseline", 600.0), row("upscale", 1800.0), row("sahi", 600.0, reused="baseline"),
+            row("sr", 300.0, shares=True), row("sr-no-recon", 120.0, shares=True)]
+    (line,) = sharing_saved(rows)
+    # two SR variants x the 10-minute detector; SAHI's reused training is not training the bench did
+    assert "the 2 SR variants" in line and "(10.0 min of training)" in line
+    assert "would cost 20.0 min more per seed" in line
+    assert "training, 47.0 min per seed, would be 67.0 min" in line
+    assert sharing_saved([r for r in rows if not r["shares_detector"]]) == []
