@@ -89,6 +89,11 @@ def test_every_method_has_a_row_with_finite_numbers(bench_dir):
     assert bench["torch_threads"] == 1
     assert all(r["training"]["torch_threads"] == r["inference"]["torch_threads"] == 1 for r in bench["records"])
     assert bench["sr_hr_source"] == "twin"
+    # the final latency: every method timed in turns, the baseline the reference of the ratios
+    paired = {r["method"]: r["inference"]["paired"] for r in bench["records"]}
+    assert set(paired) == set(METHOD_NAMES) and paired["baseline"]["ratio"] == 1.0
+    assert all(p["median_ms"] > 0 and p["rounds"] == 5 for p in paired.values())
+    assert rows["sr"]["cost"]["infer_ms_per_image"] == paired["sr"]["median_ms"]
 
 
 @pytest.mark.slow  # the whole bench, every method trained (one module fixture)
@@ -153,10 +158,16 @@ def test_a_killed_bench_resumes_reusing_its_finished_runs(bench_dir, tmp_path):
     run_bench(tiny_budget(), killed, data=bench["data"], progress=False)
     after = json.loads((killed / "bench.json").read_text())
     assert after["complete"] and [r["method"] for r in after["records"]] == list(METHOD_NAMES)
+    def without_final_latency(record):  # the one measurement every run of the bench makes again
+        return {**record, "inference": {k: v for k, v in record["inference"].items() if k != "paired"}}
+
     for record in after["records"]:
+        assert "paired" in record["inference"]
         if record["method"] in before:
-            assert record == before[record["method"]]  # reused, not measured again
+            assert without_final_latency(record) == without_final_latency(before[record["method"]])  # reused
     assert {row["method"] for row in after["rows"]} == set(METHOD_NAMES)
+    assert after["reused_records"] == len(METHOD_NAMES) - 1
+    assert f"which reused {len(METHOD_NAMES) - 1} methods' runs" in (killed / "bench.md").read_text()
 
 
 @pytest.mark.slow  # the whole bench, every method trained (one module fixture)
@@ -251,6 +262,38 @@ def test_sahi_slices_map_back_to_image_pixels():
     expected = sorted((cx - 4, cy - 4, cx + 4, cy + 4) for cx, cy in centres)
     assert sorted(map(tuple, out["boxes"].tolist())) == expected
     assert out["labels"].tolist() == [1] * 10
+
+
+class _DriftingClock:
+    """A fake clock on which method A's call takes 2 units and B's 3, times a machine that slows
+    down call after call: timed one after the other, B looks twice as slow as it is."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def __call__(self):
+        return self.now
+
+    def run(self, units: float):
+        self.calls += 1
+        self.now += units * (1 + self.calls / 10)  # the machine slows down call after call
+
+
+def test_interleaved_latency_cancels_a_drifting_machine_speed():
+    from sodlab.bench.measure import interleaved_latency
+
+    clock = _DriftingClock()
+    predictors = {"A": (lambda image: clock.run(2.0), [None]), "B": (lambda image: clock.run(3.0), [None, None])}
+    result = interleaved_latency(predictors, rounds=6, per_round=4, warmup=1, clock=clock)
+    assert result["A"]["ratio"] == 1.0
+    # in turns, each round's B over A is close to 3 / 2 whatever the speed; the drift within a round remains
+    assert 1.4 < result["B"]["ratio"] < 1.7
+    assert clock.calls == 2 * (1 + 6 * 4)  # one warm-up and 24 timed calls each
+    # one method after the other, the same calls put B at 3x A: what the turns fix
+    clock = _DriftingClock()
+    sequential = {name: interleaved_latency({name: predictors[name]}, 6, 4, 1, clock)[name]["median_ms"]
+                  for name in ("A", "B")}
+    assert sequential["B"] / sequential["A"] > 2.5
 
 
 def _pid_and_peak(_job):

@@ -34,6 +34,9 @@ from sodlab.bench.methods import METHODS, Method, select_methods
 from sodlab.io import atomic_write_bytes, atomic_write_json, read_json, replace_dir
 from sodlab.recipes import Budget, ensure_data, train_config
 
+# The final latency times every method of a seed in this many rounds, budget.timing_images in all.
+TIMING_ROUNDS = 5
+
 # torch and the modules built on it load inside the functions: the command line reads the bench's
 # rows (sodlab.bench.methods) for its --help, which must not wait for torch.
 if TYPE_CHECKING:
@@ -108,7 +111,8 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
     if absent).
     """
-    from sodlab.bench.measure import InferenceJob, TrainJob, measure_inference, measure_training, run_measurement
+    from sodlab.bench.measure import (InferenceJob, LatencyJob, TrainJob, measure_inference, measure_paired_latency,
+                                      measure_training, run_measurement)
     from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
     from sodlab.bench.stats import bench_intervals
     from sodlab.data.coco import load_split
@@ -185,12 +189,32 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
             print("  " + record_summary(records[-1]), flush=True)
         atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": records})
 
+    # Latency again, every method of a seed in turns in one process: the runs above were timed one
+    # after another, minutes to hours apart, on a machine whose speed drifts.
+    for preset_name in budget.presets:
+        for seed in range(budget.seeds):
+            group = {m.name: {"model_run": str(out_dir / "runs" / run_name(METHODS[0] if m.reuse else m, preset_name,
+                                                                             seed, budget)),  # SAHI: the baseline's
+                              "inference": m.inference, "data": str(oracle_dir if m.twins else data_dir),
+                              "val_split": budget.val_split}
+                     for m in sorted(chosen, key=lambda m: m.name != METHODS[0].name)}
+            if progress:
+                print(f"bench: latency of {len(group)} methods ({preset_name}, seed {seed}) in "
+                      f"{TIMING_ROUNDS} interleaved rounds", flush=True)
+            job = LatencyJob(group, budget.threads, TIMING_ROUNDS, max(1, budget.timing_images // TIMING_ROUNDS),
+                             budget.timing_warmup,
+                             budget.sahi_slice, budget.sahi_overlap)
+            paired = run_measurement(measure_paired_latency, job, budget.isolate)
+            for record in records:
+                if record["preset"] == preset_name and record["seed"] == seed:
+                    record["inference"]["paired"] = paired[record["method"]]
     rows = summarize(records, chosen, budget.presets)
     evaluated_ids = lr_val.ids[:header["evaluated_images"]]
     intervals = bench_intervals(records, lr_val.ann_file, evaluated_ids, resamples=budget.bootstrap_resamples)
     for row in rows:
         row["intervals"] = intervals.get((row["preset"], row["method"]))
     header["seconds"] = time.perf_counter() - started
+    header["reused_records"] = sum(1 for r in records if (r["method"], r["preset"], r["seed"]) in finished)
     atomic_write_json(out_dir / "bench.json", {**header, "complete": True, "records": records, "rows": rows})
     atomic_write_bytes(out_dir / "bench.md", format_bench_markdown(header, rows, records).encode())
     atomic_write_bytes(out_dir / "ap_by_size.png", plot_ap_by_size(rows))

@@ -133,24 +133,36 @@ class InferenceJob:
     sahi_overlap: float
 
 
+def batch1_predictor(model_run: str, inference: str, data: str, val_split: str, count: int, sahi_slice: int,
+                     sahi_overlap: float, device: torch.device):
+    """A method's batch-1 prediction, with the first ``count`` val images decoded (and resized, for
+    upscale) for it: (predict, images, model, val set, SAHI model or None)."""
+    cfg, model = load_trained_model(model_run, device)
+    val = load_split(data, val_split, train=False, scale=cfg.input_scale)
+    some = range(min(len(val), count))
+    if inference == "sahi":
+        sahi_model = sahi_detection_model(model, val.class_names, device)
+        images = [_hwc_uint8(val, val.ids[i]) for i in some]
+        return (lambda im: sahi_predict(sahi_model, im, sahi_slice, sahi_overlap)), images, model, val, sahi_model
+    images = [val[i][0].to(device) for i in some]
+
+    def predict(image):
+        with torch.no_grad():
+            return model([image])
+
+    return predict, images, model, val, None
+
+
 def measure_inference(job: InferenceJob) -> dict:
     """Speed (batch 1), peak RSS and parameters of one method, then its COCO evaluation."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model = load_trained_model(job.model_run, device)
-    val = load_split(job.data, job.val_split, train=False, scale=cfg.input_scale)
+    predict, images, model, val, sahi_model = batch1_predictor(
+        job.model_run, job.inference, job.data, job.val_split, job.timing_images, job.sahi_slice, job.sahi_overlap,
+        device)
     eval_set = val if job.max_eval_images is None else Subset(val, range(min(job.max_eval_images, len(val))))
-    some = range(min(len(val), job.timing_images))
-    if job.inference == "sahi":
-        sahi_model = sahi_detection_model(model, val.class_names, device)
-        images = [_hwc_uint8(val, val.ids[i]) for i in some]
-        speed = inference_ms_per_image(lambda im: sahi_predict(sahi_model, im, job.sahi_slice, job.sahi_overlap),
-                                       images, job.timing_images, job.timing_warmup)
-    else:
-        images = [val[i][0].to(device) for i in some]
-        with torch.no_grad():
-            speed = inference_ms_per_image(lambda im: model([im]), images, job.timing_images, job.timing_warmup)
+    speed = inference_ms_per_image(predict, images, job.timing_images, job.timing_warmup)
     rss = peak_rss_mb()  # before the batched evaluation below, so it is batch-1 inference's peak
 
     tic = time.perf_counter()
@@ -173,6 +185,64 @@ def measure_inference(job: InferenceJob) -> dict:
     return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss, "images_per_s": throughput,
             "slices_per_image": slices,
             "parameters": count_parameters(model), "torch_threads": torch.get_num_threads(), "eval": stats}
+
+
+def interleaved_latency(predictors: dict, rounds: int, per_round: int, warmup: int, clock=time.perf_counter) -> dict:
+    """Batch-1 latency of several methods timed in turns, so that they share the machine's speed.
+
+    ``predictors`` maps a name to (predict, images); the first name is the reference. A machine
+    whose speed drifts by tens of percent over an hour (measured here) makes latencies timed one
+    method after another incomparable; timed in ``rounds`` rounds, each timing ``per_round`` images
+    of every method in a rotating order, the methods of a round run at nearly the same speed.
+    Returns per name the median ms over all its timed calls and ``ratio``: the median over rounds of
+    its round median over the reference's.
+    """
+    names = list(predictors)
+    for name in names:
+        predict, images = predictors[name]
+        for i in range(warmup):
+            predict(images[i % len(images)])
+    per_call = {name: [] for name in names}
+    round_medians = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            predict, images = predictors[name]
+            times = []
+            for i in range(per_round):
+                tic = clock()
+                predict(images[(r * per_round + i) % len(images)])
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times.append(1000 * (clock() - tic))
+            per_call[name] += times
+            round_medians[name].append(statistics.median(times))
+    reference = round_medians[names[0]]
+    return {name: {"median_ms": statistics.median(per_call[name]),
+                   "ratio": statistics.median(m / ref for m, ref in zip(round_medians[name], reference)),
+                   "rounds": rounds, "per_round": per_round, "warmup": warmup} for name in names}
+
+
+@dataclass
+class LatencyJob:
+    methods: dict  # name -> {"model_run", "inference", "data", "val_split"}; the first is the reference
+    threads: int
+    rounds: int
+    per_round: int
+    warmup: int
+    sahi_slice: int
+    sahi_overlap: float
+
+
+def measure_paired_latency(job: LatencyJob) -> dict:
+    """``interleaved_latency`` of trained methods, all loaded in one process."""
+    torch.set_num_threads(job.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictors = {}
+    for name, m in job.methods.items():
+        predict, images, *_ = batch1_predictor(m["model_run"], m["inference"], m["data"], m["val_split"],
+                                               job.rounds * job.per_round, job.sahi_slice, job.sahi_overlap, device)
+        predictors[name] = (predict, images)
+    return interleaved_latency(predictors, job.rounds, job.per_round, job.warmup)
 
 
 def run_measurement(fn, job, isolate: bool):

@@ -29,9 +29,11 @@ COST_KEYS = ("train_seconds", "train_images_per_s", "train_peak_rss_mb", "infer_
 
 
 def _cost(record: dict) -> dict:
+    """A record's costs; latency from the interleaved timing of its seed's methods when there is one."""
     t, i = record["training"], record["inference"]
+    latency = i["paired"]["median_ms"] if i.get("paired") else i["ms_per_image"]
     return {"train_seconds": t["seconds"], "train_images_per_s": t["images_per_s"],
-            "train_peak_rss_mb": t["peak_rss_mb"], "infer_ms_per_image": i["ms_per_image"],
+            "train_peak_rss_mb": t["peak_rss_mb"], "infer_ms_per_image": latency,
             "infer_images_per_s": i.get("images_per_s"), "infer_peak_rss_mb": i["peak_rss_mb"],
             "parameters": i["parameters"]}
 
@@ -98,10 +100,15 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
                            "reused_from": "baseline" if method.reuse else None},
                 "cost": cost, "slices_per_image": group[0]["inference"].get("slices_per_image"),
                 "shares_detector": method.shares_detector,
+                # each seed's latency ratio from its interleaved timing (bench.measure.interleaved_latency)
+                "paired_latency_ratio": statistics.fmean(r["inference"]["paired"]["ratio"] for r in group)
+                if all(r["inference"].get("paired") for r in group) else None,
             }
         base, oracle = preset_rows.get("baseline"), preset_rows.get("hr-oracle")
         for row in preset_rows.values():
             row["vs_baseline"] = {k: _ratio(row["cost"][k], base["cost"][k]) for k in COST_KEYS}
+            if row["paired_latency_ratio"] is not None:
+                row["vs_baseline"]["infer_ms_per_image"] = row["paired_latency_ratio"]
             # an SR variant's own training is its branch; with the detector it stands on, counted once
             row["train_seconds_with_detector"] = row["cost"]["train_seconds"] + (
                 base["cost"]["train_seconds"] if row["shares_detector"] else 0.0)
@@ -290,12 +297,17 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"each resized by the detector to its min_size, plus one full-image pass; merged by class-wise "
         f"{sahi['postprocess_type']} at {sahi['postprocess_match_metric']} {sahi['postprocess_match_threshold']}",
         f"- inference: batch 1, median over {budget['timing_images']} images after {budget['timing_warmup']} "
-        f"warm-up; torch threads {header['torch_threads']}; peak RSS is VmHWM of "
+        "warm-up, timed after all training with every method of a seed loaded in one process and timed in turns "
+        "(rounds of a few images each, in a rotating order), so that a drift of the machine's speed falls on "
+        f"all of them alike; torch threads {header['torch_threads']}; peak RSS is VmHWM of "
         + ("a fresh process per training / inference" if header["isolated_processes"]
            else "this process, reset before each measurement"),
         f"- {header['environment']['device']}, {header['environment']['cpus']} CPUs, torch "
         f"{header['environment']['torch']}, git {header['environment']['git']}; bench took "
-        f"{header.get('seconds', 0) / 60:.1f} min",
+        f"{header.get('seconds', 0) / 60:.1f} min" + (
+            f" in its last invocation, which reused {header['reused_records']} methods' runs finished by an "
+            "earlier, interrupted one (their training and evaluation are not in that time)"
+            if header.get("reused_records") else ""),
         *[f"- {note}" for note in header["notes"]],
         "",
         "## Accuracy (COCO AP, percent): this bench",
