@@ -143,7 +143,8 @@ class GANLossWeights:
     # SOD-MTGAN (NOT verified against its text, which was not reachable here).
     cls: float = 0.01
     reg: float = 0.01
-    # L_MSE: weight 1, as in the paper's objective (and SRGAN's content loss).
+    # L_MSE: weight 1, as in the paper's objective (and SRGAN's content loss). The SR recipe
+    # (sodlab.recipes) weighs it 10, where its gradient on G is no longer drowned by the class term's.
     mse: float = 1.0
     # L_TV: the paper writes weight 1, but its L_TV is a per-pixel mean of |grad|, about 0.05-0.1 on
     # natural patches: with weight 1 it would outweigh L_MSE (~1e-3) and flatten every SR patch.
