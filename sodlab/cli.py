@@ -246,7 +246,8 @@ def cmd_demo(args) -> None:
     from sodlab.runs import ensure_run, train_and_finish
 
     tic = time.perf_counter()
-    budget = with_iters(get_budget("demo"), args.iters, args.sr_iters)
+    budget = with_iters(get_budget("demo"), args.iters, args.sr_iters,
+                        **({} if args.amp is None else {"amp": args.amp}))
     data_dir = ensure_data(budget, args.data)
     runs = Path(args.runs) if args.runs else budget.runs_dir()
     # The SR branch trains on the finished baseline's detector (frozen), so both rows share it.
@@ -285,6 +286,8 @@ def cmd_explore(args) -> None:
 # --- sodlab bench ------------------------------------------------------------------------------------
 
 BENCH_BUDGETS = ("quick", "default", "paper")
+AMP_HELP = ("bfloat16 autocast for the detector's training step where the CPU has native bf16 (default on); "
+            "--no-amp trains in float32, as a CPU without bf16 does")
 
 
 def add_bench_arguments(parser) -> None:
@@ -309,6 +312,7 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every measurement (default 2)")
     parser.add_argument("--pretrained", default=None, action=argparse.BooleanOptionalAction,
                         help="ImageNet backbone weights (default: the preset's; --no-pretrained where none exist)")
+    parser.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
     parser.add_argument("--name", default=None, help="output runs/bench-NAME (default: the budget's name)")
     parser.add_argument("--runs", default="runs", help="parent directory of bench-NAME")
     parser.add_argument("--force", action="store_true", help="replace an existing runs/bench-NAME")
@@ -322,6 +326,7 @@ def budget_from_args(args):
         budget = dry_run(budget)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
     changes = {k: v for k, v in {"seeds": args.seeds, "threads": args.threads, "pretrained": args.pretrained,
+                                 "amp": args.amp,
                                  "train_split": args.train_split, "val_split": args.val_split,
                                  "presets": presets}.items() if v is not None}
     if changes.get("seeds", 1) < 1:
@@ -432,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="baseline iterations (default: the demo budget's)")
     p.add_argument("--sr-iters", type=int, default=None, help="SR branch iterations (default: the demo budget's)")
     p.add_argument("--force", action="store_true", help="train again even if the demo runs exist")
+    p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
     p.add_argument("--no-explore", action="store_true", help="skip building the FiftyOne dataset")
     p.set_defaults(func=cmd_demo)
 

@@ -70,6 +70,10 @@ class Budget:
     weight_decay: float = TrainConfig.weight_decay
     warmup_iters: int = TrainConfig.warmup_iters
     schedule: str = TrainConfig.schedule
+    # bfloat16 autocast for the detector's step where the CPU has native bf16 (TrainConfig.amp);
+    # False trains in float32 everywhere, which is what a CPU without bf16 runs (`--no-amp`), so a
+    # machine with bf16 can measure the budget a machine without it will see.
+    amp: bool = TrainConfig.amp
     pretrained: bool | None = None  # None: the preset's own choice
     detector: dict = field(default_factory=dict)  # DetectorConfig overrides, for every preset
     sr: dict = field(default_factory=dict)  # SRConfig fields on top of SR_RECIPE
@@ -98,7 +102,7 @@ class Budget:
     def describe(self) -> str:
         return (f"budget {self.name!r}: data {self.data} ({self.synth_train} train / {self.synth_val} val images of "
                 f"{self.synth_size} px), {self.iters} detector + {self.sr_iters} SR iterations at batch "
-                f"{self.batch_size}")
+                f"{self.batch_size}" + ("" if self.amp else ", float32 (no bf16 autocast)"))
 
 
 BUDGETS: dict[str, Budget] = {
@@ -170,6 +174,7 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
     values = dict(data=data, train_split=budget.train_split, val_split=budget.val_split, method=method,
                   iters=budget.iters, batch_size=budget.batch_size, optimizer=budget.optimizer, lr=budget.lr,
                   weight_decay=budget.weight_decay, warmup_iters=budget.warmup_iters, schedule=budget.schedule,
+                  amp=budget.amp,
                   seed=seed, workers=budget.workers, eval_batch_size=budget.eval_batch_size, out=str(out))
     twins_scale = budget.oracle_scale if method == "hr-oracle" else 1
     if method in SR_METHODS:

@@ -324,6 +324,17 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
         budget_from_args(parse(["--iters", "0"]))
 
 
+def test_no_amp_trains_every_method_in_float32(tmp_path):
+    # what a CPU without bf16 runs, measurable on a machine with it
+    budgets = {flag: budget_from_args(parse(["--budget", "default", *flag])) for flag in ((), ("--no-amp",))}
+    for flag, budget in budgets.items():
+        configs = [train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
+                                detector_run=tmp_path / "baseline" if m.shares_detector else None)
+                   for m in METHODS if m.train_as]
+        assert {c.amp for c in configs} == {not flag}
+    assert "float32" in budgets[("--no-amp",)].describe() and "float32" not in budgets[()].describe()
+
+
 def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):
     budget = budget_from_args(parse(["--paper"]))
     assert budget.presets == ("r50", "r50-fpn", "r101", "r101-fpn")

@@ -280,7 +280,9 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"same order, same detector preset); each SR variant then trains its branch for {budget['sr_iters']} "
         f"iterations on the same seed's baseline detector, frozen (the staged schedule: the rows of a seed share "
         f"one detector, whose training is counted once); {budget['optimizer']} lr {budget['lr']}, "
-        f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations",
+        f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations; the detector's step "
+        + ("in bfloat16 autocast where the CPU has native bf16 (float32 elsewhere)" if budget.get("amp", True)
+           else "in float32 (`--no-amp`: what a CPU without bf16 runs)"),
         f"- SR methods: HR patches from the {header['sr_hr_source']}; D's class scores and boxes on small "
         f"proposals {'are averaged with' if header.get('sr_fusion') == 'mean' else 'replace'} the box head's "
         f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
