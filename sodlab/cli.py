@@ -286,8 +286,8 @@ def cmd_explore(args) -> None:
 # --- sodlab bench ------------------------------------------------------------------------------------
 
 BENCH_BUDGETS = ("quick", "default", "paper")
-AMP_HELP = ("bfloat16 autocast for the detector's training step where the CPU has native bf16 (default on); "
-            "--no-amp trains in float32, as a CPU without bf16 does")
+AMP_HELP = ("bfloat16 autocast for the detector's training step and for G and D at inference where the CPU has "
+            "native bf16 (default on); --no-amp runs float32, as a CPU without bf16 does")
 
 
 def add_bench_arguments(parser) -> None:
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--sr-gate-top-k", "sr.gate_top_k",
              dict(type=int, metavar="K", help="only the K small proposals most likely foreground go through G and D "
                                               "(0: all)")),
+            ("--sr-amp", "sr.amp",
+             dict(action=argparse.BooleanOptionalAction, help="G and D in bfloat16 autocast where the CPU has native "
+                                                               "bf16 (float16 on CUDA); --no-sr-amp: float32")),
             ("--score-threshold", "detector.box_score_thresh",
              dict(type=float, metavar="S", help="detections scoring under S are dropped (the detector's "
                                                 "box_score_thresh)"))):

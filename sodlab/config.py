@@ -204,6 +204,10 @@ class SRConfig:
     # replace: D's class scores and boxes stand in for the box head's (the paper's literal choice)
     # mean: D's and the head's class probabilities and box deltas are averaged
     fusion: str = "replace"
+    # G and D at inference under autocast where the hardware runs it natively: bfloat16 on a CPU
+    # with AVX-512 BF16 / AMX (half G's and D's time there), float16 on CUDA; float32 elsewhere,
+    # so a CPU without bf16 runs exactly what False runs. The detector itself stays float32.
+    amp: bool = True
     # the variant switches (one field per ablation row)
     use_generator: bool = True  # False = sr-no-recon: D sees bilinear-upsampled patches, there is no G
     boxes_from: str = "discriminator"  # detector = sr-cls-only: SR serves classification only

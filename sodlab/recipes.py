@@ -70,9 +70,10 @@ class Budget:
     weight_decay: float = TrainConfig.weight_decay
     warmup_iters: int = TrainConfig.warmup_iters
     schedule: str = TrainConfig.schedule
-    # bfloat16 autocast for the detector's step where the CPU has native bf16 (TrainConfig.amp);
-    # False trains in float32 everywhere, which is what a CPU without bf16 runs (`--no-amp`), so a
-    # machine with bf16 can measure the budget a machine without it will see.
+    # bfloat16 autocast for the detector's step and for G and D at inference where the CPU has
+    # native bf16 (TrainConfig.amp, SRConfig.amp); False runs float32 everywhere, which is what a
+    # CPU without bf16 runs (`--no-amp`), so a machine with bf16 can measure the budget a machine
+    # without it will see.
     amp: bool = TrainConfig.amp
     pretrained: bool | None = None  # None: the preset's own choice
     detector: dict = field(default_factory=dict)  # DetectorConfig overrides, for every preset
@@ -181,7 +182,7 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")
         values |= dict(iters=budget.sr_iters, init_from=str(detector_run),
-                       sr=SRConfig(**{**SR_RECIPE, **budget.sr}),
+                       sr=SRConfig(**{**SR_RECIPE, "amp": budget.amp, **budget.sr}),
                        sr_train=SRTrainConfig(**{**SR_TRAIN_RECIPE, "hr_source": hr_source, **budget.sr_train}))
     values |= overrides
     values["ckpt_every"] = values.get("ckpt_every", values["iters"])

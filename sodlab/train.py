@@ -35,7 +35,7 @@ from sodlab.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json,
 from sodlab.rng import rng_state, set_rng_state
 from sodlab.rundir import RUN_FORMAT, RUN_MARKER, RunLock, check_replaceable, replace_run_dir, run_contents
 from sodlab.losses import discriminator_objective, generator_objective
-from sodlab.models import build_model
+from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.sr_quality import psnr
 
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
@@ -96,13 +96,7 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The detector step's autocast dtype, or None for float32 (see TrainConfig.amp)."""
-    if not cfg.amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
+    return fast_autocast_dtype(device) if cfg.amp else None
 
 
 def git_revision() -> str | None:
@@ -580,7 +574,8 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: 
 
 # Settings that change what inference does with the trained weights, not the weights themselves:
 # an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
-INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "detector.box_score_thresh")
+INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "sr.amp",
+                      "detector.box_score_thresh")
 
 
 def with_inference_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:

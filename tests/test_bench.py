@@ -119,6 +119,9 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert "- evaluation: whole images, each resized by its own detector (the oracle's 2x larger ones" in report
     assert "annotations/instances_val.json`, the ground truth at the data's own resolution" in report
     assert "| APs - score-matched baseline | 95% interval |" in report
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ("G and D at inference in bfloat16 autocast" in report) == native_bf16
+    assert ("G and D at inference in float32 (this CPU has no native bf16" in report) == (not native_bf16)
     assert "Sharing the detector: the 5 SR variants train their branches on the seed's baseline detector" in report
     rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
     matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
@@ -332,6 +335,7 @@ def test_no_amp_trains_every_method_in_float32(tmp_path):
                                 detector_run=tmp_path / "baseline" if m.shares_detector else None)
                    for m in METHODS if m.train_as]
         assert {c.amp for c in configs} == {not flag}
+        assert {c.sr.amp for c in configs if c.is_sr} == {not flag}  # G and D at inference too
     assert "float32" in budgets[("--no-amp",)].describe() and "float32" not in budgets[()].describe()
 
 

@@ -7,7 +7,7 @@ import torch
 from sodlab.config import SR_METHODS, SRConfig, SRTrainConfig, method_variant
 from sodlab.data.coco import load_split
 from sodlab.io import read_json
-from sodlab.models import build_model
+from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.models.sr_detector import SRDetector
 from sodlab.runs import finish_run
 from sodlab.train import sr_step, train
@@ -42,6 +42,8 @@ def test_each_variant_changes_only_its_switch():
 
 
 def _model(tiny_config, method, **sr_overrides):
+    # float32 G and D unless a test asks for autocast: these tests compare answers to 1e-5
+    sr_overrides.setdefault("amp", False)
     cfg = dataclasses.replace(tiny_config, method=method, sr=dataclasses.replace(SRConfig(), **sr_overrides))
     torch.manual_seed(0)
     return build_model(cfg, num_classes=9).eval()
@@ -74,6 +76,31 @@ def test_small_proposals_take_d_scores_and_boxes(tiny_config, tiny_synth):
     # ... which is the one path the widgets and the SR quality report take too
     out = model.reconstruct(images, chosen)
     assert torch.allclose(out["cls"], d["cls"], atol=1e-5) and out["lr_patch"].shape[-1] == 16
+
+
+def test_amp_runs_g_and_d_in_the_hardwares_fast_dtype_and_only_them(tiny_config, tiny_synth):
+    assert fast_autocast_dtype("cuda") == torch.float16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert (fast_autocast_dtype("cpu") or torch.float32) == expected
+    images = _images(tiny_synth)
+    scores = {}
+    for amp in (False, True):
+        model = _model(tiny_config, "sr", area_threshold=12.0**2, amp=amp)
+        seen = {}
+        for name, layer in (("G", model.generator.output), ("D", model.discriminator.cls_head),
+                            ("box head", model.detector.roi_heads.box_predictor.cls_score)):
+            layer.register_forward_hook(lambda _, __, out, name=name: seen.setdefault(name, out.dtype) and None)
+        scores[amp] = model.score_proposals(images)
+        assert seen["G"] == seen["D"] == (expected if amp else torch.float32)
+        assert seen["box head"] == torch.float32  # the detector stays float32
+        assert scores[amp]["class_logits"].dtype == scores[amp]["box_regression"].dtype == torch.float32
+    off, on = scores[False], scores[True]
+    assert torch.equal(off["sr_mask"], on["sr_mask"]) and on["sr_mask"].any()
+    m = on["sr_mask"]
+    assert torch.equal(on["class_logits"][~m], off["class_logits"][~m])
+    # bf16 keeps 8 bits of mantissa: D's logits agree to about 1e-2, exactly without native bf16
+    tolerance = 0.05 if expected == torch.bfloat16 else 0.0
+    assert torch.allclose(on["class_logits"][m], off["class_logits"][m], atol=tolerance, rtol=0)
 
 
 def test_cls_only_keeps_the_detector_boxes_and_scope_all_covers_everything(tiny_config, tiny_synth):

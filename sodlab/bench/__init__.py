@@ -228,6 +228,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
     """What bench.json says about the whole bench, before its records."""
     import torch
 
+    from sodlab.config import SRConfig
     from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
     from sodlab.recipes import SR_RECIPE
     from sodlab.train import git_revision
@@ -240,6 +241,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
         "sr_hr_source": hr_source, "sr_fusion": sr.get("fusion", "replace"),
         "sr_gate_top_k": sr.get("gate_top_k", 0),
+        "sr_amp": sr.get("amp", SRConfig.amp),
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},

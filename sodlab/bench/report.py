@@ -265,6 +265,19 @@ def per_seed_table(records: list[dict]) -> str:
     return format_table([(f"{r['method']} (seed {r['seed']})", r["backbone"], r["eval"]) for r in records])
 
 
+def sr_precision(header: dict) -> str:
+    """How G and D ran at inference (SRConfig.amp), as a clause of the SR methods' line."""
+    if "sr_amp" not in header:  # benches written before G and D could run under autocast
+        return ""
+    if not header["sr_amp"]:
+        return "; G and D at inference in float32 (amp off)"
+    if header["environment"].get("device") == "cuda":
+        return "; G and D at inference in float16 autocast"
+    if header["environment"].get("bf16"):
+        return "; G and D at inference in bfloat16 autocast (this CPU has native bf16)"
+    return "; G and D at inference in float32 (this CPU has no native bf16, so autocast stays off)"
+
+
 def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | None = None) -> str:
     budget = header["budget"]
     seeds = budget["seeds"]
@@ -288,7 +301,7 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
             f"; gated: only the {header['sr_gate_top_k']} small proposals per image the box head finds most likely "
             "foreground go through G and D" if header.get("sr_gate_top_k") else "; ungated: every small proposal "
-            "goes through G and D"),
+            "goes through G and D") + sr_precision(header),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
         f"- evaluation: whole images, each resized by its own detector (the oracle's {header['oracle']['scale']}x "

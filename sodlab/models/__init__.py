@@ -6,6 +6,17 @@ import torch
 from sodlab.models.detector import DetectorConfig, build_detector, preset
 
 
+def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype the hardware runs natively: float16 on CUDA, bfloat16 on a CPU with
+    native bf16 (AVX-512 BF16 / AMX), None (float32) on other CPUs, where bf16 is emulated and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def build_model(cfg, num_classes: int):
     """The model a TrainConfig names: a Faster R-CNN baseline, or the SR detector around one.
 
@@ -30,7 +41,7 @@ def build_model(cfg, num_classes: int):
         discriminator = MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk)
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
                       area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, gate_top_k=sr.gate_top_k,
-                      fusion=sr.fusion,
+                      fusion=sr.fusion, amp=sr.amp,
                       boxes_from=sr.boxes_from, rois_per_image=sampling.rois_per_image,
                       hr_rois_per_image=sampling.hr_rois_per_image, fg_fraction=sampling.fg_fraction,
                       gt_jitter=sampling.gt_jitter, jitters_per_gt=sampling.jitters_per_gt)

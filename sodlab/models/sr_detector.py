@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.ops import box_area, box_iou
 
+from sodlab.models import fast_autocast_dtype
 from sodlab.patches import DEFAULT_CONTEXT, lr_hr_pairs, lr_patches
 
 
@@ -48,6 +49,8 @@ class SRDetector(nn.Module):
         gate_top_k: at inference, only the k proposals in scope per image that the box head finds
             most likely foreground go through G and D (0: all of them).
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
+        amp: at inference, G and D under autocast where the hardware runs it natively
+            (``fast_autocast_dtype``: bf16 on a CPU with native bf16, float16 on CUDA).
         boxes_from: "discriminator" (t_SR replaces/joins the head's deltas) or "detector".
         rois_per_image, hr_rois_per_image, fg_fraction, gt_jitter, jitters_per_gt: the training
             RoI sample of ``sample_rois``, as torchvision's RoIHeads takes its sampler's sizes.
@@ -56,14 +59,14 @@ class SRDetector(nn.Module):
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
                  area_threshold: float = 32.0**2, sr_scope: str = "small", gate_top_k: int = 0,
-                 fusion: str = "replace",
+                 fusion: str = "replace", amp: bool = False,
                  boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
                  fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
         self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
-        self.fusion, self.boxes_from = fusion, boxes_from
+        self.fusion, self.boxes_from, self.amp = fusion, boxes_from, amp
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
         # The box head's coder (weights 10, 10, 5, 5), so t_SR and the head's deltas are interchangeable.
@@ -151,7 +154,10 @@ class SRDetector(nn.Module):
         sr_mask = torch.cat(chosen)
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
-            d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
+            dtype = fast_autocast_dtype(sr_mask.device) if self.amp else None
+            with torch.autocast(sr_mask.device.type, dtype=dtype, enabled=dtype is not None):
+                d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
+            d = {k: v.float() for k, v in d.items()}
             if self.fusion == "replace":
                 class_logits[sr_mask] = d["cls"]
             else:  # average the two classifiers' probabilities
