@@ -438,7 +438,10 @@ def load_generator(path: str | Path, with_record: bool = False):
     state = torch.load(path, weights_only=True)
     if not isinstance(state, dict) or "state_dict" not in state or "arch" not in state:
         raise ValueError(f"{path}: not a pretrained generator file (needs 'state_dict' and 'arch')")
-    generator = SRGenerator(**state["arch"])
+    # Built off the global RNG, whose draws the stored weights replace anyway: an SR run then
+    # draws the same random stream whether its G was pretrained just now or read from the cache.
+    with torch.random.fork_rng(devices=[]):
+        generator = SRGenerator(**state["arch"])
     generator.load_state_dict(state["state_dict"])
     generator.eval()
     return (generator, state.get("record", {})) if with_record else generator
