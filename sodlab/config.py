@@ -205,8 +205,9 @@ class SRConfig:
     # mean: D's and the head's class probabilities and box deltas are averaged
     fusion: str = "replace"
     # G and D at inference under autocast where the hardware runs it natively: bfloat16 on a CPU
-    # with AVX-512 BF16 / AMX (half G's and D's time there), float16 on CUDA; float32 elsewhere,
-    # so a CPU without bf16 runs exactly what False runs. The detector itself stays float32.
+    # with AVX-512 BF16 / AMX, float16 on CUDA; float32 elsewhere, so a CPU without bf16 runs
+    # exactly what False runs. G is most of the SR branch's added latency, and bf16 cuts it with
+    # the scores unchanged (README: "G and D in bfloat16 at inference"). The detector stays float32.
     amp: bool = True
     # the variant switches (one field per ablation row)
     use_generator: bool = True  # False = sr-no-recon: D sees bilinear-upsampled patches, there is no G

@@ -40,9 +40,9 @@ SMALL_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200, 
 # of the class term's (beta = 0.01), and the staged phase wore the pretrained G down towards
 # bicubic; at 10 it is about 0.6 of it, and G keeps more of its gain at 8-16 px with APs held
 # (README: "The pixel term's weight").
-# G pretrains for 3,000 iterations, not 1,000: after the staged phase it is then +1.4 dB above
-# bicubic at 8-16 px instead of +0.95, with APs unchanged (README: "How long G pretrains"); the
-# extra 2.5 minutes are spent once per dataset, since the pretrained G is cached.
+# G pretrains for 3,000 iterations, not 1,000: only then does it stay more than 1 dB above bicubic
+# at 8-16 px through the staged phase, with APs unchanged (README: "How long G pretrains"); the
+# longer pretraining is paid once per dataset, since the pretrained G is cached.
 GATE_TOP_K = 32
 SR_RECIPE = dict(fusion="mean", gate_top_k=GATE_TOP_K, area_threshold=16.0 ** 2)
 SR_TRAIN_RECIPE = dict(schedule="staged", hr_source="twin", generator_init="pretrain", pretrain_iters=3000,
