@@ -91,11 +91,15 @@ class SRDetector(nn.Module):
 
         Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (G(z_LR), unclamped: what D judges) and
         D's outputs "adv" [N], "cls" [N, C] and "box" [N, 4C] (t_SR), batched over all RoIs.
-        Scoring, the notebooks' widgets and the SR quality report all go through here.
+        Scoring, the notebooks' widgets and the SR quality report all go through here, so all three
+        see G and D at the same precision (``amp``); every output is float32.
         """
         lr_patch = lr_patches(images, rois, self.lr_size, self.context)
-        sr = self.super_resolve(lr_patch)
-        return {"lr_patch": lr_patch, "sr_patch": sr, **self.discriminator(sr)}
+        dtype = fast_autocast_dtype(lr_patch.device) if self.amp else None
+        with torch.autocast(lr_patch.device.type, dtype=dtype, enabled=dtype is not None):
+            sr = self.super_resolve(lr_patch)
+            d = self.discriminator(sr)
+        return {"lr_patch": lr_patch, "sr_patch": sr.float(), **{k: v.float() for k, v in d.items()}}
 
     def _selected(self, boxes: Tensor) -> Tensor:
         """Which boxes (original-image pixels) the SR branch serves."""
@@ -154,10 +158,7 @@ class SRDetector(nn.Module):
         sr_mask = torch.cat(chosen)
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
-            dtype = fast_autocast_dtype(sr_mask.device) if self.amp else None
-            with torch.autocast(sr_mask.device.type, dtype=dtype, enabled=dtype is not None):
-                d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
-            d = {k: v.float() for k, v in d.items()}
+            d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
             if self.fusion == "replace":
                 class_logits[sr_mask] = d["cls"]
             else:  # average the two classifiers' probabilities
