@@ -166,6 +166,11 @@ def detector_overrides(budget: Budget, twins_scale: int = 1, preset_name: str = 
     return overrides
 
 
+def sr_settings(budget: Budget) -> dict:
+    """The SRConfig fields of the budget's SR methods: the recipe, G's and D's precision, the budget's own."""
+    return {**SR_RECIPE, "amp": budget.amp, **budget.sr}
+
+
 def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str | os.PathLike | None = None,
                  seed: int = 0, preset_name: str = "cpu", detector_run: str | os.PathLike | None = None,
                  hr_source: str = "twin", **overrides) -> TrainConfig:
@@ -185,7 +190,7 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")
         values |= dict(iters=budget.sr_iters, init_from=str(detector_run),
-                       sr=SRConfig(**{**SR_RECIPE, "amp": budget.amp, **budget.sr}),
+                       sr=SRConfig(**sr_settings(budget)),
                        sr_train=SRTrainConfig(**{**SR_TRAIN_RECIPE, "hr_source": hr_source, **budget.sr_train}))
     values |= overrides
     values["ckpt_every"] = values.get("ckpt_every", values["iters"])

@@ -15,13 +15,13 @@ from PIL import Image
 from sodlab.bench import run_bench
 from sodlab.bench.measure import peak_rss_mb, run_measurement, scale_results
 from sodlab.bench.methods import METHOD_NAMES, METHODS
-from sodlab.bench.report import gap_closed
+from sodlab.bench.report import gap_closed, sr_precision
 from sodlab.cli import add_bench_arguments, budget_from_args, cmd_bench
 from sodlab.data.coco import load_coco_json
 from sodlab.data.oracle import prepare_oracle_data
 from sodlab.evaluate import coco_eval
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
-from sodlab.recipes import BUDGETS, Budget, train_config
+from sodlab.recipes import BUDGETS, Budget, sr_settings, train_config
 
 TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, box_batch_size_per_image=32,
                      rpn_post_nms_top_n_test=30, box_detections_per_img=30)
@@ -337,6 +337,11 @@ def test_no_amp_trains_every_method_in_float32(tmp_path):
         assert {c.amp for c in configs} == {not flag}
         assert {c.sr.amp for c in configs if c.is_sr} == {not flag}  # G and D at inference too
     assert "float32" in budgets[("--no-amp",)].describe() and "float32" not in budgets[()].describe()
+    # ... and bench.md says how G and D ran
+    header = {"environment": {"device": "cpu", "bf16": True}}
+    assert "bfloat16" in sr_precision({**header, "sr_amp": sr_settings(budgets[()])["amp"]})
+    assert "float32 (amp off)" in sr_precision({**header, "sr_amp": sr_settings(budgets[("--no-amp",)])["amp"]})
+    assert "no native bf16" in sr_precision({"environment": {"device": "cpu", "bf16": False}, "sr_amp": True})
 
 
 def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):

@@ -228,20 +228,19 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
     """What bench.json says about the whole bench, before its records."""
     import torch
 
-    from sodlab.config import SRConfig
     from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
-    from sodlab.recipes import SR_RECIPE
+    from sodlab.recipes import sr_settings
     from sodlab.train import git_revision
 
     evaluated = len(lr_val) if budget.max_eval_images is None else min(len(lr_val), budget.max_eval_images)
-    sr = {**SR_RECIPE, **budget.sr}  # the SR methods' inference settings, as train_config builds them
+    sr = sr_settings(budget)  # the SR methods' inference settings, as train_config builds them
     return {
         "name": out_dir.name, "budget": dataclasses.asdict(budget), "methods": [m.name for m in methods],
         "data": str(data_dir), "val_images": len(lr_val), "evaluated_images": evaluated,
         "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
         "sr_hr_source": hr_source, "sr_fusion": sr.get("fusion", "replace"),
         "sr_gate_top_k": sr.get("gate_top_k", 0),
-        "sr_amp": sr.get("amp", SRConfig.amp),
+        "sr_amp": sr["amp"],
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},
