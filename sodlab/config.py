@@ -37,7 +37,7 @@ RANGES = {
     "GANLossWeights": {name: _NOT_NEGATIVE for name in ("adv", "cls", "reg", "mse", "tv", "d_adv", "d_cls", "d_reg")},
     "SRConfig": {"lr_size": _AT_LEAST_ONE, "scale": (2, None), "context": _NOT_NEGATIVE,
                  "area_threshold": _NOT_NEGATIVE, "gate_top_k": _NOT_NEGATIVE, "generator_channels": _AT_LEAST_ONE,
-                 "generator_blocks": _NOT_NEGATIVE},
+                 "generator_blocks": _NOT_NEGATIVE, "generator_upsample_channels": _NOT_NEGATIVE},
     "SRTrainConfig": {"rois_per_image": _AT_LEAST_ONE, "hr_rois_per_image": _NOT_NEGATIVE, "fg_fraction": _FRACTION,
                       "gt_jitter": _NOT_NEGATIVE, "jitters_per_gt": _NOT_NEGATIVE, "lr_generator": _POSITIVE,
                       "lr_discriminator": _POSITIVE},
@@ -215,6 +215,9 @@ class SRConfig:
     # model size (compact for the cpu preset; the paper's scale is a ResNet-50/101 trunk for D)
     generator_channels: int = 32
     generator_blocks: int = 4
+    # G's upsampling tail: 0 is SRGAN's x2 stages; u > 0 one sub-pixel step to u channels
+    # (sodlab/models/generator.py), for a cheaper G at inference
+    generator_upsample_channels: int = 0
     discriminator_trunk: str = "compact"
 
     def __post_init__(self):

@@ -74,9 +74,10 @@ class PretrainConfig:
     pairs_per_bin: int = 3000  # with 8 flips/transposes this outlasts iters * batch_size draws
     jitter: float = 0.15  # relative shift and log-scale of jittered ground truth, as SRConfig.gt_jitter
     jitters_per_gt: int = 2
-    # G: SRGenerator's arguments (SRConfig.generator_channels / generator_blocks)
+    # G: SRGenerator's arguments (SRConfig.generator_channels / _blocks / _upsample_channels)
     channels: int = 32
     blocks: int = 4
+    upsample_channels: int = 0
     # optimisation. L1, as ESRGAN's and Real-ESRGAN's PSNR stage: it converges to the median rather
     # than the mean of the plausible HR patches, so edges stay sharper, and EDSR measured higher
     # PSNR with L1 than with L2 training. "mse" is the paper's L_MSE, for comparison.
@@ -110,7 +111,8 @@ class PretrainConfig:
                   "hr_scale": sr.scale,  # sodlab.train reads x{scale} twins
                   "size_bins": tuple(e for e in EVAL_BIN_EDGES if e < scope) + (scope,),
                   "jitter": sr_train.gt_jitter, "jitters_per_gt": sr_train.jitters_per_gt,
-                  "channels": sr.generator_channels, "blocks": sr.generator_blocks}
+                  "channels": sr.generator_channels, "blocks": sr.generator_blocks,
+                  "upsample_channels": sr.generator_upsample_channels}
         return cls(**{**values, **overrides})
 
     @property
@@ -310,7 +312,7 @@ def _stratified_batch(members: list[Tensor], batch_size: int, g: torch.Generator
 def build_generator(cfg: PretrainConfig) -> SRGenerator:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG stream untouched
         torch.manual_seed(cfg.seed)
-        return SRGenerator(cfg.channels, cfg.blocks, cfg.scale)
+        return SRGenerator(cfg.channels, cfg.blocks, cfg.scale, upsample_channels=cfg.upsample_channels)
 
 
 def train_generator(pairs: dict, cfg: PretrainConfig, generator: SRGenerator | None = None,
@@ -422,8 +424,7 @@ def pretrain_generator(
               "train": train_record, "machine": _machine()}
     if evaluate_split and (data_dir / "annotations" / f"instances_{evaluate_split}.json").exists():
         record["evaluation"] = evaluate_generator(generator, data_dir, cfg, evaluate_split)
-    arch = {"channels": cfg.channels, "num_blocks": cfg.blocks, "scale": cfg.scale}
-    atomic_torch_save({"state_dict": generator.state_dict(), "arch": arch, "record": record}, g_path)
+    atomic_torch_save({"state_dict": generator.state_dict(), "arch": generator.arch, "record": record}, g_path)
     atomic_write_json(g_path.with_suffix(".json"), record)
     if log:
         log(f"pretrain: trained G in {train_record['seconds']} s ({cfg.iters} iterations); cached at {g_path}")
@@ -459,11 +460,8 @@ def init_generator_from(generator: SRGenerator, path: str | Path, lr_size: int |
     if lr_size is not None and trained_lr_size not in (None, lr_size):
         raise ValueError(f"{path}: G was pretrained on {trained_lr_size} px LR patches, "
                          f"the SR branch cuts {lr_size} px")
-    arch = {"channels": generator.head[0].out_channels, "num_blocks": len(generator.blocks), "scale": generator.scale}
-    stored = {"channels": pretrained.head[0].out_channels, "num_blocks": len(pretrained.blocks),
-              "scale": pretrained.scale}
-    if arch != stored:
-        raise ValueError(f"{path}: pretrained G is {stored}, but the SR branch's G is {arch}")
+    if generator.arch != pretrained.arch:
+        raise ValueError(f"{path}: pretrained G is {pretrained.arch}, but the SR branch's G is {generator.arch}")
     generator.load_state_dict(pretrained.state_dict())
     return record
 

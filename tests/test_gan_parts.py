@@ -21,12 +21,28 @@ def test_generator_shapes_and_scale_check():
         SRGenerator(scale=3)
 
 
-def test_untrained_generator_is_almost_bicubic():
+@pytest.mark.parametrize("upsample_channels", [0, 8])
+def test_untrained_generator_is_almost_bicubic(upsample_channels):
     torch.manual_seed(0)
     lr = torch.rand(2, 3, 16, 16)
-    sr = SRGenerator()(lr)
+    sr = SRGenerator(upsample_channels=upsample_channels)(lr)
     bicubic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
     assert (sr - bicubic).abs().max().item() < 0.02
+
+
+def test_sub_pixel_tail_has_the_shapes_and_costs_less_than_half_the_x2_stages():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lr = torch.rand(1, 3, 16, 16)
+    flops = {}
+    for upsample_channels in (0, 8):
+        generator = SRGenerator(channels=32, num_blocks=4, scale=4, upsample_channels=upsample_channels)
+        assert generator.arch["upsample_channels"] == upsample_channels
+        with FlopCounterMode(display=False) as counter:
+            assert generator(lr).shape == (1, 3, 64, 64)
+        flops[upsample_channels] = counter.get_total_flops()
+    assert flops[8] < 0.5 * flops[0], flops
+    assert SRGenerator(channels=8, num_blocks=1, scale=2, upsample_channels=4)(lr).shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("trunk", ["compact", "resnet50", "resnet101"])

@@ -153,6 +153,11 @@ def test_config_follows_the_sr_branch_and_a_pretrained_g_loads_into_it(tiny_synt
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="pretrained G is"):
         init_generator_from(SRGenerator(32, 2, 4), result.path)
+    with pytest.raises(ValueError, match="pretrained G is"):  # another upsampling tail
+        init_generator_from(SRGenerator(16, 2, 4, upsample_channels=8), result.path)
+    sub_pixel = dataclasses.replace(sr, generator_upsample_channels=8)
+    assert PretrainConfig.from_sr(sub_pixel, SRTrainConfig()).upsample_channels == 8
+    assert build_model(dataclasses.replace(run_cfg, sr=sub_pixel), num_classes=9).generator.arch["upsample_channels"] == 8
     with pytest.raises(ValueError, match="pretrained on 16 px LR patches"):
         init_generator_from(fresh, result.path, lr_size=32)
 

@@ -37,7 +37,8 @@ def build_model(cfg, num_classes: int):
     # the same seed does, and an SR row differs from its baseline by the SR branch alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 1)
-        generator = SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale) if sr.use_generator else None
+        generator = (SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale,
+                                 upsample_channels=sr.generator_upsample_channels) if sr.use_generator else None)
         discriminator = MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk)
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
                       area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, gate_top_k=sr.gate_top_k,

@@ -8,6 +8,10 @@ which SOD-MTGAN also uses for its generator:
     -> log2(scale) x [conv(c -> 4c) -> PixelShuffle(2) -> PReLU] -> output conv (c -> 3)
 
 and the output is a *residual* added to a fixed bicubic upsampling of the input (see forward).
+With ``upsample_channels`` = u > 0 the tail is instead one sub-pixel step, as ESPCN's:
+conv(c -> u * scale^2) -> PixelShuffle(scale) -> PReLU -> output conv (u -> 3). SRGAN's x2 stages
+run a c -> 4c conv at every intermediate size, and at lr 16, c 32, scale 4 the last of them (at
+32 x 32) is half of G's multiply-adds; the single step runs its only conv at the LR size.
 """
 from __future__ import annotations
 
@@ -46,6 +50,19 @@ class UpsampleStage(nn.Module):
         return self.act(self.shuffle(self.conv(x)))
 
 
+class SubPixelUpsample(nn.Module):
+    """Learned xk upsampling in one step: conv to u * k^2 channels at the LR size, PixelShuffle(k)."""
+
+    def __init__(self, channels: int, out_channels: int, scale: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+        self.act = nn.PReLU(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.shuffle(self.conv(x)))
+
+
 class SRGenerator(nn.Module):
     """LR RoI patch [B, 3, lr, lr] -> SR patch [B, 3, lr*scale, lr*scale], both in [0, 1] image space.
 
@@ -57,6 +74,8 @@ class SRGenerator(nn.Module):
             size and content between the detector's steps and inference, and EDSR showed BN is
             not needed (and slightly harmful) for SR; with it off, train and eval mode agree.
         base_upsample: interpolation mode of the fixed base the residual is added to.
+        upsample_channels: 0 for SRGAN's stack of x2 stages at ``channels``; u > 0 for one
+            sub-pixel step to u channels at the SR size (cheaper; see the module docstring).
 
     The output is not clamped: the losses compare raw outputs, and clamping would zero the
     gradient of every pixel that overshoots. Use ``SRGenerator.to_display`` to clamp for viewing.
@@ -69,12 +88,16 @@ class SRGenerator(nn.Module):
         scale: int = 4,
         batch_norm: bool = False,
         base_upsample: str = "bicubic",
+        upsample_channels: int = 0,
     ) -> None:
         super().__init__()
         if scale < 2 or scale & (scale - 1):
             raise ValueError(f"SRGenerator: scale must be a power of 2 (>= 2) for PixelShuffle(2) stages, got {scale}")
         self.scale = scale
         self.base_upsample = base_upsample
+        # the constructor's arguments that fix the weights' shapes: a pretrained G must match them
+        self.arch = {"channels": channels, "num_blocks": num_blocks, "scale": scale,
+                     "upsample_channels": upsample_channels}
 
         # A 9x9 head sees a wide neighbourhood of the small input cheaply (it runs at lr x lr).
         self.head = nn.Sequential(nn.Conv2d(3, channels, 9, padding=4), nn.PReLU(channels))
@@ -83,10 +106,13 @@ class SRGenerator(nn.Module):
             nn.Conv2d(channels, channels, 3, padding=1, bias=not batch_norm),
             nn.BatchNorm2d(channels) if batch_norm else nn.Identity(),
         )
-        self.upsample = nn.Sequential(*[UpsampleStage(channels) for _ in range(int(math.log2(scale)))])
+        if upsample_channels:
+            self.upsample = SubPixelUpsample(channels, upsample_channels, scale)
+        else:
+            self.upsample = nn.Sequential(*[UpsampleStage(channels) for _ in range(int(math.log2(scale)))])
         # 3x3 rather than SRGAN's 9x9 at the output: this conv runs at the full SR size, where a 9x9
         # kernel would cost 9x more for every RoI on a CPU.
-        self.output = nn.Conv2d(channels, 3, 3, padding=1)
+        self.output = nn.Conv2d(upsample_channels or channels, 3, 3, padding=1)
 
         # Small output weights: the residual starts near zero, so an untrained G is (almost) the
         # bicubic upsampling. Not exactly zero, so that gradients reach every layer from step one.
