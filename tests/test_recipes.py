@@ -41,6 +41,9 @@ def test_train_config_follows_the_budget(tmp_path):
     # the staged schedule on the detector run: every SR row of a seed shares that detector
     assert cfg.sr_train.schedule == "staged" and cfg.init_from == str(tmp_path / "baseline")
     assert cfg.sr.fusion == "mean"
+    assert cfg.sr.generator_upsample_channels == 8  # the recipe's cheap G; the paper budget keeps SRGAN's x2 stages
+    paper = recipes.train_config(recipes.get_budget("paper"), "sr", tmp_path / "p", detector_run=tmp_path / "baseline")
+    assert paper.sr.generator_upsample_channels == 0
     assert cfg.sr_train.weights.adv == 0.0  # the variant's switch is applied on top
     baseline = recipes.train_config(budget, "baseline", tmp_path / "b2", iters=3)
     assert baseline.iters == 3 and baseline.init_from == "" and baseline.ckpt_every == 3
