@@ -4,8 +4,12 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,6 +305,40 @@ def test_interleaved_latency_cancels_a_drifting_machine_speed():
 
 def _pid_and_peak(_job):
     return os.getpid(), peak_rss_mb()
+
+
+def _killed_bench(pid_file: str) -> None:  # a bench whose measurement would run for minutes
+    run_measurement(_write_pid_and_sleep, pid_file, isolate=True)
+
+
+def _write_pid_and_sleep(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has ended
+
+
+def test_a_killed_benchs_measurement_ends_with_it(tmp_path):
+    pid_file = tmp_path / "measurement.pid"
+    bench = multiprocessing.get_context("spawn").Process(target=_killed_bench, args=(str(pid_file),))
+    bench.start()
+    deadline = time.monotonic() + 120
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    measurement = int(pid_file.read_text())
+    assert _alive(measurement)
+    os.kill(bench.pid, signal.SIGKILL)
+    bench.join()
+    deadline = time.monotonic() + 30
+    while _alive(measurement) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(measurement)
 
 
 def test_isolated_measurement_has_its_own_pid_and_peak_rss():

@@ -6,8 +6,10 @@ Each measurement runs where its caller puts it: in this process, or in a fresh s
 from __future__ import annotations
 
 import multiprocessing
+import os
 import platform
 import statistics
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -245,10 +247,25 @@ def measure_paired_latency(job: LatencyJob) -> dict:
     return interleaved_latency(predictors, job.rounds, job.per_round, job.warmup)
 
 
+def _exit_with(parent_pid: int, poll_s: float = 1.0) -> None:
+    """In a measurement's process: exit as soon as the bench that started it is gone.
+
+    A bench killed outright (kill, SIGKILL, a closed session) leaves its spawned measurement
+    running: a training would go on writing the run directory that the resumed bench trains again.
+    """
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_measurement(fn, job, isolate: bool):
     """fn(job) in a fresh spawned process (isolate) or here; the thread count is restored here."""
     if isolate:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with, initargs=(os.getpid(),)) as pool:
             return pool.submit(fn, job).result()
     threads = torch.get_num_threads()
     try:
