@@ -299,7 +299,9 @@ class TrainConfig:
     # the reconstruction module (SR methods only); the method's ablation switch is applied to both
     sr: SRConfig = field(default_factory=SRConfig)
     sr_train: SRTrainConfig = field(default_factory=SRTrainConfig)
-    # staged schedule: a finished run whose detector weights start this one (then frozen)
+    # a finished run whose detector weights start this one: frozen under the SR branch's staged
+    # schedule; fine-tuned by a detector method (the bench's upscale and HR oracle start from the
+    # seed's baseline, recipes.Budget.hires_finetune_iters)
     init_from: str = ""
     # Native-resolution tiles (SAHI's slicing-aided fine-tuning), for large images of small
     # objects: training samples one tile x tile crop per image and visit, evaluation slices each

@@ -256,17 +256,20 @@ def make_optimizers(cfg: TrainConfig, model) -> dict:
 
 
 def init_detector_from(cfg: TrainConfig, model) -> None:
-    """Staged schedule: load a finished run's detector weights into the SR detector and freeze them."""
+    """Load a finished run's detector weights: into the SR detector, frozen, for the staged
+    schedule; into a detector method's model, which then trains on (fine-tuning)."""
     ckpt_path = Path(cfg.init_from) / "checkpoints" / "last.pt"
     if not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: init_from names no finished run")
     ckpt = load_checkpoint_file(ckpt_path)
     saved = (ckpt.get("config") or {}).get("detector", {})
-    load_weights(model.detector, ckpt["model"], ckpt_path, "this run's detector config",
+    detector = model.detector if cfg.is_sr else model
+    load_weights(detector, ckpt["model"], ckpt_path, "this run's detector config",
                  [f"detector.{d}" for d in _differences(saved, dataclasses.asdict(cfg.detector))],
                  f"give this run the detector settings of {Path(cfg.init_from) / 'config.json'} (its --preset and "
                  "--detector-* flags)")
-    model.detector.requires_grad_(False)
+    if cfg.is_sr and cfg.sr_train.schedule == "staged":
+        detector.requires_grad_(False)
 
 
 def init_generator(cfg: TrainConfig, model) -> None:
@@ -512,7 +515,7 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: 
     check_run_dir(cfg, resume, force)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, dataset.num_classes)
-    if cfg.is_sr and cfg.sr_train.schedule == "staged":
+    if cfg.init_from:
         init_detector_from(cfg, model)
     if cfg.is_sr and cfg.sr_train.generator_init and model.generator is not None and not resume:
         init_generator(cfg, model)

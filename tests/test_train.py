@@ -172,3 +172,21 @@ def test_nan_loss_stops_with_the_term_named_and_keeps_the_last_good_checkpoint(t
     assert ckpt["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not [p for p in os.listdir(f"{run_dir}/checkpoints") if p.endswith(".tmp")]
+
+
+def test_a_detector_run_with_init_from_fine_tunes_that_detector(tiny_config, tmp_path):
+    """upscale fine-tuned from a finished baseline (the bench's hires_finetune_iters): one step at
+    warm-up's first lr (1e-3 of the peak) leaves every weight next to the baseline's, yet trained;
+    the same step from scratch is nowhere near them."""
+    start = train(dataclasses.replace(tiny_config, seed=1), progress=False)  # not the seed-0 run's initial weights
+    one_step = dict(method="upscale", iters=1, warmup_iters=1, ckpt_every=1)
+    tuned = train(dataclasses.replace(tiny_config, **one_step, init_from=str(start), out=str(tmp_path / "tuned")),
+                  progress=False)
+    scratch = train(dataclasses.replace(tiny_config, **one_step, out=str(tmp_path / "scratch")), progress=False)
+    base, w_tuned, w_scratch = _weights(start), _weights(tuned), _weights(scratch)
+    # the learned weights; BatchNorm's running statistics follow the x2 images from the first batch
+    floats = [k for k in base if base[k].is_floating_point() and ".running_" not in k]
+    assert max((w_tuned[k] - base[k]).abs().max().item() for k in floats) < 1e-4
+    assert any(not torch.equal(w_tuned[k], base[k]) for k in floats), "fine-tuned, not frozen"
+    assert max((w_scratch[k] - base[k]).abs().max().item() for k in floats) > 1e-2
+    assert read_json(tuned / "config.json")["init_from"] == str(start)
