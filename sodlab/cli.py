@@ -303,6 +303,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="detector iterations (default: the budget's)")
     parser.add_argument("--sr-iters", type=int, default=None,
                         help="SR branch iterations on each seed's detector (default: the budget's)")
+    parser.add_argument("--hires-finetune-iters", type=int, default=None,
+                        help="upscale and hr-oracle fine-tune each seed's baseline detector this many iterations at "
+                             "their larger input; 0 trains them from scratch for --iters (default: the budget's)")
     parser.add_argument("--data", default=None,
                         help="COCO-format directory (default: the embedded benchmark, generated if absent)")
     parser.add_argument("--train-split", default=None, help="default: the budget's (train / train2017)")
@@ -331,7 +334,7 @@ def budget_from_args(args):
                                  "presets": presets}.items() if v is not None}
     if changes.get("seeds", 1) < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    return with_iters(budget, args.iters, args.sr_iters, **changes)
+    return with_iters(budget, args.iters, args.sr_iters, args.hires_finetune_iters, **changes)
 
 
 def cmd_bench(args) -> Path:

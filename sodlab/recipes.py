@@ -5,7 +5,9 @@ embedded benchmark's size, the detector's and the SR branch's training lengths, 
 and (for the bench) how it measures. ``train_config`` turns (budget, method) into the
 TrainConfig of a run, the same way for every caller:
 
-* detector methods (baseline, upscale, hr-oracle) train ``iters`` iterations;
+* detector methods (baseline, upscale, hr-oracle) train ``iters`` iterations from scratch, or,
+  with ``hires_finetune_iters``, upscale and hr-oracle fine-tune the seed's baseline detector
+  for that many iterations at their xK input;
 * SR methods train the reconstruction module for ``sr_iters`` iterations on a finished
   detector run (the staged schedule, the detector frozen), so every SR row of a seed shares
   the very same detector, and a difference between rows is the SR branch's doing. HR targets
@@ -25,6 +27,9 @@ from sodlab.config import SR_METHODS, GANLossWeights, SRConfig, SRTrainConfig, T
 # bench's quick budget train (128 px images are seen at their own size, not upsampled to 256).
 SMALL_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64,
                       rpn_post_nms_top_n_test=100)
+
+# The detector methods whose input is K times larger than the baseline's (x2 upsampled, xK twins).
+HIRES_METHODS = ("upscale", "hr-oracle")
 
 # The SR recipe on top of SRConfig's and SRTrainConfig's defaults (the paper's literal choices).
 # Gated inference: G and D on every small proposal cost several times the detector itself, so only
@@ -93,6 +98,11 @@ class Budget:
     # the timing protocol
     seeds: int = 1
     oracle_scale: int = 2
+    # upscale and the HR oracle see oracle_scale^2 times the pixels, so each of their steps costs
+    # that many of the baseline's. With N > 0 they start from the seed's baseline detector (as the
+    # SR variants do) and fine-tune N iterations at their xK input, a warm restart of the budget's
+    # lr schedule; 0 trains them from scratch for `iters`, each at several times the baseline's cost.
+    hires_finetune_iters: int = 0
     sahi_slice: int = 128
     sahi_overlap: float = 0.2
     max_eval_images: int | None = None  # evaluate on the first N val images only (dry runs)
@@ -117,7 +127,7 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     # What the tests and `make test`'s notebooks run: a minute or two on 2 busy CPU cores.
     "quick": Budget(name="quick", data="data/synth-quick", runs="runs/notebooks/quick", synth_train=40, synth_val=12, synth_size=128,
-                    iters=25, sr_iters=25, warmup_iters=5, detector=SMALL_DETECTOR,
+                    iters=25, sr_iters=25, hires_finetune_iters=6, warmup_iters=5, detector=SMALL_DETECTOR,
                     sr_train=dict(rois_per_image=8, pretrain_iters=20),
                     sahi_slice=64, timing_images=5, timing_warmup=1),
     # `sodlab demo`, and the notebooks' real-use budget (they reuse the demo's runs). 300 detector
@@ -125,7 +135,10 @@ BUDGETS: dict[str, Budget] = {
     "demo": Budget(name="demo"),
     # `sodlab bench`'s default: the demo's data and lengths, the shortest at which the baseline has
     # learned (README: the convergence table); 200 iterations left every row an untrained snapshot.
-    "default": Budget(name="default"),
+    # upscale and the HR oracle fine-tune the seed's baseline for 150 iterations at x2, the compute
+    # of the baseline's own 600 (each x2 step costs about 4): from scratch they took 70 of the
+    # bench's minutes (README: "Fine-tuned x2 detectors").
+    "default": Budget(name="default", hires_finetune_iters=150),
     # The paper's setting, for a GPU and COCO 2017: R50/R101 +- FPN at 800 px, the 1x schedule
     # (90k iterations at batch 16, lr 0.02, x0.1 at 60k and 80k), the SR branch at the paper's scale.
     "paper": Budget(name="paper", data="data/coco", train_split="train2017", val_split="val2017",
@@ -183,7 +196,8 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
     """The TrainConfig of ``method`` at this budget (see the module docstring).
 
     ``data`` defaults to the budget's embedded benchmark; ``detector_run`` is the finished
-    detector an SR method trains on (required for SR methods); ``overrides`` go to TrainConfig.
+    detector an SR method trains on (required for SR methods), and the one upscale and hr-oracle
+    fine-tune when the budget sets ``hires_finetune_iters``; ``overrides`` go to TrainConfig.
     """
     data = str(data or budget.data_dir())
     values = dict(data=data, train_split=budget.train_split, val_split=budget.val_split, method=method,
@@ -192,6 +206,13 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
                   amp=budget.amp,
                   seed=seed, workers=budget.workers, eval_batch_size=budget.eval_batch_size, out=str(out))
     twins_scale = budget.oracle_scale if method == "hr-oracle" else 1
+    if method in HIRES_METHODS and budget.hires_finetune_iters:
+        if detector_run is None:
+            raise ValueError(f"{method}: budget {budget.name!r} fine-tunes it from a finished baseline detector "
+                             "run; pass detector_run")
+        iters = budget.hires_finetune_iters
+        values |= dict(iters=iters, warmup_iters=min(budget.warmup_iters, max(1, iters // 10)),
+                       init_from=str(detector_run))
     if method in SR_METHODS:
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")
@@ -203,12 +224,16 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
     return make_config(preset_name, detector=detector_overrides(budget, twins_scale, preset_name), **values)
 
 
-def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = None, **changes) -> Budget:
-    """The budget with other training lengths (``sodlab bench --iters``, ``sodlab demo --iters``)."""
-    lengths = {k: v for k, v in (("iters", iters), ("sr_iters", sr_iters)) if v is not None}
+def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = None,
+               hires_finetune_iters: int | None = None, **changes) -> Budget:
+    """The budget with other training lengths (``sodlab bench --iters``, ``sodlab demo --iters``);
+    ``hires_finetune_iters`` 0 trains upscale and the HR oracle from scratch."""
+    lengths = {k: v for k, v in (("iters", iters), ("sr_iters", sr_iters),
+                                 ("hires_finetune_iters", hires_finetune_iters)) if v is not None}
     for key, value in lengths.items():
-        if value < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+        if value < (0 if key == "hires_finetune_iters" else 1):
+            raise ValueError(f"--{key.replace('_', '-')} must be at least "
+                             f"{0 if key == 'hires_finetune_iters' else 1}, got {value}")
     return dataclasses.replace(budget, **lengths, **changes)
 
 
@@ -261,7 +286,7 @@ def dry_run(budget: Budget) -> Budget:
     """The same configuration on a handful of images: 2 iterations, 4 eval images, 128 px, few RoIs."""
     return dataclasses.replace(
         budget, name=f"{budget.name}-dry-run", data=f"data/synth-{budget.name}-dry-run", iters=2, sr_iters=2,
-        batch_size=2,
+        hires_finetune_iters=min(budget.hires_finetune_iters, 2), batch_size=2,
         warmup_iters=1, workers=0, eval_batch_size=2, detector={**budget.detector, **DRY_RUN_DETECTOR},
         sr_train={**budget.sr_train, "rois_per_image": 4, "pretrain_iters": 2}, synth_train=4, synth_val=4, synth_size=128,
         max_eval_images=4, timing_images=2, timing_warmup=1, isolate=False)

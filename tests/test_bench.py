@@ -33,7 +33,8 @@ TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, b
 
 def tiny_budget(**changes) -> Budget:
     """Smaller than quick: 2 iterations at batch 2 on 128 px images, 3 timed inferences, in-process."""
-    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, sr_iters=2, batch_size=2, warmup_iters=1,
+    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, sr_iters=2, hires_finetune_iters=1,
+                               batch_size=2, warmup_iters=1,
                                detector=TINY_DETECTOR, timing_images=3, timing_warmup=1, threads=1,
                                isolate=False, **changes)
 
@@ -79,8 +80,11 @@ def test_every_method_has_a_row_with_finite_numbers(bench_dir):
         numbers += list(row["cost"].values()) + list(row["vs_baseline"].values())
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), (name, numbers)
         assert row["cost"]["infer_ms_per_image"] > 0 and row["cost"]["parameters"] > 0
-    # equal budget: every trained method saw the same 4 images
-    assert {row["budget"]["images_seen"] for row in rows.values()} == {4}
+    # equal budget: every detector trained from scratch saw the same 4 images; upscale and the
+    # oracle start from the baseline's and fine-tune it on 2 more (1 iteration at batch 2)
+    hires = {"upscale", "hr-oracle"}
+    assert {row["budget"]["images_seen"] for name, row in rows.items() if name not in hires} == {4}
+    assert {rows[name]["budget"]["images_seen"] for name in hires} == {2}
     assert rows["baseline"]["vs_baseline"]["infer_ms_per_image"] == 1.0
     # SAHI reuses the baseline's weights and training; the SR methods carry G and D on top
     assert rows["sahi"]["cost"]["parameters"] == rows["baseline"]["cost"]["parameters"]
@@ -107,8 +111,12 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
         assert (run_dir / "eval.json").exists() and (run_dir / "detections_val.json").exists()
         if method.train_as:  # a normal run directory: `sodlab eval` can load it
             config = json.loads((run_dir / "config.json").read_text())
-            assert config["method"] == method.train_as and config["iters"] == 2
+            assert config["method"] == method.train_as
+            assert config["iters"] == (1 if method.name in ("upscale", "hr-oracle") else 2)
             assert (run_dir / "checkpoints" / "last.pt").exists()
+    for name in ("upscale", "hr-oracle"):  # fine-tuned from the seed's baseline detector
+        config = json.loads((bench_dir / "runs" / f"{name}-seed0" / "config.json").read_text())
+        assert config["init_from"] == str(bench_dir / "runs" / "baseline-seed0")
     oracle = json.loads((bench_dir / "runs" / "hr-oracle-seed0" / "config.json").read_text())
     assert oracle["detector"]["min_size"] == 2 * 128  # x2 twins are not resized back down
     sr = json.loads((bench_dir / "runs" / "sr-seed0" / "config.json").read_text())
@@ -127,6 +135,8 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert ("G and D at inference in bfloat16 autocast" in report) == native_bf16
     assert ("G and D at inference in float32 (this CPU has no native bf16" in report) == (not native_bf16)
     assert "Sharing the detector: the 5 SR variants train their branches on the seed's baseline detector" in report
+    assert "Fine-tuning: `upscale` and `hr-oracle` start from the seed's baseline detector and train 1/1" in report
+    assert "instead start from the seed's baseline detector and fine-tune it for 1 iterations" in report
     rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
     matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
     assert matched["low"] <= matched["high"] and np.isfinite(matched["point"])
@@ -356,10 +366,13 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
     budget = budget_from_args(parse(["--budget", "default", "--iters", "600", "--sr-iters", "150"]))
     assert (budget.iters, budget.sr_iters) == (600, 150)
     configs = {m.name: train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
-                                    detector_run=tmp_path / "baseline" if m.shares_detector else None)
+                                    detector_run=tmp_path / "baseline")
                for m in METHODS if m.train_as}
-    assert {c.iters for m, c in configs.items() if not m.startswith("sr")} == {600}
+    assert {c.iters for m, c in configs.items() if not m.startswith("sr")} == {600, 150}
     assert {c.iters for m, c in configs.items() if m.startswith("sr")} == {150}
+    assert configs["baseline"].iters == 600 and configs["upscale"].iters == configs["hr-oracle"].iters == 150
+    scratch = budget_from_args(parse(["--budget", "default", "--hires-finetune-iters", "0"]))
+    assert train_config(scratch, "hr-oracle", tmp_path / "o", "data/synth").iters == scratch.iters
     assert {c.optimizer for c in configs.values()} == {"adamw"}
     with pytest.raises(ValueError, match="--iters"):
         budget_from_args(parse(["--iters", "0"]))
@@ -369,8 +382,7 @@ def test_no_amp_trains_every_method_in_float32(tmp_path):
     # what a CPU without bf16 runs, measurable on a machine with it
     budgets = {flag: budget_from_args(parse(["--budget", "default", *flag])) for flag in ((), ("--no-amp",))}
     for flag, budget in budgets.items():
-        configs = [train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
-                                detector_run=tmp_path / "baseline" if m.shares_detector else None)
+        configs = [train_config(budget, m.train_as, tmp_path / m.name, "data/synth", detector_run=tmp_path / "baseline")
                    for m in METHODS if m.train_as]
         assert {c.amp for c in configs} == {not flag}
         assert {c.sr.amp for c in configs if c.is_sr} == {not flag}  # G and D at inference too

@@ -47,8 +47,23 @@ def test_train_config_follows_the_budget(tmp_path):
     assert cfg.sr_train.weights.adv == 0.0  # the variant's switch is applied on top
     baseline = recipes.train_config(budget, "baseline", tmp_path / "b2", iters=3)
     assert baseline.iters == 3 and baseline.init_from == "" and baseline.ckpt_every == 3
-    oracle = recipes.train_config(budget, "hr-oracle", tmp_path / "o")
+    oracle = recipes.train_config(budget, "hr-oracle", tmp_path / "o", detector_run=tmp_path / "baseline")
     assert oracle.detector.min_size == budget.oracle_scale * 128  # the twins are not resized back down
+
+
+def test_upscale_and_the_oracle_fine_tune_the_baseline_when_the_budget_says_so(tmp_path):
+    budget = dataclasses.replace(recipes.get_budget("quick"), hires_finetune_iters=6)
+    for method in recipes.HIRES_METHODS:
+        with pytest.raises(ValueError, match="detector_run"):
+            recipes.train_config(budget, method, tmp_path / method)
+        cfg = recipes.train_config(budget, method, tmp_path / method, detector_run=tmp_path / "baseline")
+        assert cfg.init_from == str(tmp_path / "baseline") and cfg.iters == 6 and cfg.ckpt_every == 6
+        assert cfg.warmup_iters == 1  # the budget's 5 warm-up iterations, cut to a tenth of the fine-tuning
+    scratch = recipes.train_config(dataclasses.replace(budget, hires_finetune_iters=0), "upscale", tmp_path / "u",
+                                   detector_run=tmp_path / "baseline")
+    assert scratch.init_from == "" and scratch.iters == budget.iters
+    baseline = recipes.train_config(budget, "baseline", tmp_path / "b", detector_run=tmp_path / "other")
+    assert baseline.init_from == "" and baseline.iters == budget.iters
 
 
 def test_configs_are_frozen():

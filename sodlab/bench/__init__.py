@@ -9,7 +9,8 @@ Shared work is done once per seed. The SR branch never back-propagates into the 
 every SR variant of a seed trains its branch (``budget.sr_iters``, the staged schedule) on that
 seed's baseline detector, frozen: the rows of a seed differ by the SR branch alone, and the
 detector's training is counted once. SAHI reuses the baseline's weights. ``upscale`` and
-``hr-oracle`` see other images, so they train detectors of their own, at the baseline's budget.
+``hr-oracle`` see other images, so they train detectors of their own: from scratch at the
+baseline's budget, or (``budget.hires_finetune_iters``) fine-tuned from the seed's baseline.
 
 A bench is resumable: a killed bench continues where it stopped when started again with the same
 budget, reusing every run it finished (its measurement is saved beside it in bench_record.json).
@@ -159,8 +160,10 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         detector_run = out_dir / "runs" / run_name(METHODS[0], preset_name, seed, budget)
         method_data = oracle_dir if method.twins else data_dir
         if method.train_as:
+            # SR variants train their branch on the seed's baseline detector; upscale and the HR
+            # oracle fine-tune it when the budget says so (train_config decides which uses it)
             cfg = train_config(budget, method.train_as, run_dir, method_data, seed, preset_name,
-                               detector_run=detector_run if method.shares_detector else None, hr_source=hr_source)
+                               detector_run=detector_run, hr_source=hr_source)
             if (run_dir / "config.json").is_file() and config_mismatch(run_dir, cfg):
                 raise FileExistsError(f"{run_dir}: a run with another config ({', '.join(config_mismatch(run_dir, cfg))})"
                                       "; pass --force to replace the bench")
@@ -174,6 +177,8 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
             atomic_write_json(run_dir / "sahi.json", {"model_run": str(model_run), **header["sahi"]})
         if method.shares_detector:
             training["shared_detector"] = str(detector_run)
+        elif method.train_as and cfg.init_from:
+            training["finetuned_from"] = str(detector_run)
         job = InferenceJob(
             run_dir=str(run_dir), model_run=str(model_run), inference=method.inference, data=str(method_data),
             val_split=budget.val_split, eval_ann_file=str(lr_val.ann_file),
