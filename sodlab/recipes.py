@@ -135,7 +135,7 @@ BUDGETS: dict[str, Budget] = {
     "demo": Budget(name="demo"),
     # `sodlab bench`'s default: the demo's data and lengths, the shortest at which the baseline has
     # learned (README: the convergence table); 200 iterations left every row an untrained snapshot.
-    # upscale and the HR oracle train from scratch here, 70 of the nine methods' 150 minutes:
+    # upscale and the HR oracle train from scratch here, about 75 of the nine methods' 150 minutes:
     # fine-tuned from the baseline (--hires-finetune-iters 150) they take a quarter of that, but the
     # 600-iteration baseline is still learning, so their extra iterations alone add more APs than
     # their pixels and the rows stop being an equal budget (README: "Fine-tuned x2 detectors").
