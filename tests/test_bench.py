@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sodlab.bench import run_bench
+from sodlab.bench import open_bench_dir, run_bench
 from sodlab.bench.measure import peak_rss_mb, run_measurement, scale_results
 from sodlab.bench.methods import METHOD_NAMES, METHODS
 from sodlab.bench.report import gap_closed, sr_precision
@@ -32,11 +32,12 @@ TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, b
 
 
 def tiny_budget(**changes) -> Budget:
-    """Smaller than quick: 2 iterations at batch 2 on 128 px images, 3 timed inferences, in-process."""
-    return dataclasses.replace(BUDGETS["quick"], name="test", iters=2, sr_iters=2, hires_finetune_iters=1,
-                               batch_size=2, warmup_iters=1,
-                               detector=TINY_DETECTOR, timing_images=3, timing_warmup=1, threads=1,
-                               isolate=False, **changes)
+    """Smaller than quick: 2 iterations at batch 2 on 128 px images (upscale and the oracle: 1, fine-tuned
+    from the baseline), 3 timed inferences, in-process."""
+    return dataclasses.replace(BUDGETS["quick"], **{"name": "test", "iters": 2, "sr_iters": 2, "hires_finetune_iters": 1,
+                                                    "batch_size": 2, "warmup_iters": 1, "detector": TINY_DETECTOR,
+                                                    "timing_images": 3, "timing_warmup": 1, "threads": 1,
+                                                    "isolate": False, **changes})
 
 
 def parse(argv):
@@ -64,6 +65,17 @@ def test_gap_closed_by_hand():
     assert gap_closed(0.15, 0.10, 0.10) is None  # nothing to close
     assert gap_closed(0.15, 0.10, 0.05) is None  # the oracle below the baseline: no gap, not a negative one
     assert gap_closed(0.15, -1.0, 0.20) is None  # COCO's -1: no small ground truth
+
+
+def test_a_bench_saved_before_a_budget_field_existed_resumes_as_its_default(tmp_path):
+    budget = tiny_budget(hires_finetune_iters=0)
+    saved = json.loads(json.dumps(dataclasses.asdict(budget)))
+    del saved["hires_finetune_iters"]  # a bench.json written before the field: its x2 detectors from scratch
+    record = {"method": "baseline", "preset": "cpu", "seed": 0}
+    (tmp_path / "bench.json").write_text(json.dumps({"budget": saved, "records": [record]}))
+    assert open_bench_dir(tmp_path, budget, force=False) == {("baseline", "cpu", 0): record}
+    with pytest.raises(FileExistsError, match=r"another budget \(hires_finetune_iters\)"):
+        open_bench_dir(tmp_path, dataclasses.replace(budget, hires_finetune_iters=5), force=False)
 
 
 # --- end to end --------------------------------------------------------------------------------------

@@ -96,7 +96,11 @@ def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
     if not force and _is_bench(out_dir):
         saved = read_json(out_dir / "bench.json")
         wanted = json.loads(json.dumps(dataclasses.asdict(budget)))
-        changed = sorted(k for k in wanted if saved.get("budget", {}).get(k) != wanted[k])
+        # a field the saved budget lacks was added since: that bench ran as its default does
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Budget)
+                                          if f.default is not dataclasses.MISSING}))
+        saved_budget = saved.get("budget", {})
+        changed = sorted(k for k in wanted if saved_budget.get(k, defaults.get(k)) != wanted[k])
         if changed:
             raise FileExistsError(f"{out_dir}: holds a bench with another budget ({', '.join(changed)}); "
                                   "choose another --name or pass --force to replace it")
