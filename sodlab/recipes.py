@@ -137,8 +137,8 @@ BUDGETS: dict[str, Budget] = {
     # learned (README: the convergence table); 200 iterations left every row an untrained snapshot.
     # upscale and the HR oracle train from scratch here, about 75 of the nine methods' 150 minutes:
     # fine-tuned from the baseline (--hires-finetune-iters 150) they take a quarter of that, but the
-    # 600-iteration baseline is still learning, so their extra iterations alone add more APs than
-    # their pixels and the rows stop being an equal budget (README: "Fine-tuned x2 detectors").
+    # 600-iteration baseline is still learning, so their extra iterations alone add about 4 APs
+    # and the rows stop being an equal budget (README: "Fine-tuned x2 detectors").
     "default": Budget(name="default"),
     # The paper's setting, for a GPU and COCO 2017: R50/R101 +- FPN at 800 px, the 1x schedule
     # (90k iterations at batch 16, lr 0.02, x0.1 at 60k and 80k), the SR branch at the paper's scale.
