@@ -101,7 +101,7 @@ class Budget:
     # upscale and the HR oracle see oracle_scale^2 times the pixels, so each of their steps costs
     # that many of the baseline's. With N > 0 they start from the seed's baseline detector (as the
     # SR variants do) and fine-tune N iterations at their xK input, a warm restart of the budget's
-    # lr schedule; 0 trains them from scratch for `iters`, each at several times the baseline's cost.
+    # lr schedule; 0 trains them from scratch for `iters`.
     hires_finetune_iters: int = 0
     sahi_slice: int = 128
     sahi_overlap: float = 0.2
@@ -232,9 +232,9 @@ def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = 
     lengths = {k: v for k, v in (("iters", iters), ("sr_iters", sr_iters),
                                  ("hires_finetune_iters", hires_finetune_iters)) if v is not None}
     for key, value in lengths.items():
-        if value < (0 if key == "hires_finetune_iters" else 1):
-            raise ValueError(f"--{key.replace('_', '-')} must be at least "
-                             f"{0 if key == 'hires_finetune_iters' else 1}, got {value}")
+        least = 0 if key == "hires_finetune_iters" else 1
+        if value < least:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
     return dataclasses.replace(budget, **lengths, **changes)
 
 
