@@ -505,6 +505,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         dataset = TiledDataset(dataset, cfg.tile)
     elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
         tqdm.write(f"{cfg.out}: warning: {warning}")
+    if cfg.crop:
+        dataset = TiledDataset(dataset, cfg.crop, native_resolution=False)
     with RunLock(cfg.out) if ddp.is_main else contextlib.nullcontext():
         return _train(cfg, dataset, ddp, resume, force, progress)
 

@@ -159,6 +159,24 @@ def test_tiles_refuse_a_resizing_dataset(tmp_path):
         TiledDataset(load_split(root, "val", train=False, scale=2.0), 16)
 
 
+def test_crops_of_a_resizing_dataset_are_windows_of_its_resized_image(tmp_path):
+    """TrainConfig.crop: the x2 upscale input is cropped at x2, its boxes scaled then shifted."""
+    rng = np.random.default_rng(3)
+    root = write_coco(tmp_path, rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), [[4, 4, 8, 8]])
+    scaled = load_split(root, "val", train=False, scale=2.0)
+    whole, _ = scaled[0]
+    crops = TiledDataset(scaled, 32, generator=torch.Generator().manual_seed(0), native_resolution=False)
+    windows = set()
+    for _ in range(8):
+        image, target = crops[0]
+        x0, y0, x1, y1 = target["tile"]
+        windows.add((x0, y0))
+        assert (x1 - x0, y1 - y0) == (32, 32) and torch.equal(image, whole[:, y0:y1, x0:x1])
+        # the 40 x 40 image's every 32 px window holds the box, at [8, 8, 16, 16] in the x2 image
+        assert target["boxes"].tolist() == [[8.0 - x0, 8.0 - y0, 16.0 - x0, 16.0 - y0]]
+    assert len(windows) > 1
+
+
 @pytest.mark.slow
 def test_a_detector_trains_on_tiles(tmp_path):
     """The cpu-preset detector, told not to resize (min_size = max_size = tile), takes a tiled batch."""
@@ -176,6 +194,21 @@ def test_a_detector_trains_on_tiles(tmp_path):
     losses = model(list(images), list(targets))
     assert all(torch.isfinite(v) for v in losses.values())
     assert model.transform(list(images))[0].image_sizes == [(64, 64), (64, 64)]  # no resize
+
+
+def test_a_detector_trained_on_crops_takes_them_as_they_come_and_evaluates_resized():
+    """resize_in_training=False (TrainConfig.crop): a training crop of the x2 input is not resized
+    again, while evaluation still resizes whole images to min_size x image_scale."""
+    from sodlab.models.detector import build_detector, preset
+
+    crops = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    on_crops = build_detector(preset("cpu", min_size=64, max_size=64), 3, image_scale=2.0, resize_in_training=False)
+    resizing = build_detector(preset("cpu", min_size=64, max_size=64), 3, image_scale=2.0)
+    on_crops.train(), resizing.train()
+    assert on_crops.transform(crops)[0].image_sizes == [(64, 64), (64, 64)]
+    assert resizing.transform(crops)[0].image_sizes == [(128, 128), (128, 128)]
+    on_crops.eval()
+    assert on_crops.transform([torch.rand(3, 48, 48)])[0].image_sizes == [(128, 128)]
 
 
 # --- sliced inference --------------------------------------------------------------------------------
@@ -392,3 +425,22 @@ def test_train_on_tiles_and_evaluate_sliced_from_the_command_line(tiny_synth, tm
     assert stats["inference"] == {"mode": "sliced", "tile": 64, "overlap": 0.2, "full_image_pass": True,
                                   "merge": "class-wise NMS at IoU 0.5"}
     assert 0 <= stats["AP"] <= 1
+
+
+@pytest.mark.slow
+def test_train_upscale_on_crops_and_evaluate_whole_images_from_the_command_line(tiny_synth, tmp_path):
+    """--crop trains on crops of the x2 input and evaluates whole images; a tile and a crop together
+    are refused before anything is written."""
+    from sodlab.cli import main
+    from sodlab.io import read_json
+
+    run = tmp_path / "cropped"
+    assert main(["train", "--data", str(tiny_synth), "--method", "upscale", "--crop", "64", "--iters", "2",
+                 "--batch-size", "2", "--warmup-iters", "1", "--out", str(run)]) == 0
+    assert read_json(run / "config.json")["crop"] == 64
+    stats = read_json(run / "eval.json")
+    assert stats["inference"] == {"mode": "whole image"} and 0 <= stats["AP"] <= 1
+    both = tmp_path / "both"
+    assert main(["train", "--data", str(tiny_synth), "--tile", "64", "--crop", "64", "--iters", "1",
+                 "--out", str(both)]) != 0
+    assert not both.exists()

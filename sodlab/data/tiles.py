@@ -89,15 +89,18 @@ class TiledDataset(Dataset):
     Crop positions are drawn from ``generator``, by default torch's global RNG, the one the
     dataset's random flips draw from: ``train.py`` seeds it and stores its state in checkpoints,
     so a run on tiles is reproducible from its seed, and resumable, exactly as a run on images.
+
+    ``native_resolution=False`` also crops a resizing dataset, at its own scale: TrainConfig.crop,
+    random-crop training of the x2 upscale baseline, whose evaluation sees whole images.
     """
 
     def __init__(self, dataset: CocoDetection, tile: int, min_visible: float = MIN_VISIBLE,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, native_resolution: bool = True) -> None:
         if not (isinstance(tile, int) and tile > 0):
             raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
         if not 0.0 <= min_visible <= 1.0:
             raise ValueError(f"min_visible must be a fraction in [0, 1], got {min_visible}")
-        if dataset.scale != 1.0:
+        if native_resolution and dataset.scale != 1.0:
             raise ValueError(f"{dataset.ann_file}: tiles are cut at native resolution; the dataset resizes by "
                              f"{dataset.scale} (load it with scale=1.0)")
         self.dataset, self.tile, self.min_visible, self.generator = dataset, tile, min_visible, generator

@@ -23,7 +23,7 @@ def build_model(cfg, num_classes: int):
     The one place a config becomes constructor arguments (detectron2's ``from_config`` idea):
     the modules themselves take plain values.
     """
-    detector = build_detector(cfg.detector, num_classes, image_scale=cfg.input_scale)
+    detector = build_detector(cfg.detector, num_classes, image_scale=cfg.input_scale, resize_in_training=not cfg.crop)
     if not cfg.is_sr:
         return detector
     from sodlab.models.discriminator import MultiTaskDiscriminator

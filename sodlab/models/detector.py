@@ -75,11 +75,14 @@ class C4Backbone(nn.Sequential):
         self.out_channels = body.layer3[-1].conv1.in_channels
 
 
-def build_detector(cfg: DetectorConfig, num_classes: int, image_scale: float = 1.0) -> FasterRCNN:
+def build_detector(cfg: DetectorConfig, num_classes: int, image_scale: float = 1.0,
+                   resize_in_training: bool = True) -> FasterRCNN:
     """torchvision Faster R-CNN for ``num_classes`` classes (background included).
 
     ``image_scale`` multiplies min_size/max_size, so an input already upscaled x2 by the dataset
     (the "upscale" baseline) is not resized back down by the detector's own transform.
+    ``resize_in_training=False``: training batches are taken as they come (random crops already
+    at the input scale, TrainConfig.crop); evaluation still resizes to min_size/max_size.
     """
     body = _resnet(cfg)
     if cfg.pretrained:  # from scratch every layer trains: freezing random weights only hurts
@@ -130,4 +133,5 @@ def build_detector(cfg: DetectorConfig, num_classes: int, image_scale: float = 1
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
         box_score_thresh=cfg.box_score_thresh,
+        _skip_resize=not resize_in_training,
     )
