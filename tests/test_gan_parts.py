@@ -17,8 +17,14 @@ def test_generator_shapes_and_scale_check():
     lr = torch.rand(2, 3, 16, 16)
     assert SRGenerator(channels=8, num_blocks=2)(lr).shape == (2, 3, 64, 64)
     assert SRGenerator(channels=8, num_blocks=1, scale=2)(lr).shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match="power of 2"):
-        SRGenerator(scale=3)
+    # x3 (data converted with --twins 3): EDSR's x3 stage, or the recipe's one sub-pixel step
+    assert SRGenerator(channels=8, num_blocks=1, scale=3)(lr).shape == (2, 3, 48, 48)
+    assert SRGenerator(channels=8, num_blocks=1, scale=6)(lr).shape == (2, 3, 96, 96)
+    assert SRGenerator(channels=8, num_blocks=1, scale=5, upsample_channels=4)(lr).shape == (2, 3, 80, 80)
+    with pytest.raises(ValueError, match="no x2 / x3 upsampling stages"):
+        SRGenerator(scale=5)
+    with pytest.raises(ValueError, match="integer >= 2"):
+        SRGenerator(scale=1)
 
 
 @pytest.mark.parametrize("upsample_channels", [0, 8])

@@ -7,6 +7,8 @@ which SOD-MTGAN also uses for its generator:
     head conv -> n residual blocks (conv-[BN]-PReLU-conv + skip) -> conv (+ long skip from the head)
     -> log2(scale) x [conv(c -> 4c) -> PixelShuffle(2) -> PReLU] -> output conv (c -> 3)
 
+(a x3 scale takes one x3 stage, conv(c -> 9c) -> PixelShuffle(3), as EDSR's upsampler does)
+
 and the output is a *residual* added to a fixed bicubic upsampling of the input (see forward).
 With ``upsample_channels`` = u > 0 the tail is instead one sub-pixel step, as ESPCN's:
 conv(c -> u * scale^2) -> PixelShuffle(scale) -> PReLU -> output conv (u -> 3). SRGAN's x2 stages
@@ -14,8 +16,6 @@ run a c -> 4c conv at every intermediate size, and at lr 16, c 32, scale 4 the l
 32 x 32) is half of G's multiply-adds; the single step runs its only conv at the LR size.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +38,12 @@ class ResidualBlock(nn.Module):
 
 
 class UpsampleStage(nn.Module):
-    """Learned x2 upsampling: conv to 4c channels, PixelShuffle(2) rearranges them to 2x space."""
+    """Learned xf upsampling (f = 2 or 3): conv to f^2 c channels, PixelShuffle(f) rearranges them."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, factor: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels * 4, 3, padding=1)
-        self.shuffle = nn.PixelShuffle(2)
+        self.conv = nn.Conv2d(channels, channels * factor * factor, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(factor)
         self.act = nn.PReLU(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +63,23 @@ class SubPixelUpsample(nn.Module):
         return self.act(self.shuffle(self.conv(x)))
 
 
+def stage_factors(scale: int) -> list[int] | None:
+    """SRGAN's x2 stages for a power of 2, EDSR's single x3 stage for 3 (and a x3 stage after the
+    x2 ones for 3 * 2^n); None for a scale without such stages (use one sub-pixel step)."""
+    twos = 0
+    while scale % 2 == 0:
+        scale, twos = scale // 2, twos + 1
+    return [2] * twos + [3] if scale == 3 else [2] * twos if scale == 1 else None
+
+
 class SRGenerator(nn.Module):
     """LR RoI patch [B, 3, lr, lr] -> SR patch [B, 3, lr*scale, lr*scale], both in [0, 1] image space.
 
     Args:
         channels: feature channels of the trunk (SRGAN: 64).
         num_blocks: residual blocks (SRGAN: 16; 6 is the CPU preset).
-        scale: upsampling factor; a power of 2 because upsampling is a stack of PixelShuffle(2).
+        scale: upsampling factor, an integer >= 2: any with ``upsample_channels``; otherwise one
+            whose stages exist (``stage_factors``: 2^n, 3 * 2^n).
         batch_norm: BN inside the residual blocks as in SRGAN. Off by default: RoI batches vary in
             size and content between the detector's steps and inference, and EDSR showed BN is
             not needed (and slightly harmful) for SR; with it off, train and eval mode agree.
@@ -91,8 +101,12 @@ class SRGenerator(nn.Module):
         upsample_channels: int = 0,
     ) -> None:
         super().__init__()
-        if scale < 2 or scale & (scale - 1):
-            raise ValueError(f"SRGenerator: scale must be a power of 2 (>= 2) for PixelShuffle(2) stages, got {scale}")
+        if not (isinstance(scale, int) and scale >= 2):
+            raise ValueError(f"SRGenerator: scale must be an integer >= 2, got {scale!r}")
+        factors = stage_factors(scale)
+        if not upsample_channels and factors is None:
+            raise ValueError(f"SRGenerator: x{scale} has no x2 / x3 upsampling stages (2^n or 3 * 2^n); upsample in "
+                             "one sub-pixel step instead (upsample_channels > 0, the SR recipe's)")
         self.scale = scale
         self.base_upsample = base_upsample
         # the constructor's arguments that fix the weights' shapes: a pretrained G must match them
@@ -109,7 +123,7 @@ class SRGenerator(nn.Module):
         if upsample_channels:
             self.upsample = SubPixelUpsample(channels, upsample_channels, scale)
         else:
-            self.upsample = nn.Sequential(*[UpsampleStage(channels) for _ in range(int(math.log2(scale)))])
+            self.upsample = nn.Sequential(*[UpsampleStage(channels, factor) for factor in factors])
         # 3x3 rather than SRGAN's 9x9 at the output: this conv runs at the full SR size, where a 9x9
         # kernel would cost 9x more for every RoI on a CPU.
         self.output = nn.Conv2d(upsample_channels or channels, 3, 3, padding=1)
