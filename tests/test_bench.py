@@ -152,6 +152,15 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
     matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
     assert matched["low"] <= matched["high"] and np.isfinite(matched["point"])
+    # the SR branch's ablation: sr minus each variant, and none for sr itself or a detector method
+    assert "## The SR branch's ablation: `sr` minus each variant" in report and "What G adds" in report
+    for row in rows:
+        ablation = (row["intervals"] or {}).get("ablation")
+        assert (ablation is not None) == (row["method"] in ("sr-no-recon", "sr-no-adv", "sr-no-cls", "sr-cls-only"))
+        if ablation:
+            assert set(ablation) == {"AP", "APs", "AP75s"}
+            assert all(v["low"] <= v["high"] and np.isfinite(v["point"]) and v["seeds"] == 1 for v in ablation.values())
+            assert f"| {row['method']} | ResNet-18-FPN | {row['description']} |" in report
     for name in ("ap_by_size.png", "speed_accuracy.png"):
         with Image.open(bench_dir / name) as image:
             assert image.format == "PNG" and image.width > 300

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sodlab.bench.report import verdict
-from sodlab.bench.stats import (match_detections, match_small_scores, paired_differences, resample_weights,
-                                summarize_differences, weighted_ap)
+from sodlab.bench.stats import (IOU_75, ablation_differences, match_detections, match_small_scores,
+                                paired_differences, resample_weights, summarize_differences, weighted_ap)
 from sodlab.evaluate import coco_eval
 
 
@@ -44,6 +44,41 @@ def test_unit_weights_give_cocoevals_own_ap(gt_file):
     ones = np.ones((1, 20))
     assert weighted_ap(matches, ones, "all")[0] == pytest.approx(stats["AP"], abs=1e-9)
     assert weighted_ap(matches, ones, "small")[0] == pytest.approx(stats["APs"], abs=1e-9)
+
+
+def test_ap75_of_small_objects_is_cocoevals(gt_file):
+    """One IoU threshold: COCOeval's precision at IoU 0.75, small area, averaged as AP75 is."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dets = _detections(set(range(1, 15)), shift=1.0) + _detections(set(range(5, 20)), shift=3.0)
+    matches = match_detections(gt_file, dets, range(1, 21))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        evaluator = COCOeval(gt, gt.loadRes(dets), "bbox")
+        evaluator.evaluate(), evaluator.accumulate()
+    precision = evaluator.eval["precision"][IOU_75, :, :, 1, -1]  # [recall, category] at IoU 0.75, small
+    expected = np.mean(precision[precision > -1])
+    assert 0 < expected < 1
+    assert weighted_ap(matches, np.ones((1, 20)), "small", IOU_75)[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_ablation_is_the_full_method_minus_the_variant(gt_file):
+    """sr - variant: positive where the full method finds more small objects; AP75s drops for a
+    variant whose boxes are off by 3 px (IoU about 0.5 on a 10 px object) and not at AP50."""
+    full = match_detections(gt_file, _detections(set(range(1, 19))), range(1, 21))
+    fewer = match_detections(gt_file, _detections(set(range(1, 5))), range(1, 21))
+    loose = match_detections(gt_file, _detections(set(range(1, 19)), shift=2.0), range(1, 21))
+    weights = resample_weights(20, 200, seed=5)
+    found_more = summarize_differences([ablation_differences(full, fewer, weights)])
+    assert found_more["APs"]["low"] > 0 and found_more["APs"]["significant"]
+    tighter = ablation_differences(full, loose, np.ones((1, 20)))
+    assert tighter["AP75s"][0] > 0.5 and tighter["APs"][0] > 0
+    same = ablation_differences(full, full, weights)
+    assert all(np.all(v == 0) for v in same.values())
 
 
 def test_a_resamples_weighted_ap_is_cocoevals_ap_on_the_resampled_images(tmp_path, gt_file):
@@ -169,6 +204,14 @@ def test_the_verdict_follows_the_numbers():
     assert "**The HR oracle is not above the baseline on APs (18.0 against 20.0)**" in verdict(rows)
     rows[-1] = _row("hr-oracle", 0.30, (0.05, 0.15))
     assert "HR oracle is not above" not in verdict(rows)
+    # what G adds: sr against sr-no-recon, from the ablation's interval
+    assert "What G adds" not in verdict(rows)
+    rows.append(_row("sr-no-recon", 0.25, (0.01, 0.08)))
+    rows[-1]["intervals"]["ablation"] = {"APs": {"point": 0.003, "low": -0.002, "high": 0.008, "significant": False}}
+    assert ("**What G adds:** `sr` against `sr-no-recon` (the same branch without G), APs +0.3 [-0.2, +0.8]: "
+            "no significant difference.") in verdict(rows)
+    rows[-1]["intervals"]["ablation"]["APs"] = {"point": 0.012, "low": 0.01, "high": 0.015, "significant": True}
+    assert "APs +1.2 [+1.0, +1.5]: significantly more." in verdict(rows)
 
 
 def test_errors_and_tiny_metrics_are_averaged_over_seeds():

@@ -234,8 +234,21 @@ def verdict(rows: list[dict]) -> str:
                          f"against {100 * base['eval']['APs']:.1f})**: at this budget the detectors have not "
                          "learned what resolution gives, so there is no gap to close and these rows are no "
                          "test of the methods; train longer (--iters).")
-        parts.append(sentence + score_matched_verdict(group))
+        parts.append(sentence + score_matched_verdict(group) + generator_verdict(group))
     return "\n\n".join(parts)
+
+
+def generator_verdict(group: list[dict]) -> str:
+    """The verdict's last sentence: whether G earns its place, `sr` against `sr-no-recon` (D on
+    bilinear-upsampled patches) on APs, from the ablation's paired interval."""
+    row = next((r for r in group if r["method"] == "sr-no-recon"), None)
+    ci = ((row or {}).get("intervals") or {}).get("ablation", {}).get("APs")
+    if not ci:
+        return ""
+    finding = ("significantly more" if ci["low"] > 0 else "significantly less" if ci["high"] < 0
+               else "no significant difference")
+    return (f" **What G adds:** `sr` against `sr-no-recon` (the same branch without G), APs "
+            f"{_signed(ci['point'])} [{_signed(ci['low'])}, {_signed(ci['high'])}]: {finding}.")
 
 
 def score_matched_verdict(group: list[dict]) -> str:
@@ -277,6 +290,26 @@ def interval_table(rows: list[dict]) -> str:
                   f"[{_signed(matched['low'])}, {_signed(matched['high'])}]"] if matched else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """``sr`` minus each ablated SR variant, with the paired interval; "" without such pairs."""
+    headers = ["Variant", "Backbone", "what it changes", "sr - variant: AP", "95% interval", "APs", "95% interval",
+               "AP75 small", "95% interval"]
+    lines = []
+    for row in rows:
+        ablation = (row.get("intervals") or {}).get("ablation")
+        if not ablation:
+            continue
+        cells = [row["method"], row["backbone"], row["description"]]
+        for key in ("AP", "APs", "AP75s"):
+            ci = ablation[key]
+            cells += [_signed(ci["point"]) + ("*" if ci["significant"] else ""),
+                      f"[{_signed(ci['low'])}, {_signed(ci['high'])}]"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|", *lines])
 
 
 def per_seed_table(records: list[dict]) -> str:
@@ -365,6 +398,12 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         "",
         interval_table(rows),
     ]
+    if ablation := ablation_table(rows):
+        parts += ["", "## The SR branch's ablation: `sr` minus each variant (points), paired bootstrap", "",
+                  "Each variant changes one part of `sr` and trains on the same detector, so a positive difference "
+                  "is what that part adds: `sr-no-recon` G, `sr-no-adv` the adversarial term, `sr-no-cls` the class "
+                  "terms, `sr-cls-only` D's boxes (AP75 small is where the paper says SR should serve box "
+                  "regression). Points are the seeds' mean; resamples and * as above.", "", ablation]
     if records and seeds > 1:
         parts += ["", "Per seed:", "", per_seed_table(records)]
     if records and any("errors" in r["eval"] for r in records):

@@ -35,6 +35,7 @@ from sodlab.config import SR_METHODS
 from sodlab.evaluate import _load_results, load_coco_gt
 
 AREAS = {"all": 0, "small": 1}  # COCOeval's default areaRng order: all, small, medium, large
+IOU_75 = 5  # the index of IoU 0.75 in COCOeval's iouThrs (0.5:0.05:0.95): AP75
 SMALL_AREA = 32.0 ** 2  # COCO's small range: box area below 32^2 px
 
 
@@ -113,13 +114,15 @@ def match_detections(ann_file, results: list[dict], image_ids) -> Matches:
     return Matches(image_ids, blocks, num_t)
 
 
-def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all") -> np.ndarray:
+def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all", iou_index: int | None = None) -> np.ndarray:
     """AP@[.5:.95] for each row of ``weights`` [B, images] (an image's draw count): [B].
 
     COCO's definition: per category and IoU threshold, precision made monotone from the right,
     sampled at the 101 recall points (0 past the last recall reached); the mean over thresholds
-    and over the categories that have ground truth in the resample.
+    and over the categories that have ground truth in the resample. ``iou_index`` scores that
+    one threshold instead (``IOU_75``: AP75).
     """
+    thresholds = range(matches.num_thresholds) if iou_index is None else (iou_index,)
     weights = np.atleast_2d(weights).astype(np.float64)
     rec_thrs = np.linspace(0, 1, 101)
     total, count = np.zeros(len(weights)), np.zeros(len(weights))
@@ -131,7 +134,7 @@ def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all") -> np.
         ap = np.zeros(len(weights))
         if det_image.size:
             w = weights[:, det_image]  # [B, D]
-            for t in range(matches.num_thresholds):
+            for t in thresholds:
                 tp_sum = np.cumsum(w * tp[t], axis=1)
                 fp_sum = np.cumsum(w * fp[t], axis=1)
                 recall = tp_sum / np.maximum(npig, 1e-12)[:, None]
@@ -142,7 +145,7 @@ def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all") -> np.
                 idx = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(recall)),
                                          torch.from_numpy(np.tile(rec_thrs, (len(recall), 1))), side="left").numpy()
                 padded = np.concatenate([precision, np.zeros((len(precision), 1))], axis=1)
-                ap += np.take_along_axis(padded, idx, axis=1).mean(axis=1) / matches.num_thresholds
+                ap += np.take_along_axis(padded, idx, axis=1).mean(axis=1) / len(thresholds)
         total += np.where(has_gt, ap, 0.0)
         count += has_gt
     return np.where(count > 0, total / np.maximum(count, 1), -1.0)
@@ -180,6 +183,16 @@ def paired_differences(method: Matches, baseline: Matches, weights: np.ndarray,
     return out
 
 
+def ablation_differences(full: Matches, variant: Matches, weights: np.ndarray) -> dict:
+    """Per resample: the full SR method minus one of its ablated variants, on AP, APs and AP75 of
+    small objects (AP75s: where the paper says SR serves box regression, the ``sr-cls-only`` row)."""
+    if full.image_ids != variant.image_ids:
+        raise ValueError("a paired bootstrap needs both methods evaluated on the same images")
+    return {"AP": weighted_ap(full, weights, "all") - weighted_ap(variant, weights, "all"),
+            "APs": weighted_ap(full, weights, "small") - weighted_ap(variant, weights, "small"),
+            "AP75s": weighted_ap(full, weights, "small", IOU_75) - weighted_ap(variant, weights, "small", IOU_75)}
+
+
 def summarize_differences(per_seed: list[dict], level: float = 0.95) -> dict:
     """The interval of the mean over seeds of each resample's difference (the resamples are shared
     across seeds), and whether it excludes 0."""
@@ -203,8 +216,10 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
     """For every (preset, method) but the baseline: the paired bootstrap interval of its AP and APs
     difference to the baseline of the same seed (averaged over seeds), of the gap it closes to the
     HR oracle, and, for the SR methods, of their AP and APs difference to the score-matched baseline
-    (``*_vs_score_matched``, with the seeds' mean ``point``). Detections are read from each record's
-    run directory."""
+    (``*_vs_score_matched``, with the seeds' mean ``point``). An ablated SR variant also gets
+    ``ablation``: ``sr`` minus the variant on AP, APs and AP75s (``ablation_differences``), each with
+    its interval and the seeds' mean ``point``, from the seeds that trained both. Detections are
+    read from each record's run directory."""
     import json
     from pathlib import Path
 
@@ -217,9 +232,14 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
     for preset, method in dict.fromkeys((r["preset"], r["method"]) for r in records):
         if method == "baseline":
             continue
-        per_seed, points = [], []
+        per_seed, points, ablation, ablation_points = [], [], [], []
         for (p, m, s), match in matches.items():
-            if (p, m) != (preset, method) or (p, "baseline", s) not in matches:
+            if (p, m) != (preset, method):
+                continue
+            if m in SR_METHODS and m != "sr" and (p, "sr", s) in matches:
+                ablation.append(ablation_differences(matches[(p, "sr", s)], match, weights))
+                ablation_points.append(ablation_differences(matches[(p, "sr", s)], match, ones))
+            if (p, "baseline", s) not in matches:
                 continue
             base, matched = matches[(p, "baseline", s)], None
             if m in SR_METHODS:  # they rescore small proposals only: the score-scale control is theirs
@@ -232,4 +252,10 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
             for key in ("AP_vs_score_matched", "APs_vs_score_matched"):
                 if key in summary:
                     summary[key]["point"] = float(np.mean([point[key][0] for point in points]))
+        if ablation:
+            summary = out.setdefault((preset, method), {})
+            summary["ablation"] = summarize_differences(ablation, level)
+            for key, value in summary["ablation"].items():
+                value["point"] = float(np.mean([point[key][0] for point in ablation_points]))
+                value["seeds"] = len(ablation)
     return out
