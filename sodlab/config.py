@@ -44,8 +44,8 @@ RANGES = {
     "TrainConfig": {"iters": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE, "lr": _POSITIVE, "momentum": _FRACTION,
                     "weight_decay": _NOT_NEGATIVE, "warmup_iters": _NOT_NEGATIVE, "grad_clip": _POSITIVE,
                     "hflip_prob": _FRACTION, "seed": _NOT_NEGATIVE, "workers": _NOT_NEGATIVE,
-                    "ckpt_every": _AT_LEAST_ONE, "eval_batch_size": _AT_LEAST_ONE, "tile": _NOT_NEGATIVE, "crop": _NOT_NEGATIVE,
-                    "tile_overlap": (0, Open(1))},
+                    "ckpt_every": _AT_LEAST_ONE, "eval_batch_size": _AT_LEAST_ONE, "tile": _NOT_NEGATIVE,
+                    "tile_overlap": (0, Open(1)), "crop": _NOT_NEGATIVE},
 }
 
 
