@@ -46,6 +46,22 @@ def test_unit_weights_give_cocoevals_own_ap(gt_file):
     assert weighted_ap(matches, ones, "small")[0] == pytest.approx(stats["APs"], abs=1e-9)
 
 
+def test_weighted_ap_is_computed_once_per_resample_set_and_never_stale(gt_file):
+    """A bench scores its baseline against every method: the same weights hit the kept result;
+    other weights, another area or threshold get their own, equal to a fresh computation."""
+    dets = _detections(set(range(1, 15)), shift=1.0)
+    kept, fresh = (match_detections(gt_file, dets, range(1, 21)) for _ in range(2))
+    first, second = resample_weights(20, 50, seed=1), resample_weights(20, 50, seed=2)
+    scored = weighted_ap(kept, first, "small")
+    scored[:] = -5.0  # a caller's change to its copy does not reach the kept result
+    assert np.array_equal(weighted_ap(kept, first, "small"), weighted_ap(fresh, first, "small"))
+    assert len(kept.scores) == 1
+    for weights, area, iou in ((second, "small", None), (first, "all", None), (first, "small", IOU_75)):
+        assert np.array_equal(weighted_ap(kept, weights, area, iou), weighted_ap(fresh, weights, area, iou))
+    assert len(kept.scores) == 4 and not np.array_equal(weighted_ap(kept, first, "small"),
+                                                        weighted_ap(kept, second, "small"))
+
+
 def test_ap75_of_small_objects_is_cocoevals(gt_file):
     """One IoU threshold: COCOeval's precision at IoU 0.75, small area, averaged as AP75 is."""
     import contextlib

@@ -24,8 +24,9 @@ baseline*: the baseline with its small detections' scores moved onto the method'
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,6 +71,9 @@ class Matches:
     # per area label -> per category: (det image index, det score, tp [T, D], fp [T, D], gt count per image)
     blocks: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]
     num_thresholds: int
+    # weighted_ap's results by (area, threshold, weights): a bench scores the same baseline, HR
+    # oracle and sr against every method, each on the same resamples
+    scores: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def match_detections(ann_file, results: list[dict], image_ids) -> Matches:
@@ -120,10 +124,18 @@ def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all", iou_in
     COCO's definition: per category and IoU threshold, precision made monotone from the right,
     sampled at the 101 recall points (0 past the last recall reached); the mean over thresholds
     and over the categories that have ground truth in the resample. ``iou_index`` scores that
-    one threshold instead (``IOU_75``: AP75).
+    one threshold instead (``IOU_75``: AP75). Computed once per (area, threshold, weights) and
+    kept on ``matches``.
     """
     thresholds = range(matches.num_thresholds) if iou_index is None else (iou_index,)
     weights = np.atleast_2d(weights).astype(np.float64)
+    key = (area, iou_index, weights.shape, hashlib.blake2b(weights.tobytes(), digest_size=16).digest())
+    if key not in matches.scores:
+        matches.scores[key] = _weighted_ap(matches, weights, area, thresholds)
+    return matches.scores[key].copy()
+
+
+def _weighted_ap(matches: Matches, weights: np.ndarray, area: str, thresholds) -> np.ndarray:
     rec_thrs = np.linspace(0, 1, 101)
     total, count = np.zeros(len(weights)), np.zeros(len(weights))
     for det_image, _, tp, fp, gt_count in matches.blocks[area]:
