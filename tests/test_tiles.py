@@ -428,16 +428,27 @@ def test_train_on_tiles_and_evaluate_sliced_from_the_command_line(tiny_synth, tm
 
 
 @pytest.mark.slow
-def test_train_upscale_on_crops_and_evaluate_whole_images_from_the_command_line(tiny_synth, tmp_path):
+def test_train_upscale_on_crops_and_evaluate_whole_images_from_the_command_line(tiny_synth, tmp_path, monkeypatch):
     """--crop trains on crops of the x2 input and evaluates whole images; a tile and a crop together
     are refused before anything is written."""
+    import sodlab.train
     from sodlab.cli import main
     from sodlab.io import read_json
 
+    seen = []
+
+    class Recorded(TiledDataset):  # the images training draws, as the loader hands them on
+        def __getitem__(self, index):
+            image, target = super().__getitem__(index)
+            seen.append(tuple(image.shape[-2:]))
+            return image, target
+
+    monkeypatch.setattr(sodlab.train, "TiledDataset", Recorded)
     run = tmp_path / "cropped"
     assert main(["train", "--data", str(tiny_synth), "--method", "upscale", "--crop", "64", "--iters", "2",
                  "--batch-size", "2", "--warmup-iters", "1", "--out", str(run)]) == 0
     assert read_json(run / "config.json")["crop"] == 64
+    assert seen and set(seen) == {(64, 64)}  # crops of the 256 px x2 images, not the images
     stats = read_json(run / "eval.json")
     assert stats["inference"] == {"mode": "whole image"} and 0 <= stats["AP"] <= 1
     both = tmp_path / "both"
