@@ -38,12 +38,21 @@ def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = N
                          rank=ddp.rank, world_size=ddp.world_size, tile=cfg.tile, tile_overlap=cfg.tile_overlap,
                          ground_truth=ground_truth, box_scale=box_scale)
     if cfg.is_sr and ddp.is_main:
+        write_sr_quality(run_dir, cfg, model)
         held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
-        atomic_write_json(run_dir / "sr_quality.json", evaluate_sr_quality(model, held_out))
         # Browsable patches show the exact twin as HR whenever the data has one.
         twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
         write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
     return stats
+
+
+def write_sr_quality(run_dir: str | os.PathLike, cfg: TrainConfig, model) -> dict:
+    """Write and return sr_quality.json of an SR run: G (or bilinear, without G) against bicubic
+    on the val split's small ground-truth boxes, with the twins the run trained on, by size bin."""
+    held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
+    quality = evaluate_sr_quality(model, held_out)
+    atomic_write_json(Path(run_dir) / "sr_quality.json", quality)
+    return quality
 
 
 def train_and_finish(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:

@@ -161,6 +161,18 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
             assert set(ablation) == {"AP", "APs", "AP75s"}
             assert all(v["low"] <= v["high"] and np.isfinite(v["point"]) and v["seeds"] == 1 for v in ablation.values())
             assert f"| {row['method']} | ResNet-18-FPN | {row['description']} |" in report
+    # every SR variant's reconstruction against bicubic, G's or bilinear's, saved with its run and in bench.md
+    records = {r["method"]: r for r in json.loads((bench_dir / "bench.json").read_text())["records"]}
+    for method in METHODS:
+        quality = records[method.name]["inference"]["sr_quality"]
+        assert (quality is not None) == method.shares_detector
+        if quality:
+            saved = json.loads((bench_dir / "runs" / f"{method.name}-seed0" / "sr_quality.json").read_text())
+            assert saved == quality and quality["rois"] > 0 and quality["bins"]
+            assert quality["method"] == ("G" if method.name != "sr-no-recon" else "bilinear (no reconstruction module)")
+            assert f"| {method.name} | ResNet-18-FPN | {quality['method']} | " in report
+    assert "## Reconstruction: each SR variant's patches minus bicubic's" in report
+    assert "`sr`'s G against bicubic on held-out small RoIs: " in report
     for name in ("ap_by_size.png", "speed_accuracy.png"):
         with Image.open(bench_dir / name) as image:
             assert image.format == "PNG" and image.width > 300

@@ -267,3 +267,48 @@ def test_sharing_saved_is_one_detector_per_sr_variant():
     assert "would cost 20.0 min more per seed" in line
     assert "training, 47.0 min per seed, would be 67.0 min" in line
     assert sharing_saved([r for r in rows if not r["shares_detector"]]) == []
+
+
+def _quality(bins: dict[str, tuple[float, float, float, float]], method="G") -> dict:
+    """An sr_quality.json: per bin (SR PSNR, bicubic PSNR, SR SSIM, bicubic SSIM), 100 RoIs each."""
+    return {"method": method, "bins": {label: {"rois": 100, "sr": {"psnr": p, "ssim": s},
+                                               "bicubic": {"psnr": pb, "ssim": sb}}
+                                       for label, (p, pb, s, sb) in bins.items()}}
+
+
+def test_reconstruction_is_the_gain_over_bicubic_per_bin_over_seeds():
+    from sodlab.bench.report import reconstruction_over_seeds, reconstruction_table
+
+    seeds = [_quality({"<8": (31.0, 29.0, 0.90, 0.88), "8-16": (30.0, 29.5, 0.85, 0.86)}),
+             _quality({"<8": (32.0, 29.0, 0.91, 0.88), "8-16": (29.0, 29.5, 0.84, 0.86)})]
+    quality = reconstruction_over_seeds(seeds)
+    assert quality["bins"]["<8"]["psnr"]["gain"] == pytest.approx(2.5)
+    assert quality["bins"]["<8"]["psnr"]["std"] == pytest.approx(np.std([2.0, 3.0], ddof=1))
+    assert quality["bins"]["8-16"]["psnr"]["gain"] == pytest.approx(0.0)  # +0.5 and -0.5: a loss is kept
+    assert quality["bins"]["8-16"]["ssim"]["gain"] == pytest.approx(-0.015)
+    # one seed without it (a bench written before it was measured), or a detector method: no row
+    assert reconstruction_over_seeds([seeds[0], None]) is None and reconstruction_over_seeds([None]) is None
+    one = reconstruction_over_seeds([seeds[0]])
+    assert one["bins"]["<8"]["psnr"] == {"gain": pytest.approx(2.0), "std": None}
+
+    rows = [{"method": "baseline", "backbone": "R18", "sr_quality": None},
+            {"method": "sr", "backbone": "R18", "sr_quality": quality},
+            {"method": "sr-no-recon", "backbone": "R18",
+             "sr_quality": reconstruction_over_seeds([_quality({"<8": (28.0, 29.0, 0.8, 0.88)}, "bilinear")])}]
+    table = reconstruction_table(rows).splitlines()
+    assert table[0] == ("| Variant | Backbone | patch | PSNR <8 px (dB) | PSNR 8-16 px (dB) | SSIM <8 px | "
+                        "SSIM 8-16 px | RoIs per bin |")
+    assert table[2] == "| sr | R18 | G | +2.50 ± 0.71 | +0.00 ± 0.71 | +0.025 ± 0.007 | -0.015 ± 0.007 | 100 / 100 |"
+    assert table[3] == "| sr-no-recon | R18 | bilinear | -1.00 |  | -0.080 |  | 100 / 0 |"
+    assert len(table) == 4 and reconstruction_table(rows[:1]) == ""
+
+
+def test_the_verdict_gives_gs_gain_over_bicubic_beside_what_g_adds():
+    from sodlab.bench.report import reconstruction_over_seeds
+
+    rows = [_row("baseline", 0.20), _row("sr", 0.26, (0.02, 0.09))]
+    assert "G against bicubic" not in verdict(rows)  # not measured: nothing claimed
+    rows[1]["sr_quality"] = reconstruction_over_seeds([_quality({"<8": (31.0, 29.0, 0.9, 0.88),
+                                                                 "8-16": (29.2, 29.5, 0.85, 0.86)})])
+    assert ("`sr`'s G against bicubic on held-out small RoIs: +2.00 / -0.30 dB PSNR (<8 / 8-16 px)."
+            in verdict(rows))

@@ -22,8 +22,9 @@ from torch.utils.data import Subset
 from sodlab.config import TrainConfig
 from sodlab.data.coco import load_split
 from sodlab.evaluate import coco_eval, evaluate_model, predictions_to_coco_results
-from sodlab.io import atomic_write_json, read_metrics_log
+from sodlab.io import atomic_write_json, read_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
+from sodlab.runs import write_sr_quality
 from sodlab.train import load_trained_model, train
 
 
@@ -156,7 +157,8 @@ def batch1_predictor(model_run: str, inference: str, data: str, val_split: str, 
 
 
 def measure_inference(job: InferenceJob) -> dict:
-    """Speed (batch 1), peak RSS and parameters of one method, then its COCO evaluation."""
+    """Speed (batch 1), peak RSS and parameters of one method, then its COCO evaluation, and for an
+    SR variant its reconstruction against bicubic (sr_quality.json)."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,6 +180,10 @@ def measure_inference(job: InferenceJob) -> dict:
     run_dir = Path(job.run_dir)
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
+    quality = None
+    if job.inference == "model" and hasattr(model, "reconstruct"):  # an SR variant: how well G reconstructs
+        quality = write_sr_quality(run_dir, TrainConfig.from_dict(read_json(Path(job.model_run) / "config.json")),
+                                   model)
     slices = None
     if job.inference == "sahi":  # SAHI's cost: slices per image (plus the full-image pass) x time per slice
         from sodlab.data.tiles import tile_windows
@@ -185,7 +191,7 @@ def measure_inference(job: InferenceJob) -> dict:
         height, width = val.original_size(val.ids[0])
         slices = len(tile_windows(height, width, job.sahi_slice, job.sahi_overlap)) + 1
     return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss, "images_per_s": throughput,
-            "slices_per_image": slices,
+            "slices_per_image": slices, "sr_quality": quality,
             "parameters": count_parameters(model), "torch_threads": torch.get_num_threads(), "eval": stats}
 
 

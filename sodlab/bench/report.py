@@ -75,6 +75,29 @@ def _aggregate_eval(stats: list[dict]) -> tuple[dict, dict | None]:
     return mean, (std if len(stats) > 1 else None)
 
 
+def reconstruction_over_seeds(qualities: list[dict | None]) -> dict | None:
+    """The seeds' sr_quality.json (sodlab.sr_quality) as gains over bicubic per size bin: PSNR (dB)
+    and SSIM of the SR patch minus bicubic's, mean and std over seeds, and the RoIs of each bin.
+    None unless every seed has one (SR variants only; benches written before it was measured)."""
+    if not qualities or any(not q or not q.get("bins") for q in qualities):
+        return None
+    labels = [label for label in qualities[0]["bins"] if all(label in q["bins"] for q in qualities)]
+    out = {"method": qualities[0].get("method"), "bins": {}}
+    for label in labels:
+        bins = [q["bins"][label] for q in qualities]
+        entry = {"rois": bins[0]["rois"]}
+        for metric in ("psnr", "ssim"):
+            mean, std = _mean_std_signed([b["sr"][metric] - b["bicubic"][metric] for b in bins])
+            entry[metric] = {"gain": mean, "std": std}
+        out["bins"][label] = entry
+    return out
+
+
+def _mean_std_signed(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std over seeds (None for one seed) of values that may be negative."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
 def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ...]) -> list[dict]:
     """One row per (preset, method): eval mean (+ std), cost means, ratios to the baseline, gap closed."""
     rows = []
@@ -105,6 +128,7 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
                 # each seed's latency ratio from its interleaved timing (bench.measure.interleaved_latency)
                 "paired_latency_ratio": statistics.fmean(r["inference"]["paired"]["ratio"] for r in group)
                 if all(r["inference"].get("paired") for r in group) else None,
+                "sr_quality": reconstruction_over_seeds([r["inference"].get("sr_quality") for r in group]),
             }
         base, oracle = preset_rows.get("baseline"), preset_rows.get("hr-oracle")
         for row in preset_rows.values():
@@ -234,7 +258,7 @@ def verdict(rows: list[dict]) -> str:
                          f"against {100 * base['eval']['APs']:.1f})**: at this budget the detectors have not "
                          "learned what resolution gives, so there is no gap to close and these rows are no "
                          "test of the methods; train longer (--iters).")
-        parts.append(sentence + score_matched_verdict(group) + generator_verdict(group))
+        parts.append(sentence + score_matched_verdict(group) + generator_verdict(group) + reconstruction_verdict(group))
     return "\n\n".join(parts)
 
 
@@ -249,6 +273,20 @@ def generator_verdict(group: list[dict]) -> str:
                else "no significant difference")
     return (f" **What G adds:** `sr` against `sr-no-recon` (the same branch without G), APs "
             f"{_signed(ci['point'])} [{_signed(ci['low'])}, {_signed(ci['high'])}]: {finding}.")
+
+
+def reconstruction_verdict(group: list[dict]) -> str:
+    """The verdict's last clause: how far G's patches are above bicubic's on held-out small RoIs,
+    per size bin (sr_quality.json of the `sr` rows), so that what G adds to detection reads beside
+    what it adds to the pixels."""
+    row = next((r for r in group if r["method"] == "sr"), None)
+    quality = (row or {}).get("sr_quality")
+    if not quality or not quality["bins"]:
+        return ""
+    labels = list(quality["bins"])
+    gains = " / ".join(f"{quality['bins'][label]['psnr']['gain']:+.2f}" for label in labels)
+    return (f" `sr`'s G against bicubic on held-out small RoIs: {gains} dB PSNR "
+            f"({' / '.join(labels)} px).")
 
 
 def score_matched_verdict(group: list[dict]) -> str:
@@ -310,6 +348,33 @@ def ablation_table(rows: list[dict]) -> str:
     if not lines:
         return ""
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|", *lines])
+
+
+def reconstruction_table(rows: list[dict]) -> str:
+    """Each SR variant's patches against bicubic per size bin (PSNR dB, SSIM), mean +- std over
+    seeds; "" when no row has them."""
+    measured = [row for row in rows if row.get("sr_quality")]
+    if not measured:
+        return ""
+    labels = list(dict.fromkeys(label for row in measured for label in row["sr_quality"]["bins"]))
+
+    def cell(entry: dict | None, metric: str, digits: int) -> str:
+        if entry is None:
+            return ""
+        gain, std = entry[metric]["gain"], entry[metric]["std"]
+        return f"{gain:+.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    headers = (["Variant", "Backbone", "patch"] + [f"PSNR {label} px (dB)" for label in labels]
+               + [f"SSIM {label} px" for label in labels] + ["RoIs per bin"])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in measured:
+        bins = row["sr_quality"]["bins"]
+        cells = ([row["method"], row["backbone"], row["sr_quality"]["method"] or ""]
+                 + [cell(bins.get(label), "psnr", 2) for label in labels]
+                 + [cell(bins.get(label), "ssim", 3) for label in labels]
+                 + [" / ".join(str(bins[label]["rois"]) if label in bins else "0" for label in labels)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def per_seed_table(records: list[dict]) -> str:
@@ -404,6 +469,12 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
                   "is what that part adds: `sr-no-recon` G, `sr-no-adv` the adversarial term, `sr-no-cls` the class "
                   "terms, `sr-cls-only` D's boxes (AP75 small is where the paper says SR should serve box "
                   "regression). Points are the seeds' mean; resamples and * as above.", "", ablation]
+    if reconstruction := reconstruction_table(rows):
+        parts += ["", "## Reconstruction: each SR variant's patches minus bicubic's, on held-out small RoIs", "",
+                  "The val split's small ground-truth boxes, cut as inference cuts them (z_LR), against the same box "
+                  "in the exact twin (z_HR); G's output (bilinear upsampling in `sr-no-recon`, which has no G) minus "
+                  "bicubic upsampling of the same z_LR, by box side. Mean ± std over seeds (sr_quality.json of each "
+                  "run).", "", reconstruction]
     if records and seeds > 1:
         parts += ["", "Per seed:", "", per_seed_table(records)]
     if records and any("errors" in r["eval"] for r in records):
