@@ -42,7 +42,7 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample std over seeds (None for one seed); COCO's -1 (no ground truth) stays -1."""
     if any(v < 0 for v in values):
         return -1.0, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    return _mean_std_signed(values)
 
 
 def mean_over_seeds(values: list):
