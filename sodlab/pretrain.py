@@ -14,7 +14,7 @@ G learns the pixel mapping alone, on (z_LR, z_HR) pairs of small RoIs, with no d
   it: z_HR is the RoI at hr_size from the image itself, only for RoIs with at least hr_size image
   pixels across, and z_LR = z_HR area-reduced by ``scale``.
 * Boxes are ground truth and jittered ground truth of the train split whose side sqrt(w * h) lies
-  in ``size_bins`` (the SR scope; sqrt of the ``box_area`` that SRDetector's area_threshold
+  in ``size_bins`` (every small size: sqrt of the ``box_area`` that SRDetector's area_threshold
   compares), kept stratified: up to ``pairs_per_bin`` per bin, and every batch draws the bins
   equally, so RoIs under 8 px are not outnumbered by the larger ones.
 * The pairs and the trained G are cached under ~/.cache/sodlab/pretrain/ ($SODLAB_CACHE), keyed by a hash of
@@ -68,8 +68,8 @@ class PretrainConfig:
     context: float = DEFAULT_CONTEXT
     hr_source: str = "twin"  # twin: exact xk twins (DIR/{split}_x{hr_scale}) | image: SOD-MTGAN's protocol
     hr_scale: int = 4  # k of the twins; independent of ``scale`` (an x4 twin serves a x2 G too)
-    # which boxes: side sqrt(w * h) bin edges in px; the last edge is the SR scope
-    # (sqrt(SRConfig.area_threshold)). Ignored with hr_source="image", whose RoIs must be large.
+    # which boxes: side sqrt(w * h) bin edges in px (from_sr: every small size, up to 32 px or the
+    # SR scope). Ignored with hr_source="image", whose RoIs must be large.
     size_bins: tuple[float, ...] = EVAL_BIN_EDGES
     pairs_per_bin: int = 3000  # with 8 flips/transposes this outlasts iters * batch_size draws
     jitter: float = 0.15  # relative shift and log-scale of jittered ground truth, as SRConfig.gt_jitter
@@ -105,11 +105,15 @@ class PretrainConfig:
     @classmethod
     def from_sr(cls, sr, sr_train, **overrides) -> "PretrainConfig":
         """The pretraining that fits an SR branch's config (SRConfig, SRTrainConfig): its patches,
-        its G, its HR source, and its SR scope as the last bin edge (sqrt of area_threshold)."""
-        scope = math.sqrt(sr.area_threshold)
+        its G, its HR source, and every small size (COCO's 32 px, or the SR scope where wider).
+
+        The bins reach 32 px even when the SR scope stops at 16: G is judged on all of COCO's small
+        RoIs (``evaluate_generator``), and a scope swept up to 32^2 on the trained run must not send
+        RoIs through a G that never saw their size (README: "G pretrained on every small size")."""
+        upper = max(math.sqrt(sr.area_threshold), EVAL_BIN_EDGES[-1])
         values = {"lr_size": sr.lr_size, "scale": sr.scale, "context": sr.context, "hr_source": sr_train.hr_source,
                   "hr_scale": sr.scale,  # sodlab.train reads x{scale} twins
-                  "size_bins": tuple(e for e in EVAL_BIN_EDGES if e < scope) + (scope,),
+                  "size_bins": tuple(e for e in EVAL_BIN_EDGES if e < upper) + (upper,),
                   "jitter": sr_train.gt_jitter, "jitters_per_gt": sr_train.jitters_per_gt,
                   "channels": sr.generator_channels, "blocks": sr.generator_blocks,
                   "upsample_channels": sr.generator_upsample_channels}

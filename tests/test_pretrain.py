@@ -132,9 +132,13 @@ def test_config_follows_the_sr_branch_and_a_pretrained_g_loads_into_it(tiny_synt
 
     sr = SRConfig(lr_size=16, scale=4, area_threshold=16.0**2, generator_channels=16, generator_blocks=2)
     cfg = PretrainConfig.from_sr(sr, SRTrainConfig(hr_source="twin"), iters=2, warmup_iters=1, pairs_per_bin=10)
-    assert cfg.size_bins == (0.0, 8.0, 16.0) and (cfg.channels, cfg.blocks, cfg.hr_scale) == (16, 2, 4)
-    assert PretrainConfig.from_sr(SRConfig(area_threshold=24.0**2), SRTrainConfig()).size_bins == (0.0, 8.0, 16.0,
-                                                                                                   24.0)
+    # G learns every small size (up to COCO's 32 px) even when the SR scope stops at 16 px ...
+    assert cfg.size_bins == (0.0, 8.0, 16.0, 32.0) and (cfg.channels, cfg.blocks, cfg.hr_scale) == (16, 2, 4)
+    assert PretrainConfig.from_sr(SRConfig(area_threshold=8.0**2), SRTrainConfig()).size_bins == (0.0, 8.0, 16.0,
+                                                                                                  32.0)
+    # ... and a wider scope adds its own last bin
+    assert PretrainConfig.from_sr(SRConfig(area_threshold=48.0**2), SRTrainConfig()).size_bins == (0.0, 8.0, 16.0,
+                                                                                                   32.0, 48.0)
     result = pretrain_generator(tiny_synth, cfg, cache_dir=tmp_path, evaluate_split=None, log=None)
     fresh = SRGenerator(16, 2, 4)
     record = init_generator_from(fresh, result.path, lr_size=16)
