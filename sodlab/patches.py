@@ -114,6 +114,12 @@ def _roi_align_patches(
     return torch.cat(patches, dim=0)
 
 
+def box_side(boxes: Tensor) -> Tensor:
+    """sqrt(w * h) of xyxy boxes: the side of the square of the same area. An RoI's size, as the
+    SR scope (a box area threshold), G's pretraining bins and the SR quality report measure it."""
+    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp_min(0).sqrt()
+
+
 def extract_patches(
     images: Images,
     boxes: Sequence[Tensor],

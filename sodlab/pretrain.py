@@ -52,7 +52,7 @@ from torch import Tensor
 from sodlab.data.coco import coco_paths, load_split
 from sodlab.io import atomic_torch_save, atomic_write_json
 from sodlab.models.generator import SRGenerator
-from sodlab.patches import DEFAULT_CONTEXT, Images, extract_patches, lr_hr_pairs, lr_patches
+from sodlab.patches import DEFAULT_CONTEXT, Images, box_side, extract_patches, lr_hr_pairs, lr_patches
 from sodlab.sr_quality import psnr, ssim
 
 PRETRAIN_VERSION = 1  # bump when pairs or training change meaning, so old cache entries miss
@@ -131,11 +131,6 @@ class PretrainConfig:
 
 
 # -- pairs ---------------------------------------------------------------------------------------
-
-
-def box_side(boxes: Tensor) -> Tensor:
-    """sqrt(w * h) of xyxy boxes: the side of the square of the same area."""
-    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp_min(0).sqrt()
 
 
 def size_bin(side: Tensor, edges: Sequence[float]) -> Tensor:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from sodlab import pretrain
 from sodlab.data.coco import load_split
 from sodlab.models.generator import SRGenerator
-from sodlab.patches import expand_boxes, lr_patches
-from sodlab.pretrain import (PretrainConfig, box_side, cut_pairs, evaluate_generator, init_generator_from,
+from sodlab.patches import box_side, expand_boxes, lr_patches
+from sodlab.pretrain import (PretrainConfig, cut_pairs, evaluate_generator, init_generator_from,
                              load_generator, make_pairs, pretrain_generator, size_bin)
 
 # A toy budget: few pairs, a narrow G, a learning rate high enough to move in a few dozen steps.

@@ -37,3 +37,24 @@ def test_gan_health_warns_on_pinned_discriminator_and_weak_generator():
     healthy = GanHealth(window=5, warmup=0)
     assert all(healthy.update(i, {"d_real_acc": 0.8, "d_fake_acc": 1.0, "g_psnr": 30.0, "bicubic_psnr": 25.0})
                is None for i in range(1, 11))
+
+
+def test_sr_quality_bins_rois_by_box_side_not_mask_area(tiny_config):
+    """A RoI's size is its box's side, as the SR scope and G's pretraining measure it: a 20 px box
+    whose mask covers a quarter of it is a 16-32 px RoI, and a 40 px box is no small RoI at all,
+    though COCO's area would call them 10 and 20 px."""
+    import dataclasses
+
+    from sodlab.models import build_model
+    from sodlab.sr_quality import evaluate_sr_quality
+
+    model = build_model(dataclasses.replace(tiny_config, method="sr"), num_classes=3).eval()
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 64, generator=g)
+    twin = torch.nn.functional.interpolate(image[None], scale_factor=4, mode="bicubic", align_corners=False)[0]
+    boxes = torch.tensor([[2.0, 2.0, 8.0, 8.0], [10.0, 10.0, 30.0, 30.0], [20.0, 20.0, 60.0, 60.0]])
+    target = {"boxes": boxes, "area": torch.tensor([36.0, 100.0, 400.0]), "iscrowd": torch.zeros(3, dtype=torch.int64),
+              "hr_image": twin.clamp(0, 1)}
+    quality = evaluate_sr_quality(model, [(image, target)])
+    assert quality["rois"] == 2
+    assert {label: entry["rois"] for label, entry in quality["bins"].items()} == {"<8": 1, "16-32": 1}
