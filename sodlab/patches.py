@@ -45,7 +45,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
+from torchvision.ops import box_area, roi_align
 
 from sodlab.config import DEFAULT_CONTEXT
 
@@ -117,7 +117,7 @@ def _roi_align_patches(
 def box_side(boxes: Tensor) -> Tensor:
     """sqrt(w * h) of xyxy boxes: the side of the square of the same area. An RoI's size, as the
     SR scope (a box area threshold), G's pretraining bins and the SR quality report measure it."""
-    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp_min(0).sqrt()
+    return box_area(boxes).clamp_min(0).sqrt()
 
 
 def extract_patches(

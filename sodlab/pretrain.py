@@ -53,10 +53,11 @@ from sodlab.data.coco import coco_paths, load_split
 from sodlab.io import atomic_torch_save, atomic_write_json
 from sodlab.models.generator import SRGenerator
 from sodlab.patches import DEFAULT_CONTEXT, Images, box_side, extract_patches, lr_hr_pairs, lr_patches
-from sodlab.sr_quality import psnr, ssim
+from sodlab.sr_quality import SIZE_BINS, psnr, ssim
 
 PRETRAIN_VERSION = 1  # bump when pairs or training change meaning, so old cache entries miss
-EVAL_BIN_EDGES = (0.0, 8.0, 16.0, 32.0)  # the bins of box side, px; half-open [lo, hi)
+# the SR quality report's bins of box side, px, as edges; half-open [lo, hi)
+EVAL_BIN_EDGES = (SIZE_BINS[0][1],) + tuple(high for _, _, high in SIZE_BINS)
 
 
 @dataclass(frozen=True)
