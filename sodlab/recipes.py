@@ -137,6 +137,8 @@ BUDGETS: dict[str, Budget] = {
     "demo": Budget(name="demo"),
     # `sodlab bench`'s default: the demo's data and lengths, the shortest at which the baseline has
     # learned (README: the convergence table); 200 iterations left every row an untrained snapshot.
+    # Learned, not converged: the detector is still on the steep part of its curve, so the SR rows
+    # measure the branch on an under-trained detector (README: "far from converged").
     # upscale and the HR oracle train from scratch here, about 75 of the nine methods' 150 minutes:
     # fine-tuned from the baseline (--hires-finetune-iters 150) they take a quarter of that, but the
     # 600-iteration baseline is still learning, so their extra iterations alone add about 4 APs
