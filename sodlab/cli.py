@@ -217,16 +217,16 @@ def evaluation_dir(run_dir: Path, run_data: str, run_split: str, data: str, spli
 
 
 def cmd_eval(args) -> None:
-    from sodlab.data.coco import load_split
     from sodlab.data.oracle import oracle_ground_truth
     from sodlab.evaluate import evaluate_run, format_table
+    from sodlab.runs import load_eval_split
     from sodlab.train import load_trained_model
 
     overrides = {k[len(INFERENCE_DEST):]: v for k, v in vars(args).items() if k.startswith(INFERENCE_DEST)}
     cfg, model = load_trained_model(args.run, inference=overrides)
     data, split = args.data or cfg.data, args.split or cfg.val_split
     out = evaluation_dir(Path(args.run), cfg.data, cfg.val_split, data, split, overrides)
-    val = load_split(data, split, train=False, scale=cfg.input_scale)
+    val = load_eval_split(cfg, data, split)
     ground_truth, box_scale = oracle_ground_truth(data, split) or (None, 1.0)
     out.mkdir(parents=True, exist_ok=True)
     # config.json keeps the trained settings; eval.json records what this evaluation changed.
@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--sr-gate-top-k", "sr.gate_top_k",
              dict(type=int, metavar="K", help="only the K small proposals most likely foreground go through G and D "
                                               "(0: all)")),
+            ("--sr-patches", "sr.patches",
+             dict(choices=CHOICES["patches"], help="what D judges: G's patches, bilinear ones (G bypassed), or the "
+                                                   "exact twin's (an oracle G: how much any G could give)")),
             ("--sr-amp", "sr.amp",
              dict(action=argparse.BooleanOptionalAction, help="G and D in bfloat16 autocast where the CPU has native "
                                                                "bf16 (float16 on CUDA); --no-sr-amp: float32")),

@@ -172,6 +172,7 @@ CHOICES = {
     "hr_source": ("image", "twin"),
     "sr_scope": ("small", "all"),
     "fusion": ("replace", "mean"),
+    "patches": ("generator", "bilinear", "twin"),
     "boxes_from": ("discriminator", "detector"),
     "sr_schedule": ("joint", "staged"),
     "backbone": ("resnet18", "resnet50", "resnet101"),
@@ -209,6 +210,11 @@ class SRConfig:
     # exactly what False runs. G is most of the SR branch's added latency, and bf16 cuts it with
     # the scores unchanged (README: "G and D in bfloat16 at inference"). The detector stays float32.
     amp: bool = True
+    # What D judges at inference, to measure how much G's reconstruction matters to detection:
+    # generator: G(z_LR) (bilinear for sr-no-recon, which has no G); bilinear: z_LR upsampled
+    # bilinearly, G bypassed; twin: the same box cut from the image's exact xk twin, an oracle G
+    # that bounds what any G could give (it needs the data's twins; `sodlab eval --sr-patches`).
+    patches: str = "generator"
     # the variant switches (one field per ablation row)
     use_generator: bool = True  # False = sr-no-recon: D sees bilinear-upsampled patches, there is no G
     boxes_from: str = "discriminator"  # detector = sr-cls-only: SR serves classification only
@@ -222,7 +228,7 @@ class SRConfig:
 
     def __post_init__(self):
         _check_ranges(self)
-        for name in ("sr_scope", "fusion", "boxes_from"):
+        for name in ("sr_scope", "fusion", "boxes_from", "patches"):
             _check_choice("SRConfig", name, getattr(self, name))
 
 

@@ -22,6 +22,18 @@ from sodlab.sr_quality import evaluate_sr_quality, write_sr_patches
 from sodlab.train import load_trained_model, train
 
 
+def load_eval_split(cfg: TrainConfig, data: str | os.PathLike | None = None, split: str | None = None):
+    """The split an evaluation of cfg's model reads (default: the run's val split): resized as the
+    model was trained (upscale), and with the exact twins when D judges their patches
+    (``sr.patches="twin"``, the oracle G), which only data with twins can give."""
+    data, split = data or cfg.data, split or cfg.val_split
+    twins = cfg.is_sr and cfg.sr.patches == "twin"
+    if twins and not (Path(data) / f"{split}_x{cfg.sr.scale}").is_dir():
+        raise ValueError(f"{data}: --sr-patches twin cuts D's patches from the exact x{cfg.sr.scale} twins in "
+                         f"{split}_x{cfg.sr.scale}/, and there are none; the embedded benchmark has them")
+    return load_split(data, split, train=False, scale=cfg.input_scale, hr_scale=cfg.sr.scale if twins else None)
+
+
 def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Evaluate a trained run on its val split: eval.json and detections_val.json; for SR
     methods also sr_quality.json (G against bicubic on held-out small RoIs) and sr_patches/.
@@ -32,24 +44,26 @@ def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = N
     device = device or ddp.device
     run_dir = Path(run_dir)
     cfg, model = load_trained_model(run_dir, device)
-    val = load_split(cfg.data, cfg.val_split, train=False, scale=cfg.input_scale)
+    val = load_eval_split(cfg)
     ground_truth, box_scale = oracle_ground_truth(cfg.data, cfg.val_split) or (None, 1.0)
     stats = evaluate_run(run_dir, model, val, device=device, batch_size=cfg.eval_batch_size, progress=progress,
                          rank=ddp.rank, world_size=ddp.world_size, tile=cfg.tile, tile_overlap=cfg.tile_overlap,
                          ground_truth=ground_truth, box_scale=box_scale)
     if cfg.is_sr and ddp.is_main:
-        write_sr_quality(run_dir, cfg, model)
         held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
+        write_sr_quality(run_dir, cfg, model, held_out)
         # Browsable patches show the exact twin as HR whenever the data has one.
         twin_dir = Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}"
         write_sr_patches(model, held_out, run_dir / "sr_patches", hr_dir=twin_dir if twin_dir.is_dir() else None)
     return stats
 
 
-def write_sr_quality(run_dir: str | os.PathLike, cfg: TrainConfig, model) -> dict:
+def write_sr_quality(run_dir: str | os.PathLike, cfg: TrainConfig, model, held_out=None) -> dict:
     """Write and return sr_quality.json of an SR run: G (or bilinear, without G) against bicubic
-    on the val split's small ground-truth boxes, with the twins the run trained on, by size bin."""
-    held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
+    on the val split's small ground-truth boxes, with the twins the run trained on, by size bin.
+    ``held_out`` is that split with its twins, when the caller has loaded it already."""
+    if held_out is None:
+        held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
     quality = evaluate_sr_quality(model, held_out)
     atomic_write_json(Path(run_dir) / "sr_quality.json", quality)
     return quality

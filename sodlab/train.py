@@ -490,6 +490,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     TrainingStopped after checkpointing when a signal stops the run early.
     """
     ddp = init_distributed()
+    if cfg.is_sr and cfg.sr.patches != "generator":
+        # An oracle or bypassed G at the run's own evaluation would stand for the method's result.
+        raise ValueError(f"{cfg.out}: sr.patches={cfg.sr.patches!r} is an evaluation setting (`sodlab eval --run RUN "
+                         f"--sr-patches {cfg.sr.patches}`); a run trains and is evaluated with G's patches")
     if cfg.method == "hr-oracle" and oracle_view(cfg.data, cfg.train_split) is None:
         # Trained on LR images this would be the baseline under another name.
         raise ValueError(f"{cfg.data}: --method hr-oracle trains on the HR oracle's view of exact xK twins, and this "
@@ -579,7 +583,7 @@ def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: 
 
 # Settings that change what inference does with the trained weights, not the weights themselves:
 # an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
-INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "sr.amp",
+INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "sr.amp", "sr.patches",
                       "detector.box_score_thresh")
 
 

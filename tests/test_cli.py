@@ -291,6 +291,32 @@ def test_eval_overrides_inference_for_that_evaluation_and_records_it(sr_run, tmp
     assert model.fusion == "mean" and load_trained_model(run)[1].fusion == "replace"
 
 
+@pytest.mark.slow
+def test_eval_with_twin_patches_gives_d_the_twins_and_names_the_data_without_them(sr_run, tiny_synth, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(sr_run, run)
+    assert main(["eval", "--run", str(run)]) == 0 and main(["eval", "--run", str(run), "--sr-patches", "twin"]) == 0
+    out = run / "evals" / "val+sr.patches=twin"
+    assert read_json(out / "eval.json")["inference_overrides"] == {"sr.patches": "twin"}
+    assert (out / "detections_val.json").read_bytes() != (run / "detections_val.json").read_bytes(), \
+        "D judged other patches, so the small proposals' scores changed"
+    no_twins = tmp_path / "no-twins"
+    shutil.copytree(tiny_synth, no_twins, ignore=shutil.ignore_patterns("*_x4"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(no_twins), "--sr-patches", "twin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{no_twins}: --sr-patches twin" in err and "val_x4/" in err
+    # a run is evaluated with G's patches: the oracle is for `sodlab eval` only, refused before anything is written
+    assert main(["train", "--data", str(tiny_synth), "--out", str(tmp_path / "oracle-run"), "--method", "sr",
+                 "--sr-patches", "twin", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sr.patches='twin' is an evaluation setting" in err
+    assert not (tmp_path / "oracle-run").exists()
+
+
 def test_sr_flags_with_a_detector_method_are_refused(capsys, tmp_path):
     assert main(["train", "--method", "baseline", "--sr-scale", "3", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

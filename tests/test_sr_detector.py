@@ -329,3 +329,39 @@ def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_c
     assert bool(batch["hr_valid"].all()) and bool((sides < 8).any()), "tiny RoIs have a target too"
     assert torch.equal(batch["lr_patch"], lr_patches(list(images), rois, model.lr_size, model.context))
     assert batch["hr_patch"].shape[-1] == model.lr_size * model.scale
+
+
+def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config, tiny_synth):
+    """patches="generator" gives D G's output; "bilinear" bypasses G; "twin" gives D the box cut from
+    the exact twin, as training cuts D's real patches, and refuses to run without the twins."""
+    from sodlab.patches import lr_hr_pairs, lr_patches
+
+    val = load_split(tiny_synth, "val", train=False, hr_scale=4)
+    images, targets = zip(*[val[i] for i in range(2)])
+    images, twins = list(images), [t["hr_image"] for t in targets]
+    rois = [t["boxes"].as_subclass(torch.Tensor) for t in targets]
+    model = _model(tiny_config, "sr")
+    seen = []
+    model.discriminator.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    lr = lr_patches(images, rois, model.lr_size, model.context)
+    _, hr, _ = lr_hr_pairs(images, rois, model.lr_size, model.scale, model.context, hr_images=twins)
+    with torch.no_grad():
+        expected = {"generator": model.generator(lr), "bilinear": model.upsample(lr), "twin": hr}
+        for patches, want in expected.items():
+            model.patches = patches
+            out = model.reconstruct(images, rois, twins)
+            assert torch.equal(seen[-1], want) and torch.equal(out["sr_patch"], want), patches
+    assert not torch.equal(expected["generator"], expected["bilinear"])
+    assert not torch.allclose(expected["twin"], expected["bilinear"], atol=1e-3), "the twin holds detail bilinear lacks"
+    generator_calls = []
+    model.generator.register_forward_hook(lambda *args: generator_calls.append(1))
+    model.patches = "bilinear"
+    with torch.no_grad():
+        model(images)
+    assert not generator_calls, "patches='bilinear' bypasses G"
+    model.patches = "twin"
+    with pytest.raises(ValueError, match="twins"):
+        model(images)
+    with torch.no_grad():
+        detections = model(images, hr_images=twins)
+    assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}

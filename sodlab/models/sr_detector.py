@@ -51,6 +51,9 @@ class SRDetector(nn.Module):
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
         amp: at inference, G and D under autocast where the hardware runs it natively
             (``fast_autocast_dtype``: bf16 on a CPU with native bf16, float16 on CUDA).
+        patches: what D judges at inference: "generator" (G(z_LR); bilinear without G),
+            "bilinear" (G bypassed) or "twin" (the box cut from the image's exact xk twin, an
+            oracle G; inference then needs ``hr_images``). Measures how much G matters.
         boxes_from: "discriminator" (t_SR replaces/joins the head's deltas) or "detector".
         rois_per_image, hr_rois_per_image, fg_fraction, gt_jitter, jitters_per_gt: the training
             RoI sample of ``sample_rois``, as torchvision's RoIHeads takes its sampler's sizes.
@@ -59,14 +62,14 @@ class SRDetector(nn.Module):
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
                  area_threshold: float = 32.0**2, sr_scope: str = "small", gate_top_k: int = 0,
-                 fusion: str = "replace", amp: bool = False,
+                 fusion: str = "replace", amp: bool = False, patches: str = "generator",
                  boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
                  fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
         self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
-        self.fusion, self.boxes_from, self.amp = fusion, boxes_from, amp
+        self.fusion, self.boxes_from, self.amp, self.patches = fusion, boxes_from, amp, patches
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
         # The box head's coder (weights 10, 10, 5, 5), so t_SR and the head's deltas are interchangeable.
@@ -83,21 +86,36 @@ class SRDetector(nn.Module):
     def super_resolve(self, lr_patch: Tensor) -> Tensor:
         """G(z_LR), or plain bilinear upsampling without the reconstruction module (sr-no-recon)."""
         if self.generator is None:
-            return F.interpolate(lr_patch, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            return self.upsample(lr_patch)
         return self.generator(lr_patch)
 
-    def reconstruct(self, images: list[Tensor], rois: list[Tensor]) -> dict[str, Tensor]:
+    def upsample(self, lr_patch: Tensor) -> Tensor:
+        """z_LR upsampled bilinearly to G's output size: sr-no-recon's patches, and D's with patches="bilinear"."""
+        return F.interpolate(lr_patch, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+    def reconstruct(self, images: list[Tensor], rois: list[Tensor],
+                    hr_images: list[Tensor] | None = None) -> dict[str, Tensor]:
         """RoIs (per image, original-image pixels) through the module, as inference runs it.
 
-        Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (G(z_LR), unclamped: what D judges) and
-        D's outputs "adv" [N], "cls" [N, C] and "box" [N, 4C] (t_SR), batched over all RoIs.
-        Scoring, the notebooks' widgets and the SR quality report all go through here, so all three
-        see G and D at the same precision (``amp``); every output is float32.
+        Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (what D judges: G(z_LR),
+        unclamped, or the patch ``patches`` names) and D's outputs "adv" [N], "cls" [N, C] and
+        "box" [N, 4C] (t_SR), batched over all RoIs. Scoring, the notebooks' widgets and the SR
+        quality report all go through here, so all three see G and D at the same precision
+        (``amp``); every output is float32. ``hr_images``: the images' exact xk twins, which
+        ``patches="twin"`` cuts D's patches from.
         """
         lr_patch = lr_patches(images, rois, self.lr_size, self.context)
         dtype = fast_autocast_dtype(lr_patch.device) if self.amp else None
         with torch.autocast(lr_patch.device.type, dtype=dtype, enabled=dtype is not None):
-            sr = self.super_resolve(lr_patch)
+            if self.patches == "twin":
+                if hr_images is None:
+                    raise ValueError("patches='twin' has D judge the exact xk twin's patches: pass the images' "
+                                     "twins (hr_images; a split loaded with hr_scale=k holds them)")
+                _, sr, _ = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context, hr_images=hr_images)
+            elif self.patches == "bilinear":
+                sr = self.upsample(lr_patch)
+            else:
+                sr = self.super_resolve(lr_patch)
             d = self.discriminator(sr)
         return {"lr_patch": lr_patch, "sr_patch": sr.float(), **{k: v.float() for k, v in d.items()}}
 
@@ -137,7 +155,7 @@ class SRDetector(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_proposals(self, images: list[Tensor]) -> dict:
+    def score_proposals(self, images: list[Tensor], hr_images: list[Tensor] | None = None) -> dict:
         """Every proposal's class logits and box deltas, with the SR branch's in place for small ones.
 
         Returns the proposals (detector frame and original-image pixels), the box head's logits
@@ -158,7 +176,7 @@ class SRDetector(nn.Module):
         sr_mask = torch.cat(chosen)
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
-            d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)])
+            d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)], hr_images)
             if self.fusion == "replace":
                 class_logits[sr_mask] = d["cls"]
             else:  # average the two classifiers' probabilities
@@ -196,10 +214,11 @@ class SRDetector(nn.Module):
         self.box_errors.copy_(torch.where(known, momentum * self.box_errors + (1 - momentum) * batch, batch))
 
     @torch.no_grad()
-    def forward(self, images: list[Tensor], targets=None):
+    def forward(self, images: list[Tensor], targets=None, hr_images: list[Tensor] | None = None):
+        """Detections in torchvision's format; ``hr_images`` only for ``patches="twin"``."""
         if self.training:
             raise RuntimeError("SRDetector.forward is inference; training uses training_forward()")
-        s = self.score_proposals(images)
+        s = self.score_proposals(images, hr_images)
         sizes = s["image_list"].image_sizes
         boxes, scores, labels = self.detector.roi_heads.postprocess_detections(
             s["class_logits"], s["box_regression"], s["proposals"], sizes)
