@@ -105,6 +105,21 @@ def replace_run_dir(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
             entry.unlink()
 
 
+def _make_dir(path: Path) -> None:
+    """``mkdir -p`` while another process may remove the (empty) directory at any moment.
+
+    Path.mkdir(exist_ok=True) raises FileExistsError when the directory exists at its mkdir and
+    is gone by its is_dir check: a releasing lock holder removed it in between. Make it again then.
+    """
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileExistsError:
+            if os.path.lexists(path) and not path.is_dir():
+                raise NotADirectoryError(f"{path}: not a directory") from None
+
+
 class RunLock:
     """Exclusive lock on a run directory for the run's lifetime (a context manager).
 
@@ -128,14 +143,14 @@ class RunLock:
         if mode is not None and not stat.S_ISDIR(mode):
             raise NotADirectoryError(f"{self.run_dir}: not a directory")
         self._created_dir = mode is None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(self.run_dir)
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 # A holder that created the run directory released it and removed it (empty)
                 # between our mkdir and open: make it again, and remove it on release in turn.
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _make_dir(self.run_dir)
                 self._created_dir = True
                 continue
             try:

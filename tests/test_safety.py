@@ -395,6 +395,30 @@ def test_racing_processes_never_hold_a_run_at_once(tmp_path):
         assert enter.startswith("enter ") and leave == "leave " + enter.split()[1]
 
 
+def test_a_run_directory_removed_during_mkdir_is_made_again(tmp_path, monkeypatch):
+    """The race CI met (2026-12-04): the directory exists at Path.mkdir's mkdir and a releasing
+    holder removes it before mkdir's is_dir check, so mkdir(exist_ok=True) raises FileExistsError.
+    The lock makes it again instead of failing."""
+    from sodlab.rundir import RunLock
+
+    run = tmp_path / "run"
+    real_mkdir, calls = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        calls.append(self)
+        if self == run and len(calls) == 1:
+            raise FileExistsError(17, "File exists", str(self))  # what Path.mkdir raises in the race
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with RunLock(run):
+        assert run.is_dir() and len(calls) == 2
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        RunLock(tmp_path / "file").acquire()
+
+
 # --- crash leftovers --------------------------------------------------------------------------------
 
 KILLED_WRITE = textwrap.dedent("""
