@@ -355,8 +355,12 @@ def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config
     assert not torch.allclose(expected["twin"], expected["bilinear"], atol=1e-3), "the twin holds detail bilinear lacks"
     generator_calls = []
     model.generator.register_forward_hook(lambda *args: generator_calls.append(1))
-    model.patches = "bilinear"
     with torch.no_grad():
+        model.patches = "generator"
+        model(images)
+        assert generator_calls, "small proposals go through G at inference"
+        generator_calls.clear()
+        model.patches = "bilinear"
         model(images)
     assert not generator_calls, "patches='bilinear' bypasses G"
     model.patches = "twin"
