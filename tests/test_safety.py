@@ -399,7 +399,7 @@ def test_a_run_directory_removed_during_mkdir_is_made_again(tmp_path, monkeypatc
     """The race CI met (2026-12-04): the directory exists at Path.mkdir's mkdir and a releasing
     holder removes it before mkdir's is_dir check, so mkdir(exist_ok=True) raises FileExistsError.
     The lock makes it again instead of failing."""
-    from sodlab.rundir import RunLock
+    from sodlab.rundir import RunLock, _make_dir
 
     run = tmp_path / "run"
     real_mkdir, calls = Path.mkdir, []
@@ -414,9 +414,10 @@ def test_a_run_directory_removed_during_mkdir_is_made_again(tmp_path, monkeypatc
     with RunLock(run):
         assert run.is_dir() and len(calls) == 2
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    # a file where the directory should be is an error, not an endless retry
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
-        RunLock(tmp_path / "file").acquire()
+        _make_dir(tmp_path / "file")
 
 
 # --- crash leftovers --------------------------------------------------------------------------------
