@@ -263,13 +263,16 @@ def cmd_demo(args) -> None:
     if quality.get("rois"):
         print(f"\nSR patches on {quality['rois']} held-out small RoIs: G {quality['sr']['psnr']:.2f} dB PSNR, "
               f"bicubic {quality['bicubic']['psnr']:.2f} dB")
-    if not args.no_explore:
+    browse = f"sodlab explore --data {data_dir} --runs {' '.join(str(runs / m) for m in configs)}"
+    if args.explore:
         from sodlab import explore
 
         dataset = explore.build_dataset(data_dir, [runs / m for m in configs], split="val")
         for run, counts in explore.small_object_summary(dataset).items():
             print(f"FiftyOne {dataset.name}: {run}: small TP {counts['tp']}, FP {counts['fp']}, FN {counts['fn']}")
-        print(f"browse it: sodlab explore --data {data_dir} --runs {' '.join(str(runs / m) for m in configs)}")
+        print(f"browse it: {browse}")
+    else:  # `sodlab explore` (re)builds the dataset itself, so the demo need not spend its time on it
+        print(f"small-object hits and misses per image, in FiftyOne: {browse}")
     print(f"\ndemo finished in {time.perf_counter() - tic:.0f} s; runs in {runs}/")
 
 
@@ -447,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-iters", type=int, default=None, help="SR branch iterations (default: the demo budget's)")
     p.add_argument("--force", action="store_true", help="train again even if the demo runs exist")
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
-    p.add_argument("--no-explore", action="store_true", help="skip building the FiftyOne dataset")
+    p.add_argument("--explore", default=False, action=argparse.BooleanOptionalAction,
+                   help="also build the FiftyOne dataset of both runs and print their small-object hits and misses "
+                        "(default off: `sodlab explore` builds it when you browse)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("explore", help="browse a split and runs' detections in the FiftyOne App")

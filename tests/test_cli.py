@@ -322,3 +322,25 @@ def test_sr_flags_with_a_detector_method_are_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--sr-scale: SR settings, which --method baseline would ignore" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_trains_both_rows_on_one_detector_and_leaves_fiftyone_to_explore(tiny_synth, tmp_path, capsys,
+                                                                              monkeypatch):
+    from sodlab import explore, recipes
+
+    tiny = dataclasses.replace(recipes.get_budget("quick"), iters=3, sr_iters=2, batch_size=2, warmup_iters=1,
+                               eval_batch_size=2, sr_train=dict(rois_per_image=4, pretrain_iters=2))
+    monkeypatch.setattr(recipes, "get_budget", lambda name=None: tiny)
+
+    def no_fiftyone(*args, **kwargs):
+        raise AssertionError("the demo built a FiftyOne dataset without --explore")
+
+    monkeypatch.setattr(explore, "build_dataset", no_fiftyone)
+    runs = tmp_path / "runs"
+    assert main(["demo", "--data", str(tiny_synth), "--runs", str(runs), "--no-amp"]) == 0
+    out = capsys.readouterr().out
+    assert "| baseline |" in out and "| sr |" in out and "held-out small RoIs" in out
+    assert f"sodlab explore --data {tiny_synth} --runs {runs / 'baseline'} {runs / 'sr'}" in out
+    assert read_json(runs / "sr" / "config.json")["init_from"] == str(runs / "baseline")
+    with pytest.raises(AssertionError, match="without --explore"):  # --explore does build it
+        main(["demo", "--data", str(tiny_synth), "--runs", str(runs), "--no-amp", "--explore"])
