@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -201,40 +200,13 @@ def oracle_config(cfg: TrainConfig, scale: int | None, given: dict) -> TrainConf
     return dataclasses.replace(cfg, data=data, detector=dataclasses.replace(cfg.detector, **sizes))
 
 
-def evaluation_dir(run_dir: Path, run_data: str, run_split: str, data: str, split: str, overrides: dict) -> Path:
-    """Where ``sodlab eval`` writes eval.json and detections_val.json: the run itself for its own
-    settings on its own val split; any other evaluation goes to run_dir/evals/NAME/, NAME saying
-    what differs, so that it never replaces the evaluation the run was trained, benchmarked and
-    browsed with."""
-    parts = []
-    if Path(data).resolve() != Path(run_data).resolve():
-        digest = hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:8]
-        parts.append(f"{Path(data).resolve().name}-{digest}")
-    if split != run_split or overrides:
-        parts.append(split)
-    parts += [f"{setting}={value}" for setting, value in sorted(overrides.items())]
-    return run_dir / "evals" / "+".join(parts) if parts else run_dir
-
-
 def cmd_eval(args) -> None:
-    from sodlab.data.oracle import oracle_ground_truth
-    from sodlab.evaluate import evaluate_run, format_table
-    from sodlab.runs import load_eval_split
-    from sodlab.train import load_trained_model
+    from sodlab.evaluate import format_table
+    from sodlab.runs import evaluate_with
 
     overrides = {k[len(INFERENCE_DEST):]: v for k, v in vars(args).items() if k.startswith(INFERENCE_DEST)}
-    cfg, model = load_trained_model(args.run, inference=overrides)
-    data, split = args.data or cfg.data, args.split or cfg.val_split
-    out = evaluation_dir(Path(args.run), cfg.data, cfg.val_split, data, split, overrides)
-    val = load_eval_split(cfg, data, split)
-    ground_truth, box_scale = oracle_ground_truth(data, split) or (None, 1.0)
-    out.mkdir(parents=True, exist_ok=True)
-    # config.json keeps the trained settings; eval.json records what this evaluation changed.
-    stats = evaluate_run(out, model, val, batch_size=cfg.eval_batch_size, tile=cfg.tile,
-                         tile_overlap=cfg.tile_overlap, ground_truth=ground_truth, box_scale=box_scale,
-                         record={"inference_overrides": overrides, "data": str(data), "split": split}
-                         if out != Path(args.run) else None)
-    print(format_table({cfg.method: stats}))
+    method, out, stats = evaluate_with(args.run, overrides, args.data, args.split)
+    print(format_table({method: stats}))
     print(f"wrote {out / 'eval.json'} and {out / 'detections_val.json'}"
           + ("" if out == Path(args.run) else f" (the run's own {Path(args.run) / 'eval.json'} is unchanged)"))
 

@@ -6,6 +6,7 @@ notebooks, the bench and ``sodlab train`` all go through ``ensure_run`` / ``trai
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,66 @@ def load_eval_split(cfg: TrainConfig, data: str | os.PathLike | None = None, spl
         raise ValueError(f"{data}: --sr-patches twin cuts D's patches from the exact x{cfg.sr.scale} twins in "
                          f"{split}_x{cfg.sr.scale}/, and there are none; the embedded benchmark has them")
     return load_split(data, split, train=False, scale=cfg.input_scale, hr_scale=cfg.sr.scale if twins else None)
+
+
+def evaluation_dir(run_dir: Path, run_data: str, run_split: str, data: str, split: str, overrides: dict) -> Path:
+    """Where ``sodlab eval`` writes eval.json and detections_val.json: the run itself for its own
+    settings on its own val split; any other evaluation goes to run_dir/evals/NAME/, NAME saying
+    what differs, so that it never replaces the evaluation the run was trained, benchmarked and
+    browsed with."""
+    parts = []
+    if Path(data).resolve() != Path(run_data).resolve():
+        digest = hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:8]
+        parts.append(f"{Path(data).resolve().name}-{digest}")
+    if split != run_split or overrides:
+        parts.append(split)
+    parts += [f"{setting}={value}" for setting, value in sorted(overrides.items())]
+    return run_dir / "evals" / "+".join(parts) if parts else run_dir
+
+
+def evaluate_with(run_dir: str | os.PathLike, overrides: dict, data: str | os.PathLike | None = None,
+                  split: str | None = None, max_images: int | None = None, progress: bool = True) -> tuple[str, Path, dict]:
+    """``sodlab eval``: a trained run evaluated with other inference settings (train.INFERENCE_SETTINGS)
+    or on other data, into ``evaluation_dir``; eval.json records what this evaluation changed, and
+    config.json keeps the trained settings. ``max_images``: the first N images only (the bench's dry
+    runs). Returns the run's method, the folder written and the stats."""
+    from torch.utils.data import Subset
+
+    run_dir = Path(run_dir)
+    cfg, model = load_trained_model(run_dir, inference=overrides)
+    data, split = data or cfg.data, split or cfg.val_split
+    out = evaluation_dir(run_dir, cfg.data, cfg.val_split, str(data), split, overrides)
+    val = load_eval_split(cfg, data, split)
+    if max_images is not None:
+        val = Subset(val, range(min(max_images, len(val))))
+    ground_truth, box_scale = oracle_ground_truth(data, split) or (None, 1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = evaluate_run(out, model, val, batch_size=cfg.eval_batch_size, progress=progress, tile=cfg.tile,
+                         tile_overlap=cfg.tile_overlap, ground_truth=ground_truth, box_scale=box_scale,
+                         record={"inference_overrides": overrides, "data": str(data), "split": split}
+                         if out != run_dir else None)
+    return cfg.method, out, stats
+
+
+# What else D can judge at inference (SRConfig.patches) besides G's patches: bilinear ones (G
+# bypassed) and the same boxes cut from the exact twins (a perfect G). With D held fixed, the two
+# bound what any reconstruction can add to that D (README: "How much any G could give").
+OTHER_PATCH_SOURCES = ("bilinear", "twin")
+
+
+def evaluate_patch_sources(run_dir: str | os.PathLike, max_images: int | None = None,
+                           progress: bool = False) -> dict[str, dict]:
+    """An SR run evaluated with D held fixed on each of OTHER_PATCH_SOURCES (the twins' only when its
+    val split has twins), as ``sodlab eval --sr-patches P`` does: {P: {"dir", "eval"}}."""
+    cfg = TrainConfig.from_dict(read_json(Path(run_dir) / "config.json"))
+    has_twins = (Path(cfg.data) / f"{cfg.val_split}_x{cfg.sr.scale}").is_dir()
+    out = {}
+    for patches in OTHER_PATCH_SOURCES:
+        if patches == "twin" and not has_twins:
+            continue
+        _, folder, stats = evaluate_with(run_dir, {"sr.patches": patches}, max_images=max_images, progress=progress)
+        out[patches] = {"dir": str(folder), "eval": stats}
+    return out
 
 
 def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, progress: bool = True) -> dict:

@@ -172,6 +172,15 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
             assert quality["method"] == ("G" if method.name != "sr-no-recon" else "bilinear (no reconstruction module)")
             assert f"| {method.name} | ResNet-18-FPN | {quality['method']} | " in report
     assert "## Reconstruction: each SR variant's patches minus bicubic's" in report
+    # sr's D held fixed on bilinear patches and on the twins' (a perfect G), as `sodlab eval --sr-patches` writes them
+    assert all("patch_sources" not in r for r in records.values() if r["method"] != "sr")
+    for patches, entry in records["sr"]["patch_sources"].items():
+        folder = bench_dir / "runs" / "sr-seed0" / "evals" / f"val+sr.patches={patches}"
+        assert entry["dir"] == str(folder) and json.loads((folder / "eval.json").read_text()) == entry["eval"]
+        assert entry["eval"]["inference_overrides"] == {"sr.patches": patches}
+    assert set(records["sr"]["patch_sources"]) == {"bilinear", "twin"}
+    assert "## How much any G could give: `sr`'s D on other patches" in report and "| seed 0 | ResNet-18-FPN |" in report
+    assert set(next(r for r in rows if r["method"] == "sr")["intervals"]["patch_sources"]) == {"generator", "twin"}
     assert "`sr`'s G against bicubic on held-out small RoIs: " in report
     for name in ("ap_by_size.png", "speed_accuracy.png"):
         with Image.open(bench_dir / name) as image:

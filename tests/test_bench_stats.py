@@ -312,3 +312,44 @@ def test_the_verdict_gives_gs_gain_over_bicubic_beside_what_g_adds():
                                                                  "8-16": (29.2, 29.5, 0.85, 0.86)})])
     assert ("`sr`'s G against bicubic on held-out small RoIs: +2.00 / -0.30 dB PSNR (<8 / 8-16 px)."
             in verdict(rows))
+
+
+def test_patch_sources_are_g_and_a_perfect_g_over_bilinear_patches_with_d_held_fixed(gt_file, tmp_path):
+    """With `sr`'s D fixed, G's patches and the twins' are each compared with bilinear ones on the
+    same images: the point is COCOeval's APs difference, the twins above G give G's share, and
+    twins no better than bilinear patches give a zero-width interval and no share."""
+    from sodlab.bench.report import patch_sources_table
+    from sodlab.bench.stats import bench_intervals
+
+    def run(name, finds_small_in):
+        folder = tmp_path / name
+        folder.mkdir()
+        dets = _detections(finds_small_in)
+        (folder / "detections_val.json").write_text(json.dumps(dets))
+        return folder, coco_eval(gt_file, dets)
+
+    sr_dir, sr_eval = run("sr", set(range(1, 11)))
+    bilinear_dir, bilinear_eval = run("bilinear", set(range(1, 5)))
+    twin_dir, twin_eval = run("twin", set(range(1, 19)))
+    record = {"preset": "cpu", "method": "sr", "seed": 0, "run_dir": str(sr_dir), "eval": sr_eval,
+              "patch_sources": {"bilinear": {"dir": str(bilinear_dir), "eval": bilinear_eval},
+                                "twin": {"dir": str(twin_dir), "eval": twin_eval}}}
+    summary = bench_intervals([record], gt_file, range(1, 21), resamples=200)[("cpu", "sr")]["patch_sources"]
+    g, twin = summary["generator"]["APs"], summary["twin"]["APs"]
+    assert g["point"] == pytest.approx(sr_eval["APs"] - bilinear_eval["APs"])
+    assert twin["point"] == pytest.approx(twin_eval["APs"] - bilinear_eval["APs"])
+    assert 0 < g["low"] and g["significant"] and twin["point"] > g["point"] and twin["seeds"] == 1
+    rows = [_row("baseline", 0.2), _row("sr", sr_eval["APs"], (0.01, 0.05))]
+    rows[1]["intervals"]["patch_sources"] = summary
+    share = f"{g['point'] / twin['point']:.0%}"
+    table = patch_sources_table(rows, [record])
+    assert f"| seed 0 | ResNet-18-FPN | {100 * bilinear_eval['APs']:.2f} | {100 * sr_eval['APs']:.2f} |" in table
+    assert table.splitlines()[-1].endswith(f"| {share} |")
+    assert f"G holds {share} of that ceiling" in verdict(rows)
+
+    record["patch_sources"]["twin"]["dir"] = str(bilinear_dir)  # a perfect G no better than bilinear patches
+    summary = bench_intervals([record], gt_file, range(1, 21), resamples=200)[("cpu", "sr")]["patch_sources"]
+    assert summary["twin"]["APs"]["low"] == summary["twin"]["APs"]["high"] == 0.0
+    rows[1]["intervals"]["patch_sources"] = summary
+    assert "a perfect G adds nothing significant here, so no G could" in verdict(rows)
+    assert patch_sources_table([_row("sr", 0.3, (0.0, 0.1))], [record]) == ""  # not measured: no table

@@ -116,8 +116,9 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
     if absent).
     """
-    from sodlab.bench.measure import (InferenceJob, LatencyJob, TrainJob, measure_inference, measure_paired_latency,
-                                      measure_training, run_measurement)
+    from sodlab.bench.measure import (InferenceJob, LatencyJob, PatchSourcesJob, TrainJob, measure_inference,
+                                      measure_paired_latency, measure_patch_sources, measure_training,
+                                      run_measurement)
     from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
     from sodlab.bench.stats import bench_intervals
     from sodlab.data.coco import load_split
@@ -194,6 +195,10 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         records.append({"method": method.name, "preset": preset_name, "seed": seed, "run_dir": str(run_dir),
                         "backbone": backbone_label(preset(preset_name)),
                         "training": training, "eval": inference.pop("eval"), "inference": inference})
+        if method.name == "sr":  # what G adds to its D, against bilinear patches and a perfect G
+            records[-1]["patch_sources"] = run_measurement(
+                measure_patch_sources, PatchSourcesJob(str(run_dir), budget.threads, budget.max_eval_images),
+                budget.isolate)
         if progress:
             print("  " + record_summary(records[-1]), flush=True)
         atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": records})

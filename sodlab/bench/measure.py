@@ -24,7 +24,7 @@ from sodlab.data.coco import load_split
 from sodlab.evaluate import coco_eval, evaluate_model, predictions_to_coco_results
 from sodlab.io import atomic_write_json, read_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
-from sodlab.runs import write_sr_quality
+from sodlab.runs import evaluate_patch_sources, write_sr_quality
 from sodlab.train import load_trained_model, train
 
 
@@ -193,6 +193,20 @@ def measure_inference(job: InferenceJob) -> dict:
     return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss, "images_per_s": throughput,
             "slices_per_image": slices, "sr_quality": quality,
             "parameters": count_parameters(model), "torch_threads": torch.get_num_threads(), "eval": stats}
+
+
+@dataclass
+class PatchSourcesJob:
+    run_dir: str  # an `sr` run
+    threads: int
+    max_eval_images: int | None
+
+
+def measure_patch_sources(job: PatchSourcesJob) -> dict:
+    """`sr` evaluated with its D held fixed on bilinear patches and on the exact twins' (a perfect
+    G), into its evals/ folder (``runs.evaluate_patch_sources``). Not timed: the twins are an oracle."""
+    torch.set_num_threads(job.threads)
+    return evaluate_patch_sources(job.run_dir, job.max_eval_images)
 
 
 def interleaved_latency(predictors: dict, rounds: int, per_round: int, warmup: int, clock=time.perf_counter) -> dict:

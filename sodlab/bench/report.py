@@ -219,8 +219,8 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _signed(value: float) -> str:
-    return f"{100 * value:+.1f}"
+def _signed(value: float, digits: int = 1) -> str:
+    return f"{100 * value:+.{digits}f}"
 
 
 def verdict(rows: list[dict]) -> str:
@@ -258,7 +258,8 @@ def verdict(rows: list[dict]) -> str:
                          f"against {100 * base['eval']['APs']:.1f})**: at this budget the detectors have not "
                          "learned what resolution gives, so there is no gap to close and these rows are no "
                          "test of the methods; train longer (--iters).")
-        parts.append(sentence + score_matched_verdict(group) + generator_verdict(group) + reconstruction_verdict(group))
+        parts.append(sentence + score_matched_verdict(group) + generator_verdict(group) + patch_sources_verdict(group)
+                     + reconstruction_verdict(group))
     return "\n\n".join(parts)
 
 
@@ -273,6 +274,22 @@ def generator_verdict(group: list[dict]) -> str:
                else "no significant difference")
     return (f" **What G adds:** `sr` against `sr-no-recon` (the same branch without G), APs "
             f"{_signed(ci['point'])} [{_signed(ci['low'])}, {_signed(ci['high'])}]: {finding}.")
+
+
+def patch_sources_verdict(group: list[dict]) -> str:
+    """The verdict's clause on the ceiling: with `sr`'s D held fixed, what G's patches and the exact
+    twins' (a perfect G) each add over bilinear ones on APs, and G's share of that ceiling."""
+    row = next((r for r in group if r["method"] == "sr"), None)
+    summary = ((row or {}).get("intervals") or {}).get("patch_sources")
+    if not summary or "twin" not in summary:
+        return ""
+    g, twin = summary["generator"]["APs"], summary["twin"]["APs"]
+    share = (f"; G holds {g['point'] / twin['point']:.0%} of that ceiling" if twin["point"] > 0 and twin["significant"]
+             else "; a perfect G adds nothing significant here, so no G could")
+    return (f" **How much any G could give:** with `sr`'s D held fixed, the exact twins' patches (a perfect G) "
+            f"give {_signed(twin['point'], 2)} APs [{_signed(twin['low'], 2)}, {_signed(twin['high'], 2)}] over "
+            f"bilinear ones, and G's give {_signed(g['point'], 2)} [{_signed(g['low'], 2)}, "
+            f"{_signed(g['high'], 2)}]{share}.")
 
 
 def reconstruction_verdict(group: list[dict]) -> str:
@@ -345,6 +362,40 @@ def ablation_table(rows: list[dict]) -> str:
             cells += [_signed(ci["point"]) + ("*" if ci["significant"] else ""),
                       f"[{_signed(ci['low'])}, {_signed(ci['high'])}]"]
         lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|", *lines])
+
+
+def patch_sources_table(rows: list[dict], records: list[dict]) -> str:
+    """`sr`'s D held fixed on three patch sources: APs per seed, and G's and a perfect G's gain over
+    bilinear patches (points; the pooled row with its paired interval); "" when not measured."""
+    headers = ["`sr`", "Backbone", "APs, D on bilinear patches", "on G's", "on the exact twins' (a perfect G)",
+               "G - bilinear", "twins - bilinear", "G's share"]
+    lines = []
+    for row in rows:
+        summary = (row.get("intervals") or {}).get("patch_sources") if row["method"] == "sr" else None
+        if not summary:
+            continue
+        for record in records:
+            sources = record.get("patch_sources") if (record["preset"], record["method"]) == (row["preset"], "sr") else None
+            if not sources:
+                continue
+            aps = {"generator": record["eval"]["APs"], **{name: entry["eval"]["APs"] for name, entry in sources.items()}}
+            g, twin = aps["generator"] - aps["bilinear"], aps["twin"] - aps["bilinear"] if "twin" in aps else None
+            lines.append("| " + " | ".join([
+                f"seed {record['seed']}", row["backbone"], _fmt(100 * aps["bilinear"], 2), _fmt(100 * aps["generator"], 2),
+                _fmt(100 * aps["twin"], 2) if twin is not None else "", _signed(g, 2),
+                _signed(twin, 2) if twin is not None else "", f"{g / twin:.0%}" if twin and twin > 0 else ""]) + " |")
+        cells = []
+        for name in ("generator", "twin"):
+            ci = summary.get(name, {}).get("APs")
+            cells.append(f"{_signed(ci['point'], 2)}{'*' if ci['significant'] else ''} [{_signed(ci['low'], 2)}, "
+                         f"{_signed(ci['high'], 2)}]" if ci else "")
+        twin = summary.get("twin", {}).get("APs")
+        share = f"{summary['generator']['APs']['point'] / twin['point']:.0%}" if twin and twin["point"] > 0 else ""
+        lines.append("| " + " | ".join([f"mean of {summary['generator']['APs']['seeds']} (interval)", row["backbone"],
+                                         "", "", "", *cells, share]) + " |")
     if not lines:
         return ""
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|", *lines])
@@ -469,6 +520,13 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
                   "is what that part adds: `sr-no-recon` G, `sr-no-adv` the adversarial term, `sr-no-cls` the class "
                   "terms, `sr-cls-only` D's boxes (AP75 small is where the paper says SR should serve box "
                   "regression). Points are the seeds' mean; resamples and * as above.", "", ablation]
+    if patch_table := patch_sources_table(rows, records or []):
+        parts += ["", "## How much any G could give: `sr`'s D on other patches, paired bootstrap", "",
+                  "Each seed's `sr` evaluated again with its D held fixed (`sodlab eval --sr-patches`, into the run's "
+                  "evals/ folder): on bilinear patches (G bypassed) and on the same boxes cut from the data's exact "
+                  "twins, which a perfect G would give. twins - bilinear is the most any reconstruction could add to "
+                  "this D; G - bilinear is what this G adds (it differs from `sr` - `sr-no-recon`, whose D also trained "
+                  "on bilinear patches). Points; resamples and * as above.", "", patch_table]
     if reconstruction := reconstruction_table(rows):
         parts += ["", "## Reconstruction: each SR variant's patches minus bicubic's, on held-out small RoIs", "",
                   "The val split's small ground-truth boxes, cut as inference cuts them (z_LR), against the same box "

@@ -265,9 +265,44 @@ def bench_intervals(records: list[dict], ann_file, image_ids, resamples: int = 1
                 if key in summary:
                     summary[key]["point"] = float(np.mean([point[key][0] for point in points]))
         if ablation:
-            summary = out.setdefault((preset, method), {})
-            summary["ablation"] = summarize_differences(ablation, level)
-            for key, value in summary["ablation"].items():
-                value["point"] = float(np.mean([point[key][0] for point in ablation_points]))
-                value["seeds"] = len(ablation)
+            out.setdefault((preset, method), {})["ablation"] = summarize_with_points(ablation, ablation_points, level)
+    for preset in dict.fromkeys(r["preset"] for r in records):
+        sr_records = [r for r in records if (r["preset"], r["method"]) == (preset, "sr")
+                      and "bilinear" in (r.get("patch_sources") or {})]
+        if sr_records:
+            out.setdefault((preset, "sr"), {})["patch_sources"] = patch_source_intervals(
+                sr_records, matches, ann_file, image_ids, weights, level)
     return out
+
+
+def summarize_with_points(per_seed: list[dict], points: list[dict], level: float = 0.95) -> dict:
+    """``summarize_differences``, each key with the seeds' mean ``point`` and the number of ``seeds``."""
+    summary = summarize_differences(per_seed, level)
+    for key, value in summary.items():
+        value["point"] = float(np.mean([point[key][0] for point in points]))
+        value["seeds"] = len(per_seed)
+    return summary
+
+
+def patch_source_intervals(sr_records: list[dict], matches: dict, ann_file, image_ids, weights: np.ndarray,
+                           level: float = 0.95) -> dict:
+    """With each seed's `sr` D held fixed (``runs.evaluate_patch_sources``): G's patches minus
+    bilinear ones ("generator": what this G adds) and, where the data has twins, the exact twins'
+    patches minus bilinear ones ("twin": what a perfect G would add), on AP, APs and AP75s, each
+    with its interval over seeds and the seeds' mean point."""
+    import json
+    from pathlib import Path
+
+    ones = np.ones((1, len(image_ids)))
+    per_seed, points = {}, {}
+    for record in sr_records:
+        sources = {name: match_detections(ann_file, json.loads((Path(entry["dir"]) / "detections_val.json").read_text()),
+                                          image_ids)
+                   for name, entry in record["patch_sources"].items()}
+        compared = {"generator": matches[(record["preset"], "sr", record["seed"])]}
+        if "twin" in sources:
+            compared["twin"] = sources["twin"]
+        for name, match in compared.items():
+            per_seed.setdefault(name, []).append(ablation_differences(match, sources["bilinear"], weights))
+            points.setdefault(name, []).append(ablation_differences(match, sources["bilinear"], ones))
+    return {name: summarize_with_points(per_seed[name], points[name], level) for name in per_seed}
