@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sodlab.data.coco import coco_paths, load_split
+from sodlab.data.coco import coco_paths, load_split, twin_dir
 from sodlab.io import atomic_torch_save, atomic_write_json
 from sodlab.models.generator import SRGenerator
 from sodlab.patches import DEFAULT_CONTEXT, Images, box_side, extract_patches, lr_hr_pairs, lr_patches
@@ -193,11 +193,6 @@ def _image_boxes(boxes: Tensor, cfg: PretrainConfig) -> Tensor:
     return boxes[wh.min(dim=1).values >= cfg.hr_size - 1e-4]
 
 
-def _twin_dir(data_dir: Path, split: str, k: int) -> Path | None:
-    path = data_dir / f"{split}_x{k}"
-    return path if path.is_dir() else None
-
-
 def dataset_fingerprint(data_dir: str | Path, split: str, cfg: PretrainConfig) -> dict:
     """What identifies the data a cache entry was made from: the split's annotation file (which
     changes whenever the benchmark is generated with another seed or size) and the twins used."""
@@ -221,7 +216,7 @@ def make_pairs(data_dir: str | Path, cfg: PretrainConfig, split: str = "train",
     """
     data_dir = Path(data_dir)
     twins = cfg.hr_source == "twin"
-    if twins and _twin_dir(data_dir, split, cfg.hr_scale) is None:
+    if twins and twin_dir(data_dir, split, cfg.hr_scale) is None:
         raise FileNotFoundError(f"{data_dir / f'{split}_x{cfg.hr_scale}'}: no x{cfg.hr_scale} twins for "
                                 f"hr_source='twin'; write them with `sodlab synth --hr-scale {cfg.hr_scale}` "
                                 "or use hr_source='image'")
@@ -510,7 +505,7 @@ def evaluate_generator(
     bicubic alone.
     """
     data_dir = Path(data_dir)
-    twins = _twin_dir(data_dir, split, cfg.hr_scale) is not None
+    twins = twin_dir(data_dir, split, cfg.hr_scale) is not None
     dataset = load_split(data_dir, split, train=False, hr_scale=cfg.hr_scale if twins else None)
     if not twins:
         edges, labels = (0.0, math.inf), ["image"]

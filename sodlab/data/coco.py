@@ -458,6 +458,13 @@ def coco_paths(data_dir: str | os.PathLike, split: str) -> tuple[Path, Path]:
     return image_dir, ann_file
 
 
+def twin_dir(data_dir: str | os.PathLike, split: str, k: int) -> Path | None:
+    """DIR/{split}_x{k}/, the split's exact xk twins (``sodlab synth --hr-scale k``, ``sodlab convert
+    --twins k``), or None when the data has none."""
+    path = Path(data_dir) / f"{split}_x{k}"
+    return path if path.is_dir() else None
+
+
 def load_split(
     data_dir: str | os.PathLike,
     split: str,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sodlab.data.coco import load_coco_json
+from sodlab.data.coco import load_coco_json, twin_dir
 from sodlab.data.synth import area_downsample, render_twin
 from sodlab.io import atomic_write_json, read_json
 
@@ -25,7 +25,7 @@ def written_twin_scales(data_dir: str | Path, split: str) -> list[int]:
 def _twin_source(data_dir: Path, split: str, k: int) -> tuple[str, int] | None:
     """How to get the xk twins of a split: ("written", k), ("reduce", m) from written xm twins
     (m a multiple of k, area-averaged by m/k), ("render", k) from the scene file, or None."""
-    if (data_dir / f"{split}_x{k}").is_dir():
+    if twin_dir(data_dir, split, k) is not None:
         return "written", k
     for m in written_twin_scales(data_dir, split):
         if m > k and m % k == 0:
