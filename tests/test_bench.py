@@ -78,6 +78,21 @@ def test_a_bench_saved_before_a_budget_field_existed_resumes_as_its_default(tmp_
         open_bench_dir(tmp_path, dataclasses.replace(budget, hires_finetune_iters=5), force=False)
 
 
+def test_a_bench_resumes_whatever_its_budget_claims_about_learning(tmp_path):
+    # learned_ap changes what bench.md says, not the runs: a default bench saved before the field
+    # (or with another value) resumes, while a field that changes the runs is still refused
+    budget = tiny_budget(learned_ap=20.0)
+    saved = json.loads(json.dumps(dataclasses.asdict(budget)))
+    del saved["learned_ap"]
+    record = {"method": "baseline", "preset": "cpu", "seed": 0}
+    (tmp_path / "bench.json").write_text(json.dumps({"budget": saved, "records": [record]}))
+    assert open_bench_dir(tmp_path, budget, force=False) == {("baseline", "cpu", 0): record}
+    assert open_bench_dir(tmp_path, dataclasses.replace(budget, learned_ap=30.0), force=False) == {
+        ("baseline", "cpu", 0): record}
+    with pytest.raises(FileExistsError, match=r"another budget \(iters\)"):
+        open_bench_dir(tmp_path, dataclasses.replace(budget, iters=budget.iters + 1), force=False)
+
+
 # --- end to end --------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # the whole bench, every method trained (one module fixture)

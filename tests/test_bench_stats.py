@@ -220,6 +220,14 @@ def test_the_verdict_follows_the_numbers():
     assert "**The HR oracle is not above the baseline on APs (18.0 against 20.0)**" in verdict(rows)
     rows[-1] = _row("hr-oracle", 0.30, (0.05, 0.15))
     assert "HR oracle is not above" not in verdict(rows)
+    # a baseline under the budget's learned AP is called out first; at it, or with no claim, it is not
+    rows[0]["eval"]["AP"] = 0.127
+    learned = verdict(rows, learned_ap=20.0)
+    assert learned.startswith("**Verdict.** **The baseline reached AP 12.7, under the 20 at which this budget counts")
+    assert "as learned**: on this machine" in learned and "On APs (points against the baseline's 20.0" in learned
+    assert "The baseline reached" not in verdict(rows)
+    rows[0]["eval"]["AP"] = 0.20
+    assert "The baseline reached" not in verdict(rows, learned_ap=20.0)
     # what G adds: sr against sr-no-recon, from the ablation's interval
     assert "What G adds" not in verdict(rows)
     rows.append(_row("sr-no-recon", 0.25, (0.01, 0.08)))

@@ -87,6 +87,10 @@ def _is_bench(path: Path) -> bool:
     return (path / "bench.json").is_file()
 
 
+# Budget fields that change what bench.md says about the runs, never the runs themselves.
+REPORT_ONLY = ("learned_ap",)
+
+
 def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
     """The bench directory, and the records a killed bench of the same budget had finished.
 
@@ -100,7 +104,7 @@ def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
         defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Budget)
                                           if f.default is not dataclasses.MISSING}))
         saved_budget = saved.get("budget", {})
-        changed = sorted(k for k in wanted if saved_budget.get(k, defaults.get(k)) != wanted[k])
+        changed = sorted(k for k in wanted if k not in REPORT_ONLY and saved_budget.get(k, defaults.get(k)) != wanted[k])
         if changed:
             raise FileExistsError(f"{out_dir}: holds a bench with another budget ({', '.join(changed)}); "
                                   "choose another --name or pass --force to replace it")
@@ -256,6 +260,8 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "sr_gate_top_k": sr.get("gate_top_k", 0),
         "sr_amp": sr["amp"],
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
+        # the budget's claim that its detectors have learned holds for its own data only
+        "learned_ap": budget.learned_ap if data_dir.resolve() == budget.data_dir().resolve() else None,
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},
         "bootstrap_resamples": budget.bootstrap_resamples, "torch_threads": budget.threads, "isolated_processes": budget.isolate, "peak_rss": "VmHWM",

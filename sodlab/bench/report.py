@@ -223,9 +223,10 @@ def _signed(value: float, digits: int = 1) -> str:
     return f"{100 * value:+.{digits}f}"
 
 
-def verdict(rows: list[dict]) -> str:
+def verdict(rows: list[dict], learned_ap: float | None = None) -> str:
     """The bench in a paragraph, computed from its numbers: which methods beat the baseline on APs,
-    significantly or not (the paired bootstrap interval), by how much, and at what inference cost."""
+    significantly or not (the paired bootstrap interval), by how much, and at what inference cost.
+    With ``learned_ap`` (the budget's claim, in percent), a baseline below it is called out first."""
     parts = []
     for preset in dict.fromkeys(row["preset"] for row in rows):
         group = [r for r in rows if r["preset"] == preset]
@@ -245,8 +246,14 @@ def verdict(rows: list[dict]) -> str:
             else:
                 within.append(text)
         label = f" ({preset})" if len({r["preset"] for r in rows}) > 1 else ""
-        sentence = (f"**Verdict{label}.** On APs (points against the baseline's {100 * base['eval']['APs']:.1f}, "
-                    "with the 95% paired bootstrap interval over val images):")
+        sentence = f"**Verdict{label}.**"
+        if learned_ap is not None and 0 <= 100 * base["eval"]["AP"] < learned_ap:
+            sentence += (f" **The baseline reached AP {100 * base['eval']['AP']:.1f}, under the {learned_ap:g} at which "
+                         "this budget counts its detectors as learned**: on this machine the budget's iterations end "
+                         "earlier on the detector's learning curve, so every row is an earlier snapshot than the "
+                         "budget intends (train longer with --iters).")
+        sentence += (f" On APs (points against the baseline's {100 * base['eval']['APs']:.1f}, "
+                     "with the 95% paired bootstrap interval over val images):")
         sentence += f" significantly better: {', '.join(better)}." if better else " no method is significantly better."
         if within:
             sentence += f" Within the noise: {', '.join(within)}."
@@ -455,7 +462,7 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
     parts = [
         f"# sodlab bench: {header['name']}",
         "",
-        verdict(rows),
+        verdict(rows, header.get("learned_ap")),
         "",
         f"- budget `{budget['name']}`: {budget['iters']} iterations x batch {budget['batch_size']} = "
         f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
