@@ -248,6 +248,21 @@ def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = 
     return dataclasses.replace(budget, **lengths, **changes)
 
 
+def learned_ap_on(budget: Budget, data_dir: str | os.PathLike) -> float | None:
+    """The budget's learned_ap where its claim holds, on the budget's own data; None elsewhere."""
+    return budget.learned_ap if Path(data_dir).resolve() == budget.data_dir().resolve() else None
+
+
+def learned_note(budget: Budget, data_dir: str | os.PathLike, baseline_ap: float) -> str | None:
+    """One line when the baseline (AP in percent) ended under the budget's learned_ap on its own data."""
+    claim = learned_ap_on(budget, data_dir)
+    if claim is None or not 0 <= baseline_ap < claim:
+        return None
+    return (f"The baseline reached AP {baseline_ap:.1f}, under the {claim:g} at which the {budget.name} budget counts "
+            "its detectors as learned: on this machine its iterations end earlier on the detector's learning curve "
+            "(README: \"All nine methods of the default bench in one invocation\"); --iters trains longer.")
+
+
 def ensure_data(budget: Budget, data_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The budget's embedded benchmark, generated (with its xk twins) unless it is there already.
 

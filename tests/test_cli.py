@@ -342,5 +342,13 @@ def test_demo_trains_both_rows_on_one_detector_and_leaves_fiftyone_to_explore(ti
     assert "| baseline |" in out and "| sr |" in out and "held-out small RoIs" in out
     assert f"sodlab explore --data {tiny_synth} --runs {runs / 'baseline'} {runs / 'sr'}" in out
     assert read_json(runs / "sr" / "config.json")["init_from"] == str(runs / "baseline")
+    assert "counts its detectors as learned" not in out  # the quick budget makes no such claim
+    # a budget that claims its baseline learns, on its own data, says when the baseline fell short
+    monkeypatch.setattr(recipes, "get_budget", lambda name=None: dataclasses.replace(tiny, learned_ap=20.0,
+                                                                                    data=str(tiny_synth)))
+    assert main(["demo", "--data", str(tiny_synth), "--runs", str(runs), "--no-amp"]) == 0
+    baseline_ap = 100 * read_json(runs / "baseline" / "eval.json")["AP"]
+    assert f"The baseline reached AP {baseline_ap:.1f}, under the 20 at which the quick budget counts" in \
+        capsys.readouterr().out
     with pytest.raises(AssertionError, match="without --explore"):  # --explore does build it
         main(["demo", "--data", str(tiny_synth), "--runs", str(runs), "--no-amp", "--explore"])

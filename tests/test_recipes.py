@@ -193,3 +193,16 @@ def test_imports_point_one_way():
     layer = {m: i for i, group in enumerate(LAYERS) for m in group}
     upward = [(m, dep) for m, deps in import_graph().items() for dep in deps if layer[dep] > layer[m]]
     assert not upward, f"imports that point up: {upward}"
+
+
+def test_a_budgets_learned_ap_holds_on_its_own_data_only(tmp_path):
+    from sodlab.recipes import get_budget, learned_ap_on, learned_note
+
+    default = get_budget("default")
+    assert learned_ap_on(default, default.data_dir()) == 20.0
+    assert learned_ap_on(default, tmp_path) is None  # another dataset: the claim was measured on the embedded one
+    assert learned_ap_on(get_budget("quick"), get_budget("quick").data_dir()) is None  # quick claims nothing
+    assert "reached AP 12.7, under the 20 at which the default budget" in learned_note(default, default.data_dir(), 12.7)
+    assert learned_note(default, default.data_dir(), 20.0) is None
+    assert learned_note(default, default.data_dir(), -100.0) is None  # COCO's -1: no ground truth, no claim
+    assert learned_note(default, tmp_path, 12.7) is None

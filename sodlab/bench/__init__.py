@@ -247,7 +247,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
     import torch
 
     from sodlab.models.sahi_adapter import POSTPROCESS, sahi_version
-    from sodlab.recipes import sr_settings
+    from sodlab.recipes import learned_ap_on, sr_settings
     from sodlab.train import git_revision
 
     evaluated = len(lr_val) if budget.max_eval_images is None else min(len(lr_val), budget.max_eval_images)
@@ -261,7 +261,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "sr_amp": sr["amp"],
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         # the budget's claim that its detectors have learned holds for its own data only
-        "learned_ap": budget.learned_ap if data_dir.resolve() == budget.data_dir().resolve() else None,
+        "learned_ap": learned_ap_on(budget, data_dir),
         "sahi": {"slice": budget.sahi_slice, "overlap": budget.sahi_overlap, "standard_pred": True,
                  **POSTPROCESS, "package_version": sahi_version()},
         "bootstrap_resamples": budget.bootstrap_resamples, "torch_threads": budget.threads, "isolated_processes": budget.isolate, "peak_rss": "VmHWM",
