@@ -109,7 +109,7 @@ class Budget:
     sahi_overlap: float = 0.2
     max_eval_images: int | None = None  # evaluate on the first N val images only (dry runs)
     # The baseline AP (percent) on this budget's own data at which its detectors count as learned;
-    # bench.md says when a bench's baseline falls short (None: the budget makes no such claim). Only
+    # bench.md and the demo say when their baseline falls short (None: the budget claims nothing). Only
     # a report: a bench with another value here is still the same bench (open_bench_dir).
     learned_ap: float | None = None
     bootstrap_resamples: int = 1000  # paired bootstrap over val images for the intervals
