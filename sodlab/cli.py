@@ -214,7 +214,7 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from sodlab.evaluate import format_table
     from sodlab.io import read_json
-    from sodlab.recipes import ensure_data, get_budget, learned_note, train_config, with_iters
+    from sodlab.recipes import ensure_data, get_budget, learned_ap_on, learned_note, train_config, with_iters
     from sodlab.runs import ensure_run, train_and_finish
 
     tic = time.perf_counter()
@@ -231,7 +231,7 @@ def cmd_demo(args) -> None:
         rows[method] = read_json(run_dir / "eval.json")
     print()
     print(format_table(rows))
-    if note := learned_note(budget, data_dir, 100 * rows["baseline"]["AP"]):
+    if note := learned_note(learned_ap_on(budget, data_dir), 100 * rows["baseline"]["AP"], budget.name):
         print(f"\n{note}")
     quality = read_json(runs / "sr" / "sr_quality.json")
     if quality.get("rois"):

@@ -222,12 +222,12 @@ def test_the_verdict_follows_the_numbers():
     assert "HR oracle is not above" not in verdict(rows)
     # a baseline under the budget's learned AP is called out first; at it, or with no claim, it is not
     rows[0]["eval"]["AP"] = 0.127
-    learned = verdict(rows, learned_ap=20.0)
-    assert learned.startswith("**Verdict.** **The baseline reached AP 12.7, under the 20 at which this budget counts")
-    assert "as learned**: on this machine" in learned and "On APs (points against the baseline's 20.0" in learned
+    learned = verdict(rows, learned_ap=20.0, budget_name="default")
+    assert learned.startswith("**Verdict.** **The baseline reached AP 12.7, under the 20 at which the default budget")
+    assert "--iters trains longer.** On APs (points against the baseline's 20.0" in learned
     assert "The baseline reached" not in verdict(rows)
     rows[0]["eval"]["AP"] = 0.20
-    assert "The baseline reached" not in verdict(rows, learned_ap=20.0)
+    assert "The baseline reached" not in verdict(rows, learned_ap=20.0, budget_name="default")
     # what G adds: sr against sr-no-recon, from the ablation's interval
     assert "What G adds" not in verdict(rows)
     rows.append(_row("sr-no-recon", 0.25, (0.01, 0.08)))

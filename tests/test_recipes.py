@@ -202,7 +202,7 @@ def test_a_budgets_learned_ap_holds_on_its_own_data_only(tmp_path):
     assert learned_ap_on(default, default.data_dir()) == 20.0
     assert learned_ap_on(default, tmp_path) is None  # another dataset: the claim was measured on the embedded one
     assert learned_ap_on(get_budget("quick"), get_budget("quick").data_dir()) is None  # quick claims nothing
-    assert "reached AP 12.7, under the 20 at which the default budget" in learned_note(default, default.data_dir(), 12.7)
-    assert learned_note(default, default.data_dir(), 20.0) is None
-    assert learned_note(default, default.data_dir(), -100.0) is None  # COCO's -1: no ground truth, no claim
-    assert learned_note(default, tmp_path, 12.7) is None
+    assert "reached AP 12.7, under the 20 at which the default budget" in learned_note(20.0, 12.7, "default")
+    assert learned_note(20.0, 20.0, "default") is None
+    assert learned_note(20.0, -100.0, "default") is None  # COCO's -1: no ground truth, no claim
+    assert learned_note(None, 12.7, "default") is None  # no claim (another dataset, the quick budget)

@@ -5,6 +5,7 @@ import statistics
 
 from sodlab.bench.methods import PUBLISHED_ABLATION, PUBLISHED_MAIN, Method
 from sodlab.evaluate import FINE_BIN_LABELS, PAPER_COLUMNS, STAT_NAMES, format_fine_bins_table, format_table
+from sodlab.recipes import learned_note
 
 
 def gap_closed(aps_method: float | None, aps_baseline: float | None, aps_oracle: float | None) -> float | None:
@@ -223,7 +224,7 @@ def _signed(value: float, digits: int = 1) -> str:
     return f"{100 * value:+.{digits}f}"
 
 
-def verdict(rows: list[dict], learned_ap: float | None = None) -> str:
+def verdict(rows: list[dict], learned_ap: float | None = None, budget_name: str = "") -> str:
     """The bench in a paragraph, computed from its numbers: which methods beat the baseline on APs,
     significantly or not (the paired bootstrap interval), by how much, and at what inference cost.
     With ``learned_ap`` (the budget's claim, in percent), a baseline below it is called out first."""
@@ -247,11 +248,8 @@ def verdict(rows: list[dict], learned_ap: float | None = None) -> str:
                 within.append(text)
         label = f" ({preset})" if len({r["preset"] for r in rows}) > 1 else ""
         sentence = f"**Verdict{label}.**"
-        if learned_ap is not None and 0 <= 100 * base["eval"]["AP"] < learned_ap:
-            sentence += (f" **The baseline reached AP {100 * base['eval']['AP']:.1f}, under the {learned_ap:g} at which "
-                         "this budget counts its detectors as learned**: on this machine the budget's iterations end "
-                         "earlier on the detector's learning curve, so every row is an earlier snapshot than the "
-                         "budget intends (train longer with --iters).")
+        if note := learned_note(learned_ap, 100 * base["eval"].get("AP", -1), budget_name):
+            sentence += f" **{note}**"
         sentence += (f" On APs (points against the baseline's {100 * base['eval']['APs']:.1f}, "
                      "with the 95% paired bootstrap interval over val images):")
         sentence += f" significantly better: {', '.join(better)}." if better else " no method is significantly better."
@@ -462,7 +460,7 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
     parts = [
         f"# sodlab bench: {header['name']}",
         "",
-        verdict(rows, header.get("learned_ap")),
+        verdict(rows, header.get("learned_ap"), budget["name"]),
         "",
         f"- budget `{budget['name']}`: {budget['iters']} iterations x batch {budget['batch_size']} = "
         f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
