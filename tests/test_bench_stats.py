@@ -193,7 +193,7 @@ def test_a_lower_small_score_scale_alone_raises_aps_but_not_against_the_score_ma
 
 
 def _row(method, aps, ci=None, cost=1.0):
-    return {"method": method, "preset": "cpu", "backbone": "ResNet-18-FPN", "eval": {"APs": aps},
+    return {"method": method, "preset": "cpu", "backbone": "ResNet-18-FPN", "eval": {"AP": aps, "APs": aps},
             "vs_baseline": {"infer_ms_per_image": cost},
             "intervals": None if ci is None else {"APs": {"low": ci[0], "high": ci[1],
                                                           "significant": ci[0] > 0 or ci[1] < 0}}}

@@ -248,7 +248,7 @@ def verdict(rows: list[dict], learned_ap: float | None = None, budget_name: str 
                 within.append(text)
         label = f" ({preset})" if len({r["preset"] for r in rows}) > 1 else ""
         sentence = f"**Verdict{label}.**"
-        if note := learned_note(learned_ap, 100 * base["eval"].get("AP", -1), budget_name):
+        if note := learned_note(learned_ap, 100 * base["eval"]["AP"], budget_name):
             sentence += f" **{note}**"
         sentence += (f" On APs (points against the baseline's {100 * base['eval']['APs']:.1f}, "
                      "with the 95% paired bootstrap interval over val images):")
