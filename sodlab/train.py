@@ -454,15 +454,16 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
 
 
 def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
-               world_size: int = 1) -> dict:
+               world_size: int = 1, proposed: tuple | None = None) -> dict:
     """One iteration: the detector step (Faster R-CNN's RPN and box-head losses), then the SR
-    branch's ``sr_step`` for SR methods. Returns the log record."""
+    branch's ``sr_step`` for SR methods (``proposed``: the frozen detector's proposals for these
+    images, when branches of one pass share them). Returns the log record."""
     device = images[0].device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         if cfg.is_sr:
             hr_images = [t["hr_image"] for t in targets] if cfg.hr_twin_scale else None
             loss_dict, sr_batch = model.training_forward(images, targets, hr_images,
-                                                         train_detector="detector" in optimizers)
+                                                         train_detector="detector" in optimizers, proposed=proposed)
         else:
             loss_dict = model(images, targets)
     record = {"iter": it + 1}
@@ -489,7 +490,60 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     batch, gradients are averaged, and rank 0 alone writes the run directory. Raises
     TrainingStopped after checkpointing when a signal stops the run early.
     """
+    return train_branches([cfg], resume, force, progress, check_val)[0]
+
+
+def train_branches(cfgs: list[TrainConfig], resume: bool = False, force: bool = False, progress: bool = True,
+                   check_val: bool = True) -> list[Path]:
+    """Train several staged SR runs on one frozen detector in one pass (or one run, as ``train``).
+
+    The SR branch never back-propagates into its frozen detector, so runs that differ only in
+    their SR branch (``BRANCH_FIELDS``) can share each batch's loading and the detector's forward.
+    Each branch is still a run directory of its own, bitwise the one ``train`` makes alone: its G
+    and D are built and its RoIs drawn from its own generators, and the batches and flips, drawn
+    once, are what each run would draw. A pass that stopped resumes every branch from its own
+    checkpoint. Returns the run directories, in the order of ``cfgs``.
+    """
     ddp = init_distributed()
+    if len(cfgs) > 1:
+        check_branches(cfgs, ddp.world_size)
+    for cfg in cfgs:
+        check_method(cfg)
+    dataset = training_data(cfgs[0], check_val, ddp.is_main)
+    with contextlib.ExitStack() as locks:
+        if ddp.is_main:
+            for cfg in cfgs:
+                locks.enter_context(RunLock(cfg.out))
+        return _train(cfgs, dataset, ddp, resume, force, progress)
+
+
+# The fields in which runs trained in one pass may differ; they share the rest: the data, its
+# order and flips, and the frozen detector they start from.
+BRANCH_FIELDS = ("method", "out", "sr", "sr_train")
+
+
+def check_branches(cfgs: list[TrainConfig], world_size: int) -> None:
+    """Refuse configs that cannot share one pass, with the first field that keeps them apart."""
+    if world_size > 1:
+        raise ValueError("several SR runs train in one pass in one process only; under torchrun train each run alone")
+    first = cfgs[0]
+    outs = [Path(cfg.out).resolve() for cfg in cfgs]
+    if len(set(outs)) < len(outs):
+        raise ValueError(f"{first.out}: two runs of one pass write the same directory")
+    for cfg in cfgs:
+        if not (cfg.is_sr and cfg.sr_train.schedule == "staged" and cfg.init_from):
+            raise ValueError(f"{cfg.out}: only staged SR runs on a finished detector (init_from) train in one pass "
+                             f"with others; method {cfg.method} with the {cfg.sr_train.schedule} schedule trains alone")
+        differ = [f.name for f in dataclasses.fields(TrainConfig)
+                  if f.name not in BRANCH_FIELDS and getattr(cfg, f.name) != getattr(first, f.name)]
+        if cfg.hr_twin_scale != first.hr_twin_scale:
+            differ.append("the xk twins it reads (sr.scale, sr_train.hr_source)")
+        if differ:
+            raise ValueError(f"{cfg.out}: differs from {first.out} in {', '.join(differ)}; runs of one pass share "
+                             "their data, its order and the frozen detector, so train it alone")
+
+
+def check_method(cfg: TrainConfig) -> None:
     if cfg.is_sr and cfg.sr.patches != "generator":
         # An oracle or bypassed G at the run's own evaluation would stand for the method's result.
         raise ValueError(f"{cfg.out}: sr.patches={cfg.sr.patches!r} is an evaluation setting (`sodlab eval --run RUN "
@@ -499,86 +553,131 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         raise ValueError(f"{cfg.data}: --method hr-oracle trains on the HR oracle's view of exact xK twins, and this "
                          f"is not one (its instances_{cfg.train_split}.json has no info.hr_oracle); `sodlab train "
                          "--method hr-oracle --data DIR --oracle-scale K` builds it from DIR's {split}_xK/ twins")
+
+
+def training_data(cfg: TrainConfig, check_val: bool, is_main: bool):
+    """The training split as cfg's method reads it (with ``check_val`` the val split is read too,
+    before hours of training, since the evaluation after needs it)."""
     dataset = load_split(cfg.data, cfg.train_split, train=True, scale=cfg.input_scale, hflip_prob=cfg.hflip_prob,
                          hr_scale=cfg.hr_twin_scale)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data}: the {cfg.train_split!r} split has no images to train on")
-    if check_val:  # the split finish_run evaluates, before hours of training
+    if check_val:
         load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
     if cfg.tile:
         dataset = TiledDataset(dataset, cfg.tile)
-    elif ddp.is_main and (warning := resize_warning(cfg, dataset.ann_file)):
+    elif is_main and (warning := resize_warning(cfg, dataset.ann_file)):
         tqdm.write(f"{cfg.out}: warning: {warning}")
     if cfg.crop:
         dataset = TiledDataset(dataset, cfg.crop, native_resolution=False)
-    with RunLock(cfg.out) if ddp.is_main else contextlib.nullcontext():
-        return _train(cfg, dataset, ddp, resume, force, progress)
+    return dataset
 
 
-def _train(cfg: TrainConfig, dataset, ddp, resume: bool, force: bool, progress: bool) -> Path:
-    """train() once its inputs are read, under the run's lock."""
-    run_dir, device = Path(cfg.out), ddp.device
+@dataclasses.dataclass
+class Branch:
+    """One run of a training pass: its config, model, optimizers and where it starts."""
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizers: dict
+    start_iter: int = 0
+    rng: dict | None = None  # the global RNGs' state its next iteration draws from
+    health: GanHealth = dataclasses.field(default_factory=GanHealth)
+
+    @property
+    def last_ckpt(self) -> Path:
+        return Path(self.cfg.out) / "checkpoints" / "last.pt"
+
+
+def build_branch(cfg: TrainConfig, num_classes: int, device, resume: bool, force: bool) -> Branch:
+    """cfg's model and optimizers, from its seed, the weights it starts from and, resuming, its checkpoint."""
     check_run_dir(cfg, resume, force)
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, dataset.num_classes)
+    last_ckpt = Path(cfg.out) / "checkpoints" / "last.pt"
+    resuming = resume and last_ckpt.exists()  # a run stopped before its first checkpoint starts over
+    seed_everything(cfg.seed)  # the same initial weights on every rank, and for every branch of a pass
+    model = build_model(cfg, num_classes)
     if cfg.init_from:
         init_detector_from(cfg, model)
-    if cfg.is_sr and cfg.sr_train.generator_init and model.generator is not None and not resume:
+    if cfg.is_sr and cfg.sr_train.generator_init and model.generator is not None and not resuming:
         init_generator(cfg, model)
     model.to(device)
     optimizers = make_optimizers(cfg, model)
-    amp_dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no scaling
-    last_ckpt = run_dir / "checkpoints" / "last.pt"
-    start_iter = load_checkpoint(last_ckpt, model, optimizers, cfg) if resume and last_ckpt.exists() else 0
-    # Every input has been checked (data, config, weights to start from): only now is the run written.
+    branch = Branch(cfg, model, optimizers)
+    if resuming:
+        branch.start_iter = load_checkpoint(last_ckpt, model, optimizers, cfg)
+    branch.rng = rng_state()  # fresh from the seed, or the checkpoint's
+    return branch
+
+
+def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, progress: bool) -> list[Path]:
+    """train_branches() once its inputs are read, under the runs' locks."""
+    branches = [build_branch(cfg, dataset.num_classes, ddp.device, resume, force) for cfg in cfgs]
+    cfg, device = cfgs[0], ddp.device
+    behind = min(branches, key=lambda b: b.start_iter)
+    start_iter = behind.start_iter
+    set_rng_state(behind.rng)  # the flips, drawn once for all branches, go on from the one furthest behind
+    # Every input has been checked (data, config, weights to start from): only now are the runs written.
     if ddp.is_main:
-        prepare_run_dir(cfg, resume, force)
+        for b in branches:
+            prepare_run_dir(b.cfg, resume, force)
+            truncate_metrics(Path(b.cfg.out) / "metrics.jsonl", b.start_iter)
     ddp.barrier()
-    ddp.decorrelate(model, cfg.seed, start_iter)
-    if ddp.is_main:
-        truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+    ddp.decorrelate(branches[0].model, cfg.seed, start_iter)
     # The batch order is a pure function of (seed, iteration); a private generator keeps the
     # loader's base-seed draw off the global RNG, so a resumed run sees the same random flips.
     sampler = batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_iter, ddp.rank, ddp.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    model.train()
-    health = GanHealth()
-    bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {cfg.method}", disable=not (progress and ddp.is_main))
-    log_path = run_dir / "metrics.jsonl" if ddp.is_main else os.devnull
+    for b in branches:
+        b.model.train()
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no scaling
+    name = cfg.method if len(branches) == 1 else f"{len(branches)} SR branches"
+    bar = tqdm(total=cfg.iters, initial=start_iter, desc=f"train {name}", disable=not (progress and ddp.is_main))
     it = start_iter
     # The bar is a context manager too: it is closed before an error message, not left half drawn.
-    with open(log_path, "a") as log, StopRequested() as stop, bar:
+    with contextlib.ExitStack() as stack, StopRequested() as stop, bar:
+        logs = [stack.enter_context(open(Path(b.cfg.out) / "metrics.jsonl" if ddp.is_main else os.devnull, "a"))
+                for b in branches]
         for images, targets in loader:
             if it >= cfg.iters:
                 break
             tic = time.perf_counter()
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            record = train_step(model, images, targets, optimizers, cfg, it, amp_dtype, scaler, ddp.world_size)
+            active = [(b, log) for b, log in zip(branches, logs) if it >= b.start_iter]
+            proposed = None
+            if len(branches) > 1:  # one frozen forward for every branch (a lone run proposes in its step)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    proposed = branches[0].model.propose(images)
+            shared_sec = (time.perf_counter() - tic) / len(active)
+            for b, log in active:
+                tic = time.perf_counter()
+                record = train_step(b.model, images, targets, b.optimizers, b.cfg, it, amp_dtype, scaler,
+                                    ddp.world_size, proposed)
+                record["sec"] = time.perf_counter() - tic + shared_sec  # its step and its share of the batch's
+                record, stopping = ddp.end_step(b.model, record, stop.signal is not None)
+                if b.cfg.is_sr and (warning := b.health.update(it + 1, record)):
+                    record["warning"] = warning
+                    if ddp.is_main:
+                        tqdm.write(f"{b.cfg.out}, iteration {it + 1}: GAN health: {warning}")
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             it += 1
-            record["sec"] = time.perf_counter() - tic
-            record, stopping = ddp.end_step(model, record, stop.signal is not None)
-            if cfg.is_sr and (warning := health.update(it, record)):
-                record["warning"] = warning
-                if ddp.is_main:
-                    tqdm.write(f"{run_dir}, iteration {it}: GAN health: {warning}")
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "d_total", "g_total") if k in record})
             # Checkpoint before the next batch is drawn: the saved RNG state must be the one the
             # next iteration starts from (its flips and RoI sampling draw from it).
             if ddp.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iters or stopping):
-                save_checkpoint(last_ckpt, model, optimizers, it, cfg, dataset.num_classes)
+                for b, _ in active:
+                    save_checkpoint(b.last_ckpt, b.model, b.optimizers, it, b.cfg, dataset.num_classes)
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "d_total", "g_total") if k in record})
             if stopping:
-                raise TrainingStopped(f"stopped by {stop.signal or 'a signal on another rank'}: saved {last_ckpt} "
-                                      f"at iteration {it}; continue with --resume", stop.signal)
-    if (digests := ddp.digests(model)) and ddp.is_main:  # the ranks ended in step: equal digests
-        atomic_write_json(run_dir / "ddp.json", {"world_size": ddp.world_size, "parameter_digests": digests,
-                                                 "identical": len(set(digests)) == 1})
-    return run_dir
+                raise TrainingStopped(f"stopped by {stop.signal or 'a signal on another rank'}: saved "
+                                      f"{', '.join(str(b.last_ckpt) for b, _ in active)} at iteration {it}; continue "
+                                      "with --resume", stop.signal)
+    if (digests := ddp.digests(branches[0].model)) and ddp.is_main:  # the ranks ended in step: equal digests
+        atomic_write_json(Path(cfg.out) / "ddp.json", {"world_size": ddp.world_size, "parameter_digests": digests,
+                                                       "identical": len(set(digests)) == 1})
+    return [Path(b.cfg.out) for b in branches]
 
 
 # Settings that change what inference does with the trained weights, not the weights themselves:

@@ -1,6 +1,8 @@
 """The SR detector: variants switch one thing each, training runs, output is torchvision's format."""
 import dataclasses
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from sodlab.io import read_json
 from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.models.sr_detector import SRDetector
 from sodlab.runs import finish_run
-from sodlab.train import sr_step, train
+import sodlab.train
+from sodlab.train import TrainingStopped, sr_step, train, train_branches
 
 
 def _differences(a, b) -> set[str]:
@@ -239,6 +242,73 @@ def test_staged_schedule_freezes_the_detector(tiny_config, tmp_path):
     assert all(torch.equal(before[k], after["detector." + k]) for k in before)
     g_before = build_model(cfg, 9).generator.state_dict()
     assert any(not torch.equal(g_before[k], after["generator." + k]) for k in g_before)
+
+
+def _staged(tiny_config, method: str, out, base) -> object:
+    sr, sr_train = method_variant(method, SRConfig(), SRTrainConfig(schedule="staged", hr_source="twin"))
+    return dataclasses.replace(tiny_config, method=method, out=str(out), init_from=str(base), sr=sr,
+                               sr_train=sr_train, iters=4, ckpt_every=2)
+
+
+def _log(run_dir) -> list[dict]:
+    """The run's metrics without the step times, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items() if k != "sec"} for line in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_sr_runs_trained_in_one_pass_are_bitwise_the_runs_trained_alone(tiny_config, tmp_path, monkeypatch):
+    """Branches of one pass share each batch and the frozen detector's forward, and each ends as it
+    would alone, also when a stopped pass resumes branches whose checkpoints differ."""
+    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
+    methods = ("sr", "sr-no-recon")
+    alone = [train(_staged(tiny_config, m, tmp_path / f"alone-{m}", base), progress=False) for m in methods]
+    together = [_staged(tiny_config, m, tmp_path / f"pass-{m}", base) for m in methods]
+
+    # a signal in the second branch's second step stops the pass, checkpointed at iteration 2 ...
+    steps, real_step = [], sodlab.train.train_step
+
+    def stopped_in_the_fourth_step(*args, **kwargs):
+        record = real_step(*args, **kwargs)
+        steps.append(record["iter"])
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(sodlab.train, "train_step", stopped_in_the_fourth_step)
+    with pytest.raises(TrainingStopped):
+        train_branches(together, progress=False)
+    monkeypatch.setattr(sodlab.train, "train_step", real_step)
+    assert steps == [1, 1, 2, 2]
+    for cfg in together:
+        assert torch.load(f"{cfg.out}/checkpoints/last.pt", weights_only=False)["iteration"] == 2
+    # ... and, as if killed between two saves, `sr` has no checkpoint: it starts over, and the pass's
+    # flips go on from its start, not from the checkpoint loaded last
+    os.remove(f"{together[0].out}/checkpoints/last.pt")
+
+    ran = train_branches(together, resume=True, progress=False)
+    for one, other in zip(alone, ran):
+        assert [r["iter"] for r in _log(other)] == [1, 2, 3, 4]
+        assert _log(other) == _log(one)
+        a = torch.load(one / "checkpoints" / "last.pt", weights_only=False)
+        b = torch.load(other / "checkpoints" / "last.pt", weights_only=False)
+        assert a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # ... and the branches did train differently (equal logs would also follow from a shared model)
+    assert _log(ran[0]) != _log(ran[1])
+
+
+def test_runs_that_do_not_share_their_data_or_detector_cannot_train_in_one_pass(tiny_config, tmp_path):
+    a = _staged(tiny_config, "sr", tmp_path / "a", tmp_path / "base")
+    with pytest.raises(ValueError, match=r"b: differs from .*a in seed; runs of one pass share"):
+        train_branches([a, dataclasses.replace(a, out=str(tmp_path / "b"), seed=1)], progress=False)
+    with pytest.raises(ValueError, match=r"the xk twins it reads"):
+        image_hr = dataclasses.replace(a.sr_train, hr_source="image")
+        train_branches([a, dataclasses.replace(a, out=str(tmp_path / "b"), sr_train=image_hr)], progress=False)
+    with pytest.raises(ValueError, match=r"only staged SR runs on a finished detector"):
+        train_branches([a, dataclasses.replace(tiny_config, out=str(tmp_path / "b"))], progress=False)
+    with pytest.raises(ValueError, match=r"two runs of one pass write the same directory"):
+        train_branches([a, a], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

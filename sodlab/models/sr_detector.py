@@ -226,20 +226,29 @@ class SRDetector(nn.Module):
         return self.detector.transform.postprocess(detections, sizes, s["original_sizes"])
 
     # -- training ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def propose(self, images: list[Tensor]) -> tuple:
+        """The frozen detector's eval-mode proposals for a training batch, with its features: what
+        the staged schedule's SR branch samples from (``training_forward(proposed=...)``)."""
+        self.detector.eval()
+        image_list, _, features, proposals, _, original_sizes = self._proposals(images)
+        return image_list, features, proposals, original_sizes
+
     def training_forward(self, images: list[Tensor], targets: list[dict], hr_images: list[Tensor] | None = None,
-                         train_detector: bool = True):
+                         train_detector: bool = True, proposed: tuple | None = None):
         """Detector losses and the SR branch's sampled RoI batch.
 
         ``hr_images`` are the images' exact xk twins (k = scale) when the HR targets come from
         them, else None (SOD-MTGAN's protocol: HR from the image itself). With
         ``train_detector=False`` (the staged schedule) the frozen detector only proposes: its
-        proposals come from the eval-mode RPN, and there are no detector losses.
+        proposals come from the eval-mode RPN (``propose``, or ``proposed``, what ``propose`` gave
+        for these images, when several branches share one frozen detector), and there are no
+        detector losses.
         """
         det = self.detector
         if not train_detector:
             det.eval()
-            with torch.no_grad():
-                image_list, _, features, proposals, _, original_sizes = self._proposals(images)
+            image_list, features, proposals, original_sizes = proposed or self.propose(images)
             losses = {}
         else:
             image_list, targets_t, features, proposals, rpn_losses, original_sizes = self._proposals(images, targets)
