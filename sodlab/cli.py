@@ -293,6 +293,10 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--pretrained", default=None, action=argparse.BooleanOptionalAction,
                         help="ImageNet backbone weights (default: the preset's; --no-pretrained where none exist)")
     parser.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
+    parser.add_argument("--sr-one-pass", default=None, action=argparse.BooleanOptionalAction,
+                        help="the SR variants of a seed train in one pass over the same batches, sharing each "
+                             "batch's loading and the frozen detector's forward (default); --no-sr-one-pass trains "
+                             "each in a pass of its own, with bitwise the same runs, to measure what it saves")
     parser.add_argument("--name", default=None, help="output runs/bench-NAME (default: the budget's name)")
     parser.add_argument("--runs", default="runs", help="parent directory of bench-NAME")
     parser.add_argument("--force", action="store_true", help="replace an existing runs/bench-NAME")
@@ -306,7 +310,7 @@ def budget_from_args(args):
         budget = dry_run(budget)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
     changes = {k: v for k, v in {"seeds": args.seeds, "threads": args.threads, "pretrained": args.pretrained,
-                                 "amp": args.amp,
+                                 "amp": args.amp, "sr_one_pass": args.sr_one_pass,
                                  "train_split": args.train_split, "val_split": args.val_split,
                                  "presets": presets}.items() if v is not None}
     if changes.get("seeds", 1) < 1:

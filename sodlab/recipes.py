@@ -79,6 +79,10 @@ class Budget:
     presets: tuple[str, ...] = ("cpu",)
     iters: int = 600
     sr_iters: int = 300
+    # The SR variants of a seed train in one pass over the same batches (train.train_branches), sharing
+    # each batch's loading and the frozen detector's forward; each run is bitwise what it is alone.
+    # False trains each in a pass of its own (to measure what the one pass saves).
+    sr_one_pass: bool = True
     batch_size: int = 4
     optimizer: str = TrainConfig.optimizer
     lr: float = TrainConfig.lr

@@ -218,6 +218,30 @@ def test_sr_variants_of_a_seed_share_the_baseline_detector_bytes(bench_dir):
     records = json.loads((bench_dir / "bench.json").read_text())["records"]
     sr = next(r for r in records if r["method"] == "sr")
     assert sr["training"]["shared_detector"].endswith("baseline-seed0")
+    # ... and they trained in one pass, whose time is split between them
+    sr_variants = [r for r in records if r["method"].startswith("sr")]
+    passes = {json.dumps(r["training"]["one_pass"]) for r in sr_variants}
+    assert len(passes) == 1
+    one_pass = sr_variants[0]["training"]["one_pass"]
+    assert sorted(Path(run).name for run in one_pass["runs"]) == sorted(Path(r["run_dir"]).name for r in sr_variants)
+    assert sum(r["training"]["seconds"] for r in sr_variants) == pytest.approx(one_pass["seconds"])
+    assert not any("one_pass" in r["training"] for r in records if not r["method"].startswith("sr"))
+
+
+@pytest.mark.slow  # the whole bench, every method trained (one module fixture)
+def test_sr_variants_in_passes_of_their_own_are_bitwise_the_one_pass_runs(bench_dir, tiny_synth, tmp_path):
+    budget = tiny_budget(sr_one_pass=False)
+    assert not budget_from_args(parse(["--no-sr-one-pass"])).sr_one_pass
+    alone = run_bench(budget, tmp_path / "bench-alone", data=str(tiny_synth), methods=["baseline", "sr", "sr-no-recon"],
+                      progress=False)
+    records = json.loads((alone / "bench.json").read_text())["records"]
+    assert not any("one_pass" in r["training"] for r in records)
+    for run in ("sr-seed0", "sr-no-recon-seed0"):
+        a, b = (torch.load(d / "runs" / run / "checkpoints" / "last.pt", weights_only=False)["model"]
+                for d in (bench_dir, alone))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+    assert "each in a pass of its own" in (alone / "bench.md").read_text()
+    assert "they train in one pass" in (bench_dir / "bench.md").read_text()
 
 
 @pytest.mark.slow  # the whole bench, every method trained (one module fixture)

@@ -87,8 +87,9 @@ def _is_bench(path: Path) -> bool:
     return (path / "bench.json").is_file()
 
 
-# Budget fields that change what bench.md says about the runs, never the runs themselves.
-REPORT_ONLY = ("learned_ap",)
+# Budget fields that change what bench.md says about the runs, never the runs themselves (the SR
+# variants' runs are bitwise the same in one pass or in passes of their own; only the time differs).
+REPORT_ONLY = ("learned_ap", "sr_one_pass")
 
 
 def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
@@ -120,15 +121,13 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
     if absent).
     """
-    from sodlab.bench.measure import (InferenceJob, LatencyJob, PatchSourcesJob, TrainJob, measure_inference,
-                                      measure_paired_latency, measure_patch_sources, measure_training,
-                                      run_measurement)
+    from sodlab.bench.measure import (InferenceJob, LatencyJob, PatchSourcesJob, measure_inference,
+                                      measure_paired_latency, measure_patch_sources, run_measurement)
     from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
     from sodlab.bench.stats import bench_intervals
     from sodlab.data.coco import load_split
     from sodlab.data.oracle import prepare_oracle_data
     from sodlab.models.detector import preset
-    from sodlab.runs import config_mismatch
 
     out_dir = Path(out_dir)
     chosen = select_methods(methods)
@@ -155,6 +154,7 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": list(finished.values())})
 
     records: list[dict] = []
+    trained: dict[tuple, tuple] = {}  # (training record, config) of runs a pass trained ahead of their turn
     jobs = [(p, s, m) for p in budget.presets for s in range(budget.seeds) for m in chosen]
     for number, (preset_name, seed, method) in enumerate(jobs, start=1):
         run_dir = out_dir / "runs" / run_name(method, preset_name, seed, budget)
@@ -171,13 +171,12 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         if method.train_as:
             # SR variants train their branch on the seed's baseline detector; upscale and the HR
             # oracle fine-tune it when the budget says so (train_config decides which uses it)
-            cfg = train_config(budget, method.train_as, run_dir, method_data, seed, preset_name,
-                               detector_run=detector_run, hr_source=hr_source)
-            if (run_dir / "config.json").is_file() and config_mismatch(run_dir, cfg):
-                raise FileExistsError(f"{run_dir}: a run with another config ({', '.join(config_mismatch(run_dir, cfg))})"
-                                      "; pass --force to replace the bench")
-            training = run_measurement(measure_training, TrainJob(cfg, budget.threads), budget.isolate)
-            model_run = run_dir
+            if key not in trained:  # an SR variant trains in one pass with the seed's others
+                together = [m for m in chosen if m.shares_detector and (m.name, preset_name, seed) not in finished]
+                together = together if method.shares_detector and budget.sr_one_pass else [method]
+                trained |= train_pass(budget, together, out_dir, preset_name, seed, method_data, detector_run,
+                                      hr_source, progress)
+            (training, cfg), model_run = trained.pop(key), run_dir
         else:  # SAHI: the baseline's weights, and so its training
             reused = next(r for r in records
                           if (r["method"], r["preset"], r["seed"]) == (method.reuse, preset_name, seed))
@@ -239,6 +238,25 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     atomic_write_bytes(out_dir / "speed_accuracy.png", plot_speed_accuracy(rows))
     atomic_write_bytes(out_dir / "errors.png", plot_errors(rows))
     return out_dir
+
+
+def train_pass(budget: Budget, methods: list[Method], out_dir: Path, preset_name: str, seed: int, data_dir: Path,
+               detector_run: Path, hr_source: str, progress: bool) -> dict[tuple, tuple]:
+    """Train one method's run, or several SR variants' in one pass (``train.train_branches``):
+    {(method, preset, seed): (its training record, its config)}."""
+    from sodlab.bench.measure import TrainJob, measure_training, run_measurement
+    from sodlab.runs import config_mismatch
+
+    cfgs = [train_config(budget, m.train_as, out_dir / "runs" / run_name(m, preset_name, seed, budget), data_dir,
+                         seed, preset_name, detector_run=detector_run, hr_source=hr_source) for m in methods]
+    for cfg in cfgs:
+        if (Path(cfg.out) / "config.json").is_file() and (changed := config_mismatch(Path(cfg.out), cfg)):
+            raise FileExistsError(f"{cfg.out}: a run with another config ({', '.join(changed)}); pass --force to "
+                                  "replace the bench")
+    if progress and len(methods) > 1:
+        print(f"  in one pass with {', '.join(m.name for m in methods[1:])}", flush=True)
+    measured = run_measurement(measure_training, TrainJob(cfgs, budget.threads), budget.isolate)
+    return {(m.name, preset_name, seed): (record, cfg) for m, record, cfg in zip(methods, measured, cfgs)}
 
 
 def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir: Path, lr_val, hr_source: str,

@@ -25,7 +25,7 @@ from sodlab.evaluate import coco_eval, evaluate_model, predictions_to_coco_resul
 from sodlab.io import atomic_write_json, read_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
 from sodlab.runs import evaluate_patch_sources, write_sr_quality
-from sodlab.train import load_trained_model, train
+from sodlab.train import load_trained_model, train_branches
 
 
 def peak_rss_mb() -> float:
@@ -98,24 +98,35 @@ def scale_results(results: list[dict], factor: float) -> list[dict]:
 
 @dataclass
 class TrainJob:
-    cfg: TrainConfig
+    cfgs: list[TrainConfig]  # one run, or SR variants that train in one pass (train.train_branches)
     threads: int
 
 
-def measure_training(job: TrainJob) -> dict:
-    """Train one method (no evaluation): wall time, images/s and the peak RSS of training."""
+def measure_training(job: TrainJob) -> list[dict]:
+    """Train one run, or several in one pass (no evaluation): per run, wall time, images/s and the
+    peak RSS of training. A pass's wall time is split between its runs: each gets its logged steps
+    (its own step plus its share of each batch's loading and frozen detector forward) and an equal
+    share of the rest (building, G's pretraining, checkpoints); its record names the pass."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     tic = time.perf_counter()
-    run_dir = train(job.cfg, progress=False, force=True)  # the bench checked its config
+    run_dirs = train_branches(job.cfgs, progress=False, force=True)  # the bench checked their configs
     seconds = time.perf_counter() - tic
-    done = len(read_metrics_log(run_dir / "metrics.jsonl"))
-    if done != job.cfg.iters:
-        raise RuntimeError(f"{run_dir}: training stopped at iteration {done} of {job.cfg.iters}")
-    images = job.cfg.iters * job.cfg.batch_size
-    return {"iters": job.cfg.iters, "batch_size": job.cfg.batch_size, "images_seen": images,
-            "seconds": seconds, "images_per_s": images / seconds, "peak_rss_mb": peak_rss_mb(),
-            "torch_threads": torch.get_num_threads()}
+    logs = [read_metrics_log(run_dir / "metrics.jsonl") for run_dir in run_dirs]
+    for cfg, run_dir, log in zip(job.cfgs, run_dirs, logs):
+        if len(log) != cfg.iters:
+            raise RuntimeError(f"{run_dir}: training stopped at iteration {len(log)} of {cfg.iters}")
+    steps = [sum(record["sec"] for record in log) for log in logs]
+    rest = (seconds - sum(steps)) / len(steps)
+    records = []
+    for cfg, step_seconds in zip(job.cfgs, steps):
+        own, images = step_seconds + rest, cfg.iters * cfg.batch_size
+        records.append({"iters": cfg.iters, "batch_size": cfg.batch_size, "images_seen": images, "seconds": own,
+                        "images_per_s": images / own, "peak_rss_mb": peak_rss_mb(),
+                        "torch_threads": torch.get_num_threads()})
+        if len(job.cfgs) > 1:
+            records[-1]["one_pass"] = {"runs": [str(run_dir) for run_dir in run_dirs], "seconds": seconds}
+    return records
 
 
 @dataclass

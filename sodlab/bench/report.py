@@ -466,7 +466,11 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
         f"same order, same detector preset); each SR variant then trains its branch for {budget['sr_iters']} "
         f"iterations on the same seed's baseline detector, frozen (the staged schedule: the rows of a seed share "
-        f"one detector, whose training is counted once); {budget['optimizer']} lr {budget['lr']}, "
+        f"one detector, whose training is counted once"
+        + ("; they train in one pass over the same batches, sharing each batch's loading and the detector's "
+           "forward, and each run is bitwise what it would be alone; a pass's time is split between them by their "
+           "logged steps" if budget.get("sr_one_pass", True) else "; each in a pass of its own")
+        + f"); {budget['optimizer']} lr {budget['lr']}, "
         f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations"
         + (f"; `upscale` and the HR oracle instead start from the seed's baseline detector and fine-tune it for "
            f"{budget['hires_finetune_iters']} iterations at their larger input (a warm restart of the same "
