@@ -280,6 +280,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="detector iterations (default: the budget's)")
     parser.add_argument("--sr-iters", type=int, default=None,
                         help="SR branch iterations on each seed's detector (default: the budget's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="the detectors' learning rate, baseline, upscale and HR oracle alike (default: the "
+                             "budget's)")
     parser.add_argument("--hires-finetune-iters", type=int, default=None,
                         help="upscale and hr-oracle fine-tune each seed's baseline detector this many iterations at "
                              "their larger input; 0 trains them from scratch for --iters (default: the budget's)")
@@ -310,11 +313,13 @@ def budget_from_args(args):
         budget = dry_run(budget)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
     changes = {k: v for k, v in {"seeds": args.seeds, "threads": args.threads, "pretrained": args.pretrained,
-                                 "amp": args.amp, "sr_one_pass": args.sr_one_pass,
+                                 "amp": args.amp, "sr_one_pass": args.sr_one_pass, "lr": args.lr,
                                  "train_split": args.train_split, "val_split": args.val_split,
                                  "presets": presets}.items() if v is not None}
     if changes.get("seeds", 1) < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if changes.get("lr", 1) <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
     return with_iters(budget, args.iters, args.sr_iters, args.hires_finetune_iters, **changes)
 
 

@@ -459,6 +459,11 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
     assert {c.optimizer for c in configs.values()} == {"adamw"}
     with pytest.raises(ValueError, match="--iters"):
         budget_from_args(parse(["--iters", "0"]))
+    slower = budget_from_args(parse(["--budget", "default", "--lr", "7e-4"]))
+    assert {train_config(slower, m.train_as, tmp_path / m.name, "data/synth", detector_run=tmp_path / "baseline").lr
+            for m in METHODS if m.train_as and not m.shares_detector} == {7e-4}
+    with pytest.raises(ValueError, match="--lr must be positive"):
+        budget_from_args(parse(["--lr", "0"]))
 
 
 def test_no_amp_trains_every_method_in_float32(tmp_path):
