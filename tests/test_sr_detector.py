@@ -7,14 +7,14 @@ import signal
 import pytest
 import torch
 
-from sodlab.config import SR_METHODS, SRConfig, SRTrainConfig, method_variant
+import sodlab.train
+from sodlab.config import SR_METHODS, SRConfig, SRTrainConfig, TrainConfig, method_variant
 from sodlab.data.coco import load_split
 from sodlab.io import read_json
 from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.models.sr_detector import SRDetector
 from sodlab.runs import finish_run
-import sodlab.train
-from sodlab.train import TrainingStopped, sr_step, train, train_branches
+from sodlab.train import TrainingStopped, build_branch, prepare_run_dir, sr_step, train, train_branches
 
 
 def _differences(a, b) -> set[str]:
@@ -244,8 +244,8 @@ def test_staged_schedule_freezes_the_detector(tiny_config, tmp_path):
     assert any(not torch.equal(g_before[k], after["generator." + k]) for k in g_before)
 
 
-def _staged(tiny_config, method: str, out, base) -> object:
-    sr, sr_train = method_variant(method, SRConfig(), SRTrainConfig(schedule="staged", hr_source="twin"))
+def _staged(tiny_config, method: str, out, base, **sr_train) -> TrainConfig:
+    sr, sr_train = method_variant(method, SRConfig(), SRTrainConfig(schedule="staged", hr_source="twin", **sr_train))
     return dataclasses.replace(tiny_config, method=method, out=str(out), init_from=str(base), sr=sr,
                                sr_train=sr_train, iters=4, ckpt_every=2)
 
@@ -295,6 +295,19 @@ def test_sr_runs_trained_in_one_pass_are_bitwise_the_runs_trained_alone(tiny_con
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # ... and the branches did train differently (equal logs would also follow from a shared model)
     assert _log(ran[0]) != _log(ran[1])
+
+
+@pytest.mark.slow
+def test_a_run_resumed_before_its_first_checkpoint_starts_g_from_its_pretraining(tiny_config, tmp_path):
+    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
+    cfg = _staged(tiny_config, "sr", tmp_path / "sr", base, generator_init="pretrain", pretrain_iters=2)
+    prepare_run_dir(cfg, resume=False, force=False)  # written, then stopped before its first checkpoint
+    resumed = build_branch(cfg, 9, "cpu", resume=True, force=False)
+    fresh = build_branch(cfg, 9, "cpu", resume=False, force=True)
+    assert resumed.start_iter == 0
+    g, pretrained, random = (m.generator.state_dict() for m in (resumed.model, fresh.model, build_model(cfg, 9)))
+    assert all(torch.equal(g[k], pretrained[k]) for k in g)
+    assert any(not torch.equal(g[k], random[k]) for k in g)
 
 
 def test_runs_that_do_not_share_their_data_or_detector_cannot_train_in_one_pass(tiny_config, tmp_path):
