@@ -361,3 +361,19 @@ def test_patch_sources_are_g_and_a_perfect_g_over_bilinear_patches_with_d_held_f
     rows[1]["intervals"]["patch_sources"] = summary
     assert "a perfect G adds nothing significant here, so no G could" in verdict(rows)
     assert patch_sources_table([_row("sr", 0.3, (0.0, 0.1))], [record]) == ""  # not measured: no table
+
+
+def test_bench_md_says_how_the_sr_runs_trained_as_their_records_say():
+    from sodlab.bench.report import sr_passes
+
+    def record(**training):
+        return {"training": training}
+
+    shared = {"shared_detector": "runs/baseline-seed0"}
+    in_pass = record(**shared, one_pass={"runs": ["a", "b"], "seconds": 10.0})
+    alone = record(**shared)
+    assert "they train in one pass" in sr_passes([record(), in_pass, in_pass])
+    assert sr_passes([record(), alone]) == "; each in a pass of its own"
+    # a resumed bench whose earlier runs trained alone
+    assert sr_passes([in_pass, alone]).startswith("; some in one pass")
+    assert sr_passes([record()]) == ""  # no SR variant in the bench

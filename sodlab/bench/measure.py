@@ -117,13 +117,12 @@ def measure_training(job: TrainJob) -> list[dict]:
         if len(log) != cfg.iters:
             raise RuntimeError(f"{run_dir}: training stopped at iteration {len(log)} of {cfg.iters}")
     steps = [sum(record["sec"] for record in log) for log in logs]
-    rest = (seconds - sum(steps)) / len(steps)
+    rest, peak = (seconds - sum(steps)) / len(steps), peak_rss_mb()
     records = []
     for cfg, step_seconds in zip(job.cfgs, steps):
         own, images = step_seconds + rest, cfg.iters * cfg.batch_size
         records.append({"iters": cfg.iters, "batch_size": cfg.batch_size, "images_seen": images, "seconds": own,
-                        "images_per_s": images / own, "peak_rss_mb": peak_rss_mb(),
-                        "torch_threads": torch.get_num_threads()})
+                        "images_per_s": images / own, "peak_rss_mb": peak, "torch_threads": torch.get_num_threads()})
         if len(job.cfgs) > 1:
             records[-1]["one_pass"] = {"runs": [str(run_dir) for run_dir in run_dirs], "seconds": seconds}
     return records

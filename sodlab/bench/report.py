@@ -452,6 +452,18 @@ def sr_precision(header: dict) -> str:
     return "; G and D at inference in float32 (this CPU has no native bf16, so autocast stays off)"
 
 
+def sr_passes(records: list[dict]) -> str:
+    """How the SR variants' runs were trained, as their records say (a resumed bench may mix both)."""
+    in_pass = {bool(r["training"].get("one_pass")) for r in records if r["training"].get("shared_detector")}
+    if in_pass == {True}:
+        return ("; they train in one pass over the same batches, sharing each batch's loading and the detector's "
+                "forward, and each run is bitwise what it would be alone; a pass's time is split between them by "
+                "their logged steps")
+    if in_pass == {False}:
+        return "; each in a pass of its own"
+    return "; some in one pass over the same batches, the others each in a pass of its own" if in_pass else ""
+
+
 def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | None = None) -> str:
     budget = header["budget"]
     seeds = budget["seeds"]
@@ -466,11 +478,8 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"**{header['images_seen_per_method']} training images seen by every trained detector** (same images, "
         f"same order, same detector preset); each SR variant then trains its branch for {budget['sr_iters']} "
         f"iterations on the same seed's baseline detector, frozen (the staged schedule: the rows of a seed share "
-        f"one detector, whose training is counted once"
-        + ("; they train in one pass over the same batches, sharing each batch's loading and the detector's "
-           "forward, and each run is bitwise what it would be alone; a pass's time is split between them by their "
-           "logged steps" if budget.get("sr_one_pass", True) else "; each in a pass of its own")
-        + f"); {budget['optimizer']} lr {budget['lr']}, "
+        f"one detector, whose training is counted once{sr_passes(records or [])}); "
+        f"{budget['optimizer']} lr {budget['lr']}, "
         f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations"
         + (f"; `upscale` and the HR oracle instead start from the seed's baseline detector and fine-tune it for "
            f"{budget['hires_finetune_iters']} iterations at their larger input (a warm restart of the same "
