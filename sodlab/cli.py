@@ -283,9 +283,10 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="the detectors' learning rate, baseline, upscale and HR oracle alike (default: the "
                              "budget's)")
-    parser.add_argument("--hires-finetune-iters", type=int, default=None,
-                        help="upscale and hr-oracle fine-tune each seed's baseline detector this many iterations at "
-                             "their larger input; 0 trains them from scratch for --iters (default: the budget's)")
+    parser.add_argument("--hires-branch-iters", type=int, default=None,
+                        help="upscale and hr-oracle share each seed's baseline run and train only its last N "
+                             "iterations at their larger input; 0 trains them from scratch for --iters (default: "
+                             "the budget's)")
     parser.add_argument("--data", default=None,
                         help="COCO-format directory (default: the embedded benchmark, generated if absent)")
     parser.add_argument("--train-split", default=None, help="default: the budget's (train / train2017)")
@@ -320,7 +321,7 @@ def budget_from_args(args):
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if changes.get("lr", 1) <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
-    return with_iters(budget, args.iters, args.sr_iters, args.hires_finetune_iters, **changes)
+    return with_iters(budget, args.iters, args.sr_iters, args.hires_branch_iters, **changes)
 
 
 def cmd_bench(args) -> Path:

@@ -32,9 +32,9 @@ TINY_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=100, b
 
 
 def tiny_budget(**changes) -> Budget:
-    """Smaller than quick: 2 iterations at batch 2 on 128 px images (upscale and the oracle: 1, fine-tuned
-    from the baseline), 3 timed inferences, in-process."""
-    return dataclasses.replace(BUDGETS["quick"], **{"name": "test", "iters": 2, "sr_iters": 2, "hires_finetune_iters": 1,
+    """Smaller than quick: 2 iterations at batch 2 on 128 px images (upscale and the oracle branch off the
+    baseline's run for its second), 3 timed inferences, in-process."""
+    return dataclasses.replace(BUDGETS["quick"], **{"name": "test", "iters": 2, "sr_iters": 2, "hires_branch_iters": 1,
                                                     "batch_size": 2, "warmup_iters": 1, "detector": TINY_DETECTOR,
                                                     "timing_images": 3, "timing_warmup": 1, "threads": 1,
                                                     "isolate": False, **changes})
@@ -68,14 +68,14 @@ def test_gap_closed_by_hand():
 
 
 def test_a_bench_saved_before_a_budget_field_existed_resumes_as_its_default(tmp_path):
-    budget = tiny_budget(hires_finetune_iters=0)
+    budget = tiny_budget(hires_branch_iters=0)
     saved = json.loads(json.dumps(dataclasses.asdict(budget)))
-    del saved["hires_finetune_iters"]  # a bench.json written before the field: its x2 detectors from scratch
+    del saved["hires_branch_iters"]  # a bench.json written before the field: its x2 detectors from scratch
     record = {"method": "baseline", "preset": "cpu", "seed": 0}
     (tmp_path / "bench.json").write_text(json.dumps({"budget": saved, "records": [record]}))
     assert open_bench_dir(tmp_path, budget, force=False) == {("baseline", "cpu", 0): record}
-    with pytest.raises(FileExistsError, match=r"another budget \(hires_finetune_iters\)"):
-        open_bench_dir(tmp_path, dataclasses.replace(budget, hires_finetune_iters=5), force=False)
+    with pytest.raises(FileExistsError, match=r"another budget \(hires_branch_iters\)"):
+        open_bench_dir(tmp_path, dataclasses.replace(budget, hires_branch_iters=1), force=False)
 
 
 def test_a_bench_resumes_whatever_its_budget_claims_about_learning(tmp_path):
@@ -107,11 +107,10 @@ def test_every_method_has_a_row_with_finite_numbers(bench_dir):
         numbers += list(row["cost"].values()) + list(row["vs_baseline"].values())
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), (name, numbers)
         assert row["cost"]["infer_ms_per_image"] > 0 and row["cost"]["parameters"] > 0
-    # equal budget: every detector trained from scratch saw the same 4 images; upscale and the
-    # oracle start from the baseline's and fine-tune it on 2 more (1 iteration at batch 2)
-    hires = {"upscale", "hr-oracle"}
-    assert {row["budget"]["images_seen"] for name, row in rows.items() if name not in hires} == {4}
-    assert {rows[name]["budget"]["images_seen"] for name in hires} == {2}
+    # equal budget: every detector saw the same 4 images (2 iterations at batch 2); upscale and the
+    # oracle branch off the baseline's run after its first iteration, and train the second
+    assert {row["budget"]["images_seen"] for row in rows.values()} == {4}
+    assert {rows[name]["branch_point"] for name in ("upscale", "hr-oracle")} == {1}
     assert rows["baseline"]["vs_baseline"]["infer_ms_per_image"] == 1.0
     # SAHI reuses the baseline's weights and training; the SR methods carry G and D on top
     assert rows["sahi"]["cost"]["parameters"] == rows["baseline"]["cost"]["parameters"]
@@ -139,11 +138,15 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
         if method.train_as:  # a normal run directory: `sodlab eval` can load it
             config = json.loads((run_dir / "config.json").read_text())
             assert config["method"] == method.train_as
-            assert config["iters"] == (1 if method.name in ("upscale", "hr-oracle") else 2)
+            assert config["iters"] == 2
             assert (run_dir / "checkpoints" / "last.pt").exists()
-    for name in ("upscale", "hr-oracle"):  # fine-tuned from the seed's baseline detector
+    records = {r["method"]: r for r in json.loads((bench_dir / "bench.json").read_text())["records"]}
+    assert (bench_dir / "runs" / "baseline-seed0" / "checkpoints" / "iter-1.pt").exists()
+    for name in ("upscale", "hr-oracle"):  # their first iteration is the baseline's, their second their own
         config = json.loads((bench_dir / "runs" / f"{name}-seed0" / "config.json").read_text())
-        assert config["init_from"] == str(bench_dir / "runs" / "baseline-seed0")
+        assert (config["branch_from"], config["branch_point"]) == (str(bench_dir / "runs" / "baseline-seed0"), 1)
+        assert len((bench_dir / "runs" / f"{name}-seed0" / "metrics.jsonl").read_text().splitlines()) == 1
+        assert records[name]["training"]["branched_from"]["own_iters"] == 1
     oracle = json.loads((bench_dir / "runs" / "hr-oracle-seed0" / "config.json").read_text())
     assert oracle["detector"]["min_size"] == 2 * 128  # x2 twins are not resized back down
     sr = json.loads((bench_dir / "runs" / "sr-seed0" / "config.json").read_text())
@@ -162,8 +165,9 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert ("G and D at inference in bfloat16 autocast" in report) == native_bf16
     assert ("G and D at inference in float32 (this CPU has no native bf16" in report) == (not native_bf16)
     assert "Sharing the detector: the 5 SR variants train their branches on the seed's baseline detector" in report
-    assert "Fine-tuning: `upscale` and `hr-oracle` start from the seed's baseline detector and train 1/1" in report
-    assert "instead start from the seed's baseline detector and fine-tune it for 1 iterations" in report
+    assert ("Branching: `upscale` and `hr-oracle` share the seed's baseline run up to iteration 1 and train its "
+            "last 1 iterations at their larger input") in report
+    assert "share the seed's baseline run (its weights, optimizer and batches) up to iteration 1 and train" in report
     rows = json.loads((bench_dir / "bench.json").read_text())["rows"]
     matched = next(r for r in rows if r["method"] == "sr")["intervals"]["APs_vs_score_matched"]
     assert matched["low"] <= matched["high"] and np.isfinite(matched["point"])
@@ -449,13 +453,15 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
     configs = {m.name: train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
                                     detector_run=tmp_path / "baseline")
                for m in METHODS if m.train_as}
-    assert {c.iters for m, c in configs.items() if not m.startswith("sr")} == {600}  # from scratch
+    assert {c.iters for m, c in configs.items() if not m.startswith("sr")} == {600}
     assert {c.iters for m, c in configs.items() if m.startswith("sr")} == {150}
-    tuned = budget_from_args(parse(["--budget", "default", "--hires-finetune-iters", "100"]))
-    oracle = train_config(tuned, "hr-oracle", tmp_path / "o", "data/synth", detector_run=tmp_path / "baseline")
-    assert (oracle.iters, oracle.init_from) == (100, str(tmp_path / "baseline"))
-    with pytest.raises(ValueError, match="--hires-finetune-iters must be at least 0"):
-        budget_from_args(parse(["--hires-finetune-iters", "-1"]))
+    branched = budget_from_args(parse(["--budget", "default", "--hires-branch-iters", "100"]))
+    oracle = train_config(branched, "hr-oracle", tmp_path / "o", "data/synth", detector_run=tmp_path / "baseline")
+    assert (oracle.iters, oracle.branch_point, oracle.branch_from) == (600, 500, str(tmp_path / "baseline"))
+    with pytest.raises(ValueError, match="--hires-branch-iters must be at least 0"):
+        budget_from_args(parse(["--hires-branch-iters", "-1"]))
+    with pytest.raises(ValueError, match="--hires-branch-iters 600 must be below"):
+        budget_from_args(parse(["--budget", "default", "--hires-branch-iters", "600"]))
     assert {c.optimizer for c in configs.values()} == {"adamw"}
     with pytest.raises(ValueError, match="--iters"):
         budget_from_args(parse(["--iters", "0"]))

@@ -51,19 +51,21 @@ def test_train_config_follows_the_budget(tmp_path):
     assert oracle.detector.min_size == budget.oracle_scale * 128  # the twins are not resized back down
 
 
-def test_upscale_and_the_oracle_fine_tune_the_baseline_when_the_budget_says_so(tmp_path):
-    budget = dataclasses.replace(recipes.get_budget("quick"), hires_finetune_iters=6)
+def test_upscale_and_the_oracle_branch_off_the_baseline_when_the_budget_says_so(tmp_path):
+    budget = dataclasses.replace(recipes.get_budget("quick"), hires_branch_iters=6)
+    baseline = recipes.train_config(budget, "baseline", tmp_path / "b", detector_run=tmp_path / "other")
+    assert (baseline.branch_point, baseline.branch_from, baseline.iters) == (budget.iters - 6, "", budget.iters)
     for method in recipes.HIRES_METHODS:
         with pytest.raises(ValueError, match="detector_run"):
             recipes.train_config(budget, method, tmp_path / method)
         cfg = recipes.train_config(budget, method, tmp_path / method, detector_run=tmp_path / "baseline")
-        assert cfg.init_from == str(tmp_path / "baseline") and cfg.iters == 6 and cfg.ckpt_every == 6
-        assert cfg.warmup_iters == 1  # the budget's 5 warm-up iterations, cut to a tenth of the fine-tuning
-    scratch = recipes.train_config(dataclasses.replace(budget, hires_finetune_iters=0), "upscale", tmp_path / "u",
-                                   detector_run=tmp_path / "baseline")
-    assert scratch.init_from == "" and scratch.iters == budget.iters
-    baseline = recipes.train_config(budget, "baseline", tmp_path / "b", detector_run=tmp_path / "other")
-    assert baseline.init_from == "" and baseline.iters == budget.iters
+        assert (cfg.branch_from, cfg.branch_point) == (str(tmp_path / "baseline"), budget.iters - 6)
+        # the baseline's schedule, not one of its own
+        assert (cfg.iters, cfg.warmup_iters, cfg.lr, cfg.init_from) == (budget.iters, budget.warmup_iters, budget.lr, "")
+    scratch = dataclasses.replace(budget, hires_branch_iters=0)
+    for method in ("baseline", "upscale"):
+        cfg = recipes.train_config(scratch, method, tmp_path / method, detector_run=tmp_path / "baseline")
+        assert (cfg.branch_from, cfg.branch_point, cfg.iters) == ("", 0, budget.iters)
 
 
 def test_configs_are_frozen():

@@ -10,7 +10,8 @@ every SR variant of a seed trains its branch (``budget.sr_iters``, the staged sc
 seed's baseline detector, frozen: the rows of a seed differ by the SR branch alone, and the
 detector's training is counted once. SAHI reuses the baseline's weights. ``upscale`` and
 ``hr-oracle`` see other images, so they train detectors of their own: from scratch at the
-baseline's budget, or (``budget.hires_finetune_iters``) fine-tuned from the seed's baseline.
+baseline's budget, or (``budget.hires_branch_iters``) branching off the seed's baseline run for its
+last iterations, trained at their own input.
 
 A bench is resumable: a killed bench continues where it stopped when started again with the same
 budget, reusing every run it finished (its measurement is saved beside it in bench_record.json).
@@ -170,7 +171,7 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         method_data = oracle_dir if method.twins else data_dir
         if method.train_as:
             # SR variants train their branch on the seed's baseline detector; upscale and the HR
-            # oracle fine-tune it when the budget says so (train_config decides which uses it)
+            # oracle branch off its run when the budget says so (train_config decides which uses it)
             if key not in trained:  # an SR variant trains in one pass with the seed's others
                 together = [m for m in chosen if m.shares_detector and (m.name, preset_name, seed) not in finished]
                 together = together if method.shares_detector and budget.sr_one_pass else [method]
@@ -185,8 +186,6 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
             atomic_write_json(run_dir / "sahi.json", {"model_run": str(model_run), **header["sahi"]})
         if method.shares_detector:
             training["shared_detector"] = str(detector_run)
-        elif method.train_as and cfg.init_from:
-            training["finetuned_from"] = str(detector_run)
         job = InferenceJob(
             run_dir=str(run_dir), model_run=str(model_run), inference=method.inference, data=str(method_data),
             val_split=budget.val_split, eval_ann_file=str(lr_val.ann_file),

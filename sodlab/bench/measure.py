@@ -106,23 +106,30 @@ def measure_training(job: TrainJob) -> list[dict]:
     """Train one run, or several in one pass (no evaluation): per run, wall time, images/s and the
     peak RSS of training. A pass's wall time is split between its runs: each gets its logged steps
     (its own step plus its share of each batch's loading and frozen detector forward) and an equal
-    share of the rest (building, G's pretraining, checkpoints); its record names the pass."""
+    share of the rest (building, G's pretraining, checkpoints); its record names the pass. A run
+    branching off another (upscale and the HR oracle, TrainConfig.branch_from) trains only the
+    iterations after its branch point, and its record says so."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     tic = time.perf_counter()
     run_dirs = train_branches(job.cfgs, progress=False, force=True)  # the bench checked their configs
     seconds = time.perf_counter() - tic
     logs = [read_metrics_log(run_dir / "metrics.jsonl") for run_dir in run_dirs]
-    for cfg, run_dir, log in zip(job.cfgs, run_dirs, logs):
-        if len(log) != cfg.iters:
-            raise RuntimeError(f"{run_dir}: training stopped at iteration {len(log)} of {cfg.iters}")
+    own_iters = [cfg.iters - (cfg.branch_point if cfg.branch_from else 0) for cfg in job.cfgs]
+    for run_dir, log, iters in zip(run_dirs, logs, own_iters):
+        if len(log) != iters:
+            raise RuntimeError(f"{run_dir}: training stopped after {len(log)} of its {iters} iterations")
     steps = [sum(record["sec"] for record in log) for log in logs]
     rest, peak = (seconds - sum(steps)) / len(steps), peak_rss_mb()
     records = []
-    for cfg, step_seconds in zip(job.cfgs, steps):
-        own, images = step_seconds + rest, cfg.iters * cfg.batch_size
-        records.append({"iters": cfg.iters, "batch_size": cfg.batch_size, "images_seen": images, "seconds": own,
-                        "images_per_s": images / own, "peak_rss_mb": peak, "torch_threads": torch.get_num_threads()})
+    for cfg, step_seconds, iters in zip(job.cfgs, steps, own_iters):
+        own = step_seconds + rest
+        records.append({"iters": cfg.iters, "batch_size": cfg.batch_size, "images_seen": cfg.iters * cfg.batch_size,
+                        "seconds": own, "images_per_s": iters * cfg.batch_size / own, "peak_rss_mb": peak,
+                        "torch_threads": torch.get_num_threads()})
+        if cfg.branch_from:  # its first branch_point iterations are the run it branches off
+            records[-1]["branched_from"] = {"run": cfg.branch_from, "iteration": cfg.branch_point,
+                                            "own_iters": iters}
         if len(job.cfgs) > 1:
             records[-1]["one_pass"] = {"runs": [str(run_dir) for run_dir in run_dirs], "seconds": seconds}
     return records

@@ -124,8 +124,8 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
                            "reused_from": "baseline" if method.reuse else None},
                 "cost": cost, "slices_per_image": group[0]["inference"].get("slices_per_image"),
                 "shares_detector": method.shares_detector,
-                # upscale and the HR oracle, when the budget fine-tunes them from the seed's baseline
-                "finetuned_from_baseline": bool(training.get("finetuned_from")),
+                # upscale and the HR oracle, when the budget branches them off the seed's baseline run
+                "branch_point": (training.get("branched_from") or {}).get("iteration"),
                 # each seed's latency ratio from its interleaved timing (bench.measure.interleaved_latency)
                 "paired_latency_ratio": statistics.fmean(r["inference"]["paired"]["ratio"] for r in group)
                 if all(r["inference"].get("paired") for r in group) else None,
@@ -136,11 +136,11 @@ def summarize(records: list[dict], methods: list[Method], presets: tuple[str, ..
             row["vs_baseline"] = {k: _ratio(row["cost"][k], base["cost"][k]) for k in COST_KEYS}
             if row["paired_latency_ratio"] is not None:
                 row["vs_baseline"]["infer_ms_per_image"] = row["paired_latency_ratio"]
-            # an SR variant's own training is its branch, a fine-tuned detector's its fine-tuning;
-            # with the baseline detector they start from, counted once in the bench's total
-            starts_from_baseline = row["shares_detector"] or row["finetuned_from_baseline"]
-            row["train_seconds_with_detector"] = row["cost"]["train_seconds"] + (
-                base["cost"]["train_seconds"] if starts_from_baseline else 0.0)
+            # an SR variant's own training is its branch, a branched detector's its last iterations;
+            # with the baseline's part they start from, counted once in the bench's total (for a
+            # branch, the baseline's time pro rata of the iterations they share)
+            shared = 1.0 if row["shares_detector"] else (row["branch_point"] or 0) / base["budget"]["iters"]
+            row["train_seconds_with_detector"] = row["cost"]["train_seconds"] + shared * base["cost"]["train_seconds"]
             row["gap_closed"] = gap_closed(row["eval"]["APs"], base["eval"]["APs"],
                                            oracle["eval"]["APs"] if oracle else None)
         rows.extend(preset_rows.values())
@@ -165,23 +165,26 @@ def sharing_saved(rows: list[dict]) -> list[str]:
                      f"seed's baseline detector ({detector / 60:.1f} min of training), so each seed trains it once. "
                      f"Training a detector for each would cost {saved / 60:.1f} min more per seed: the bench's "
                      f"training, {trained / 60:.1f} min per seed, would be {(trained + saved) / 60:.1f} min.")
-        lines += finetuning_saved(group, base, label)
+        lines += branching_saved(group, label)
     return lines
 
 
-def finetuning_saved(group: list[dict], base: dict, label: str) -> list[str]:
-    """What fine-tuning upscale and the HR oracle from the baseline saved: their training from
-    scratch for the baseline's iterations, estimated from their own measured time per iteration."""
-    tuned = [r for r in group if r.get("finetuned_from_baseline") and r["cost"]["train_seconds"]]
-    if not tuned:
+def branching_saved(group: list[dict], label: str) -> list[str]:
+    """What branching upscale and the HR oracle off the baseline's run saved: their training from
+    scratch for all the budget's iterations, estimated from their own measured time per iteration."""
+    branched = [r for r in group if r.get("branch_point") and r["cost"]["train_seconds"]]
+    if not branched:
         return []
-    scratch = sum(r["cost"]["train_seconds"] * base["budget"]["iters"] / r["budget"]["iters"] for r in tuned)
-    spent = sum(r["cost"]["train_seconds"] for r in tuned)
-    names = " and ".join(f"`{r['method']}`" for r in tuned)
-    return [f"Fine-tuning{label}: {names} start from the seed's baseline detector and train "
-            f"{'/'.join(str(r['budget']['iters']) for r in tuned)} iterations at their larger input, "
-            f"{spent / 60:.1f} min in all. From scratch for the baseline's {base['budget']['iters']} iterations "
-            f"they would take about {scratch / 60:.1f} min (estimated from their measured time per iteration)."]
+    own = [r["budget"]["iters"] - r["branch_point"] for r in branched]
+    scratch = sum(r["cost"]["train_seconds"] * r["budget"]["iters"] / n for r, n in zip(branched, own))
+    spent = sum(r["cost"]["train_seconds"] for r in branched)
+    names = " and ".join(f"`{r['method']}`" for r in branched)
+    points = "/".join(str(p) for p in sorted({r["branch_point"] for r in branched}))
+    return [f"Branching{label}: {names} share the seed's baseline run up to iteration {points} and train its "
+            f"last {'/'.join(str(n) for n in sorted(set(own)))} "
+            f"iterations at their larger input, {spent / 60:.1f} min in all. From scratch for all "
+            f"{branched[0]['budget']['iters']} iterations they would take about {scratch / 60:.1f} min (estimated "
+            "from their measured time per iteration)."]
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -481,9 +484,11 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"one detector, whose training is counted once{sr_passes(records or [])}); "
         f"{budget['optimizer']} lr {budget['lr']}, "
         f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations"
-        + (f"; `upscale` and the HR oracle instead start from the seed's baseline detector and fine-tune it for "
-           f"{budget['hires_finetune_iters']} iterations at their larger input (a warm restart of the same "
-           "schedule): their steps cost several of the baseline's" if budget.get("hires_finetune_iters") else "")
+        + (f"; `upscale` and the HR oracle share the seed's baseline run (its weights, optimizer and batches) up "
+           f"to iteration {budget['iters'] - budget['hires_branch_iters']} and train its last "
+           f"{budget['hires_branch_iters']} iterations at their larger input, on the same schedule: the same "
+           "budget, with most of it trained once, since their steps cost several of the baseline's"
+           if budget.get("hires_branch_iters") else "")
         + "; the detector's step "
         + ("in bfloat16 autocast where the CPU has native bf16 (float32 elsewhere)" if budget.get("amp", True)
            else "in float32 (`--no-amp`: what a CPU without bf16 runs)"),
