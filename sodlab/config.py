@@ -307,16 +307,17 @@ class TrainConfig:
     sr_train: SRTrainConfig = field(default_factory=SRTrainConfig)
     # a finished run whose detector weights start this one: frozen under the SR branch's staged
     # schedule; fine-tuned by a detector method, on a schedule of its own (a warm restart; to
-    # continue the run's own schedule instead, branch off it: branch_from below)
+    # continue the run's own schedule instead: continue_from below)
     init_from: str = ""
     # Detectors that finish another run's schedule at their own input (the bench's upscale and HR
-    # oracle, recipes.Budget.hires_branch_iters). A run with branch_point N also keeps its checkpoint
-    # of iteration N (checkpoints/iter-N.pt); a run with branch_from DIR starts from DIR's checkpoint
-    # of iteration branch_point (weights, optimizer moments, RNG) and trains iterations N+1..iters on
-    # the same batches at the same learning rates. Both have then had one budget, and the N shared
-    # iterations are trained once.
-    branch_from: str = ""
-    branch_point: int = 0
+    # oracle branch off the baseline's run, recipes.Budget.hires_branch_iters). A run with
+    # keep_checkpoint_at N also keeps its checkpoint of iteration N (checkpoints/iter-N.pt); a new
+    # run with continue_from DIR and continue_at N starts from that checkpoint (weights, optimizer
+    # moments, RNG) and trains iterations N+1..iters on the same batches at the same learning rates.
+    # Both have then had one budget, and the N shared iterations are trained once.
+    keep_checkpoint_at: int = 0
+    continue_from: str = ""
+    continue_at: int = 0
     # Native-resolution tiles (SAHI's slicing-aided fine-tuning), for large images of small
     # objects: training samples one tile x tile crop per image and visit, evaluation slices each
     # image into overlapping tiles plus a full-image pass, merged by class-wise NMS
@@ -378,11 +379,14 @@ class TrainConfig:
             object.__setattr__(self, "sr_train", sr_train)
             if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
-        if not 0 <= self.branch_point < self.iters:
-            raise ValueError(f"branch_point must be in 0..iters-1 ({self.iters - 1}), got {self.branch_point}")
-        if self.branch_from and not (self.branch_point and self.method in DETECTOR_METHODS and not self.init_from):
-            raise ValueError(f"branch_from {self.branch_from}: a detector method (not {self.method}) with a "
-                             f"branch_point above 0 (not {self.branch_point}) and no init_from continues a run")
+        for name in ("keep_checkpoint_at", "continue_at"):
+            if not 0 <= getattr(self, name) < self.iters:
+                raise ValueError(f"{name} must be in 0..iters-1 ({self.iters - 1}), got {getattr(self, name)}")
+        if bool(self.continue_from) != bool(self.continue_at) or (
+                self.continue_from and (self.method not in DETECTOR_METHODS or self.init_from)):
+            raise ValueError(f"continue_from {self.continue_from!r} at iteration {self.continue_at}: a new detector "
+                             f"run (not {self.method}, and without init_from) continues another run from an "
+                             "iteration above 0; give both or neither")
         if self.tile and self.crop:
             raise ValueError(f"tile {self.tile} and crop {self.crop}: tiles train and evaluate at native resolution, "
                              "crops train at the detector's input scale and evaluate whole images; choose one")

@@ -7,7 +7,7 @@ TrainConfig of a run, the same way for every caller:
 
 * detector methods (baseline, upscale, hr-oracle) train ``iters`` iterations from scratch; with
   ``hires_branch_iters`` N, upscale and hr-oracle branch off the seed's baseline run at iteration
-  ``iters`` - N and train its last N iterations at their xK input (TrainConfig.branch_from);
+  ``iters`` - N and train its last N iterations at their xK input (TrainConfig.continue_from);
 * SR methods train the reconstruction module for ``sr_iters`` iterations on a finished
   detector run (the staged schedule, the detector frozen), so every SR row of a seed shares
   the very same detector, and a difference between rows is the SR branch's doing. HR targets
@@ -226,12 +226,14 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
                   seed=seed, workers=budget.workers, eval_batch_size=budget.eval_batch_size, out=str(out))
     twins_scale = budget.oracle_scale if method == "hr-oracle" else 1
     if budget.hires_branch_iters and method in ("baseline", *HIRES_METHODS):
-        values["branch_point"] = budget.iters - budget.hires_branch_iters
-        if method in HIRES_METHODS:
-            if detector_run is None:
-                raise ValueError(f"{method}: budget {budget.name!r} branches it off the seed's baseline run; pass "
-                                 "detector_run")
-            values["branch_from"] = str(detector_run)
+        point = budget.iters - budget.hires_branch_iters
+        if method == "baseline":
+            values["keep_checkpoint_at"] = point
+        elif detector_run is None:
+            raise ValueError(f"{method}: budget {budget.name!r} branches it off the seed's baseline run; pass "
+                             "detector_run")
+        else:
+            values |= dict(continue_from=str(detector_run), continue_at=point)
     if method in SR_METHODS:
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")

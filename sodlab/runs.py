@@ -142,7 +142,7 @@ def _comparable(config: dict) -> dict:
     config = json.loads(json.dumps(config))
     for key in ("out", "ckpt_every", "eval_batch_size"):
         config.pop(key, None)
-    for key in ("data", "init_from", "branch_from"):
+    for key in ("data", "init_from", "continue_from"):
         config[key] = str(Path(config[key]).resolve()) if config.get(key) else ""
     return config
 
@@ -173,13 +173,13 @@ def ensure_run(cfg: TrainConfig, train_missing: bool = True, progress: bool = Tr
     """cfg's run directory: reused when it is complete and was trained with the same config,
     trained (and evaluated) otherwise, replacing an interrupted or different run.
 
-    An SR run on a detector run (``init_from``), or a run branching off one (``branch_from``), older
+    An SR run on a detector run (``init_from``), or a run continuing one (``continue_from``), older
     than that detector's checkpoint is stale (the detector was trained again since) and is trained
     again too. With
     ``train_missing=False`` nothing is trained: returns None when the run is missing or stale.
     """
     run_dir = Path(cfg.out)
-    start = Path(cfg.init_from or cfg.branch_from) if cfg.init_from or cfg.branch_from else None
+    start = Path(cfg.init_from or cfg.continue_from) if cfg.init_from or cfg.continue_from else None
     fresh = start is None or _checkpoint_time(run_dir) >= _checkpoint_time(start) >= 0
     if fresh and run_is_complete(run_dir, cfg):
         if progress:

@@ -41,10 +41,10 @@ from sodlab.sr_quality import psnr
 # Fields that may differ when a run is resumed: extending a run is the point of resuming.
 RESUMABLE_CHANGES = {"iters", "ckpt_every"}
 RUN_DIR_HINT = "choose another --out or --resume it"
-# What a run branching off another (TrainConfig.branch_from) must share with it: the schedule,
-# the batches and the detector it continues.
-BRANCH_SHARED = ("seed", "iters", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_iters",
-                 "schedule", "grad_clip", "hflip_prob", "amp", "train_split", "preset", "branch_point")
+# What a run continuing another (TrainConfig.continue_from) must share with it: the schedule, the
+# batches and the detector it continues.
+CONTINUED_FIELDS = ("seed", "iters", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_iters",
+                    "schedule", "grad_clip", "hflip_prob", "amp", "train_split", "preset")
 
 
 def resize_warning(cfg: TrainConfig, ann_file) -> str | None:
@@ -140,7 +140,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> None:
     elif run_contents(run_dir):
         if not force:
             raise FileExistsError(f"{run_dir} already holds a run; {RUN_DIR_HINT}, or pass --force to replace it")
-        check_replaceable(run_dir, cfg.data, protected=[cfg.init_from, cfg.branch_from])
+        check_replaceable(run_dir, cfg.data, protected=[cfg.init_from, cfg.continue_from])
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
@@ -152,7 +152,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
     if resume:
         remove_stale_temporaries(run_dir)  # killed atomic writes of the interrupted run
     elif run_contents(run_dir):
-        replace_run_dir(run_dir, cfg.data, protected=[cfg.init_from, cfg.branch_from])
+        replace_run_dir(run_dir, cfg.data, protected=[cfg.init_from, cfg.continue_from])
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", run_record(cfg))
     return run_dir
@@ -259,20 +259,20 @@ def make_optimizers(cfg: TrainConfig, model) -> dict:
     return optimizers
 
 
-def branch_checkpoint(run_dir: str | os.PathLike, iteration: int) -> Path:
-    """Where a run keeps its checkpoint of iteration ``iteration`` (TrainConfig.branch_point)."""
+def kept_checkpoint(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """Where a run keeps its checkpoint of iteration ``iteration`` (TrainConfig.keep_checkpoint_at)."""
     return Path(run_dir) / "checkpoints" / f"iter-{iteration}.pt"
 
 
-def continue_branch(cfg: TrainConfig, model, optimizers: dict) -> int:
-    """Start a new run from branch_from's checkpoint of iteration branch_point: its weights,
+def continue_run(cfg: TrainConfig, model, optimizers: dict) -> int:
+    """Start a new run from continue_from's checkpoint of iteration continue_at: its weights,
     optimizer moments and RNG; returns the iteration this run goes on from."""
-    path, parent = branch_checkpoint(cfg.branch_from, cfg.branch_point), Path(cfg.branch_from) / "config.json"
+    path, parent = kept_checkpoint(cfg.continue_from, cfg.continue_at), Path(cfg.continue_from) / "config.json"
     if not path.is_file() or not parent.is_file():
-        raise FileNotFoundError(f"{path}: branch_from {cfg.branch_from} kept no checkpoint of iteration "
-                                f"{cfg.branch_point}; train it to the end with branch_point {cfg.branch_point}")
+        raise FileNotFoundError(f"{path}: continue_from {cfg.continue_from} kept no checkpoint of iteration "
+                                f"{cfg.continue_at}; train it with keep_checkpoint_at {cfg.continue_at}")
     saved = read_json(parent)
-    differ = [k for k in BRANCH_SHARED if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
+    differ = [k for k in CONTINUED_FIELDS if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
     if differ:
         raise ValueError(f"{parent}: this run continues its schedule, but differs from it in {', '.join(differ)}")
     return load_checkpoint(path, model, optimizers, cfg)
@@ -627,8 +627,8 @@ def build_branch(cfg: TrainConfig, num_classes: int, device, resume: bool, force
     branch = Branch(cfg, model, optimizers)
     if resuming:
         branch.start_iter = load_checkpoint(last_ckpt, model, optimizers, cfg)
-    elif cfg.branch_from:
-        branch.start_iter = continue_branch(cfg, model, optimizers)
+    elif cfg.continue_from:
+        branch.start_iter = continue_run(cfg, model, optimizers)
     branch.rng = rng_state()  # fresh from the seed, or the checkpoint's
     return branch
 
@@ -693,9 +693,9 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
             if ddp.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iters or stopping):
                 for b, _ in active:
                     save_checkpoint(b.last_ckpt, b.model, b.optimizers, it, b.cfg, dataset.num_classes)
-            for b, _ in active:  # kept for the runs that branch off here
-                if ddp.is_main and it == b.cfg.branch_point:
-                    save_checkpoint(branch_checkpoint(b.cfg.out, it), b.model, b.optimizers, it, b.cfg,
+            for b, _ in active:  # kept for the runs that continue from here
+                if ddp.is_main and it == b.cfg.keep_checkpoint_at:
+                    save_checkpoint(kept_checkpoint(b.cfg.out, it), b.model, b.optimizers, it, b.cfg,
                                     dataset.num_classes)
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "d_total", "g_total") if k in record})

@@ -144,7 +144,7 @@ def test_bench_writes_run_dirs_report_and_plots(bench_dir):
     assert (bench_dir / "runs" / "baseline-seed0" / "checkpoints" / "iter-1.pt").exists()
     for name in ("upscale", "hr-oracle"):  # their first iteration is the baseline's, their second their own
         config = json.loads((bench_dir / "runs" / f"{name}-seed0" / "config.json").read_text())
-        assert (config["branch_from"], config["branch_point"]) == (str(bench_dir / "runs" / "baseline-seed0"), 1)
+        assert (config["continue_from"], config["continue_at"]) == (str(bench_dir / "runs" / "baseline-seed0"), 1)
         assert len((bench_dir / "runs" / f"{name}-seed0" / "metrics.jsonl").read_text().splitlines()) == 1
         assert records[name]["training"]["branched_from"]["own_iters"] == 1
     oracle = json.loads((bench_dir / "runs" / "hr-oracle-seed0" / "config.json").read_text())
@@ -457,7 +457,7 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
     assert {c.iters for m, c in configs.items() if m.startswith("sr")} == {150}
     branched = budget_from_args(parse(["--budget", "default", "--hires-branch-iters", "100"]))
     oracle = train_config(branched, "hr-oracle", tmp_path / "o", "data/synth", detector_run=tmp_path / "baseline")
-    assert (oracle.iters, oracle.branch_point, oracle.branch_from) == (600, 500, str(tmp_path / "baseline"))
+    assert (oracle.iters, oracle.continue_at, oracle.continue_from) == (600, 500, str(tmp_path / "baseline"))
     with pytest.raises(ValueError, match="--hires-branch-iters must be at least 0"):
         budget_from_args(parse(["--hires-branch-iters", "-1"]))
     with pytest.raises(ValueError, match="--hires-branch-iters 600 must be below"):

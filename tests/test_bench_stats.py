@@ -206,7 +206,15 @@ def test_the_verdict_follows_the_numbers():
     assert "significantly better: `sr` (+6.0 [+2.0, +9.0], 1.25x the latency)" in text
     assert "Within the noise: `sr-no-adv` (+1.0 [-1.0, +3.0]" in text
     assert "Significantly worse: `upscale` (-5.0 [-8.0, -2.0], 4.00x the latency)" in text
-    assert "score-matched" not in text  # no such interval, no such sentence
+    assert "score-matched" not in text and "losing" not in text  # no such interval, no such sentence
+    # a method better on APs but worse on larger objects pays for it: more than a point is said
+    rows[0]["eval"] |= {"APm": 0.361, "APl": 0.287}
+    rows[1]["eval"] |= {"APm": 0.298, "APl": 0.280}
+    assert "`sr` (+6.0 [+2.0, +9.0], 1.25x the latency, losing 6.3 APm)" in verdict(rows)
+    rows[1]["eval"] |= {"APm": 0.355, "APl": 0.022}
+    assert "`sr` (+6.0 [+2.0, +9.0], 1.25x the latency, losing 26.5 APl)" in verdict(rows)
+    rows[1]["eval"]["APm"] = 0.350
+    assert "1.25x the latency, losing 1.1 APm and 26.5 APl)" in verdict(rows)
     rows[1]["intervals"]["APs_vs_score_matched"] = {"point": 0.004, "low": -0.01, "high": 0.02, "significant": False}
     rows[2]["intervals"]["APs_vs_score_matched"] = {"point": 0.03, "low": 0.01, "high": 0.05, "significant": True}
     text = verdict(rows)

@@ -54,18 +54,18 @@ def test_train_config_follows_the_budget(tmp_path):
 def test_upscale_and_the_oracle_branch_off_the_baseline_when_the_budget_says_so(tmp_path):
     budget = dataclasses.replace(recipes.get_budget("quick"), hires_branch_iters=6)
     baseline = recipes.train_config(budget, "baseline", tmp_path / "b", detector_run=tmp_path / "other")
-    assert (baseline.branch_point, baseline.branch_from, baseline.iters) == (budget.iters - 6, "", budget.iters)
+    assert (baseline.keep_checkpoint_at, baseline.continue_from, baseline.iters) == (budget.iters - 6, "", budget.iters)
     for method in recipes.HIRES_METHODS:
         with pytest.raises(ValueError, match="detector_run"):
             recipes.train_config(budget, method, tmp_path / method)
         cfg = recipes.train_config(budget, method, tmp_path / method, detector_run=tmp_path / "baseline")
-        assert (cfg.branch_from, cfg.branch_point) == (str(tmp_path / "baseline"), budget.iters - 6)
+        assert (cfg.continue_from, cfg.continue_at) == (str(tmp_path / "baseline"), budget.iters - 6)
         # the baseline's schedule, not one of its own
         assert (cfg.iters, cfg.warmup_iters, cfg.lr, cfg.init_from) == (budget.iters, budget.warmup_iters, budget.lr, "")
     scratch = dataclasses.replace(budget, hires_branch_iters=0)
     for method in ("baseline", "upscale"):
         cfg = recipes.train_config(scratch, method, tmp_path / method, detector_run=tmp_path / "baseline")
-        assert (cfg.branch_from, cfg.branch_point, cfg.iters) == ("", 0, budget.iters)
+        assert (cfg.continue_from, cfg.keep_checkpoint_at, cfg.iters) == ("", 0, budget.iters)
 
 
 def test_configs_are_frozen():

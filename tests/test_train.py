@@ -175,32 +175,35 @@ def test_nan_loss_stops_with_the_term_named_and_keeps_the_last_good_checkpoint(t
 
 
 def test_a_run_branching_off_another_continues_its_schedule(tiny_config, tmp_path):
-    """The bench's upscale and HR oracle branch off the baseline's run (TrainConfig.branch_from):
+    """The bench's upscale and HR oracle branch off the baseline's run (TrainConfig.continue_from):
     they continue its weights, optimizer moments, RNG and batches from the kept checkpoint, so a
     branch with the parent's own method and data ends bitwise where the parent ends, and one at
     x2 input does not."""
-    parent = train(dataclasses.replace(tiny_config, branch_point=4), progress=False)
+    parent = train(dataclasses.replace(tiny_config, keep_checkpoint_at=4), progress=False)
     plain = train(dataclasses.replace(tiny_config, out=str(tmp_path / "plain")), progress=False)
     kept = torch.load(parent / "checkpoints" / "iter-4.pt", weights_only=False)
     assert kept["iteration"] == 4 and not (plain / "checkpoints" / "iter-4.pt").exists()
     parent_weights = _weights(parent)
     assert all(torch.equal(v, parent_weights[k]) for k, v in _weights(plain).items())  # keeping it changes nothing
-    branch = dict(branch_point=4, branch_from=str(parent))
+    branch = dict(continue_at=4, continue_from=str(parent))
     same = train(dataclasses.replace(tiny_config, **branch, out=str(tmp_path / "same")), progress=False)
     assert all(torch.equal(v, parent_weights[k]) for k, v in _weights(same).items())
     assert [r["iter"] for r in map(json.loads, (same / "metrics.jsonl").read_text().splitlines())] == [5, 6]
     up = train(dataclasses.replace(tiny_config, **branch, method="upscale", out=str(tmp_path / "up")), progress=False)
     moved = [k for k, v in _weights(up).items() if v.is_floating_point() and not torch.equal(v, parent_weights[k])]
-    assert moved and read_json(up / "config.json")["branch_from"] == str(parent)
+    assert moved and read_json(up / "config.json")["continue_from"] == str(parent)
     # a branch that does not continue the parent's schedule, or a point the parent did not keep: refused
     with pytest.raises(ValueError, match=r"config.json: this run continues its schedule, but differs from it in lr"):
         train(dataclasses.replace(tiny_config, **branch, lr=5e-4, out=str(tmp_path / "lr")), progress=False)
-    with pytest.raises(FileNotFoundError, match=r"iter-3.pt: branch_from .* kept no checkpoint of iteration 3"):
-        train(dataclasses.replace(tiny_config, branch_point=3, branch_from=str(parent), out=str(tmp_path / "p3")),
+    with pytest.raises(FileNotFoundError, match=r"iter-3.pt: continue_from .* kept no checkpoint of iteration 3"):
+        train(dataclasses.replace(tiny_config, continue_at=3, continue_from=str(parent), out=str(tmp_path / "p3")),
               progress=False)
     assert not (tmp_path / "lr").exists() and not (tmp_path / "p3").exists()
-    with pytest.raises(ValueError, match="branch_from .*: a detector method"):
-        dataclasses.replace(tiny_config, branch_from=str(parent))  # no branch point
+    for half in (dict(continue_from=str(parent)), dict(continue_at=4)):  # one without the other
+        with pytest.raises(ValueError, match="give both or neither"):
+            dataclasses.replace(tiny_config, **half)
+    with pytest.raises(ValueError, match="a new detector run"):
+        dataclasses.replace(tiny_config, **branch, method="sr", init_from=str(parent))
 
 
 def test_a_detector_run_with_init_from_fine_tunes_that_detector(tiny_config, tmp_path):

@@ -107,7 +107,7 @@ def measure_training(job: TrainJob) -> list[dict]:
     peak RSS of training. A pass's wall time is split between its runs: each gets its logged steps
     (its own step plus its share of each batch's loading and frozen detector forward) and an equal
     share of the rest (building, G's pretraining, checkpoints); its record names the pass. A run
-    branching off another (upscale and the HR oracle, TrainConfig.branch_from) trains only the
+    branching off another (upscale and the HR oracle, TrainConfig.continue_from) trains only the
     iterations after its branch point, and its record says so."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
@@ -115,7 +115,7 @@ def measure_training(job: TrainJob) -> list[dict]:
     run_dirs = train_branches(job.cfgs, progress=False, force=True)  # the bench checked their configs
     seconds = time.perf_counter() - tic
     logs = [read_metrics_log(run_dir / "metrics.jsonl") for run_dir in run_dirs]
-    own_iters = [cfg.iters - (cfg.branch_point if cfg.branch_from else 0) for cfg in job.cfgs]
+    own_iters = [cfg.iters - cfg.continue_at for cfg in job.cfgs]
     for run_dir, log, iters in zip(run_dirs, logs, own_iters):
         if len(log) != iters:
             raise RuntimeError(f"{run_dir}: training stopped after {len(log)} of its {iters} iterations")
@@ -127,8 +127,8 @@ def measure_training(job: TrainJob) -> list[dict]:
         records.append({"iters": cfg.iters, "batch_size": cfg.batch_size, "images_seen": cfg.iters * cfg.batch_size,
                         "seconds": own, "images_per_s": iters * cfg.batch_size / own, "peak_rss_mb": peak,
                         "torch_threads": torch.get_num_threads()})
-        if cfg.branch_from:  # its first branch_point iterations are the run it branches off
-            records[-1]["branched_from"] = {"run": cfg.branch_from, "iteration": cfg.branch_point,
+        if cfg.continue_from:  # its first continue_at iterations are the run it branches off
+            records[-1]["branched_from"] = {"run": cfg.continue_from, "iteration": cfg.continue_at,
                                             "own_iters": iters}
         if len(job.cfgs) > 1:
             records[-1]["one_pass"] = {"runs": [str(run_dir) for run_dir in run_dirs], "seconds": seconds}

@@ -229,7 +229,8 @@ def _signed(value: float, digits: int = 1) -> str:
 
 def verdict(rows: list[dict], learned_ap: float | None = None, budget_name: str = "") -> str:
     """The bench in a paragraph, computed from its numbers: which methods beat the baseline on APs,
-    significantly or not (the paired bootstrap interval), by how much, and at what inference cost.
+    significantly or not (the paired bootstrap interval), by how much, and at what cost: inference
+    time, and APm or APl lost by more than a point.
     With ``learned_ap`` (the budget's claim, in percent), a baseline below it is called out first."""
     parts = []
     for preset in dict.fromkeys(row["preset"] for row in rows):
@@ -244,7 +245,11 @@ def verdict(rows: list[dict], learned_ap: float | None = None, budget_name: str 
             cost = row["vs_baseline"]["infer_ms_per_image"]
             text = f"`{row['method']}` ({_signed(diff)}"
             text += f" [{_signed(ci['low'])}, {_signed(ci['high'])}]" if ci else " (no interval)"
-            text += f", {cost:.2f}x the latency)" if cost is not None else ")"
+            text += f", {cost:.2f}x the latency" if cost is not None else ""
+            lost = [f"{100 * (base['eval'][k] - row['eval'][k]):.1f} {k}" for k in ("APm", "APl")
+                    if min(row["eval"].get(k, -1), base["eval"].get(k, -1)) >= 0
+                    and base["eval"][k] - row["eval"][k] > 0.01]
+            text += f", losing {' and '.join(lost)})" if lost else ")"
             if ci and ci["significant"]:
                 (better if diff > 0 else worse).append(text)
             else:
