@@ -89,6 +89,9 @@ def test_a_bench_resumes_whatever_its_budget_claims_about_learning(tmp_path):
     assert open_bench_dir(tmp_path, budget, force=False) == {("baseline", "cpu", 0): record}
     assert open_bench_dir(tmp_path, dataclasses.replace(budget, learned_ap=30.0), force=False) == {
         ("baseline", "cpu", 0): record}
+    # more seeds extend the bench, reusing the seeds it has; the demo's runs folder is not the bench's
+    more = dataclasses.replace(budget, seeds=3, runs="runs/elsewhere")
+    assert open_bench_dir(tmp_path, more, force=False) == {("baseline", "cpu", 0): record}
     with pytest.raises(FileExistsError, match=r"another budget \(iters\)"):
         open_bench_dir(tmp_path, dataclasses.replace(budget, iters=budget.iters + 1), force=False)
 

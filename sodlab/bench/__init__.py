@@ -88,9 +88,12 @@ def _is_bench(path: Path) -> bool:
     return (path / "bench.json").is_file()
 
 
-# Budget fields that change what bench.md says about the runs, never the runs themselves (the SR
-# variants' runs are bitwise the same in one pass or in passes of their own; only the time differs).
-REPORT_ONLY = ("learned_ap", "sr_one_pass")
+# Budget fields a bench may be resumed with other values of: what bench.md says about the runs,
+# never the runs themselves (the SR variants' runs are bitwise the same in one pass or in passes of
+# their own; only the time differs); where the demo and the notebooks keep the budget's runs (the
+# bench keeps its own); and the number of seeds, so that a bench run again with more seeds reuses
+# the seeds it has finished.
+RESUMABLE_BUDGET_CHANGES = ("learned_ap", "sr_one_pass", "runs", "seeds")
 
 
 def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
@@ -106,7 +109,8 @@ def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
         defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Budget)
                                           if f.default is not dataclasses.MISSING}))
         saved_budget = saved.get("budget", {})
-        changed = sorted(k for k in wanted if k not in REPORT_ONLY and saved_budget.get(k, defaults.get(k)) != wanted[k])
+        changed = sorted(k for k in wanted
+                         if k not in RESUMABLE_BUDGET_CHANGES and saved_budget.get(k, defaults.get(k)) != wanted[k])
         if changed:
             raise FileExistsError(f"{out_dir}: holds a bench with another budget ({', '.join(changed)}); "
                                   "choose another --name or pass --force to replace it")
