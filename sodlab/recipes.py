@@ -261,7 +261,8 @@ def with_iters(budget: Budget, iters: int | None = None, sr_iters: int | None = 
     budget = dataclasses.replace(budget, **lengths, **changes)
     if budget.hires_branch_iters >= budget.iters:
         raise ValueError(f"--hires-branch-iters {budget.hires_branch_iters} must be below the detectors' "
-                         f"{budget.iters} iterations (upscale and the HR oracle branch off the baseline's run)")
+                         f"{budget.iters} iterations (upscale and the HR oracle branch off the baseline's run); "
+                         "pass a smaller one, or 0 to train them from scratch")
     return budget
 
 
