@@ -94,6 +94,10 @@ def test_a_bench_resumes_whatever_its_budget_claims_about_learning(tmp_path):
     assert open_bench_dir(tmp_path, more, force=False) == {("baseline", "cpu", 0): record}
     with pytest.raises(FileExistsError, match=r"another budget \(iters\)"):
         open_bench_dir(tmp_path, dataclasses.replace(budget, iters=budget.iters + 1), force=False)
+    saved["seeds"] = 3  # fewer seeds than a bench measured would drop some from bench.json: refused
+    (tmp_path / "bench.json").write_text(json.dumps({"budget": saved, "records": [record]}))
+    with pytest.raises(FileExistsError, match=r"another budget \(seeds 3, not 1\)"):
+        open_bench_dir(tmp_path, budget, force=False)
 
 
 # --- end to end --------------------------------------------------------------------------------------

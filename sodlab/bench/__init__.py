@@ -14,7 +14,7 @@ baseline's budget, or (``budget.hires_branch_iters``) branching off the seed's b
 last iterations, trained at their own input.
 
 A bench is resumable: a killed bench continues where it stopped when started again with the same
-budget, reusing every run it finished (its measurement is saved beside it in bench_record.json).
+budget, reusing every run it finished (its measurement is kept in bench.json's records).
 
 Layout::
 
@@ -91,8 +91,8 @@ def _is_bench(path: Path) -> bool:
 # Budget fields a bench may be resumed with other values of: what bench.md says about the runs,
 # never the runs themselves (the SR variants' runs are bitwise the same in one pass or in passes of
 # their own; only the time differs); where the demo and the notebooks keep the budget's runs (the
-# bench keeps its own); and the number of seeds, so that a bench run again with more seeds reuses
-# the seeds it has finished.
+# bench keeps its own); and the number of seeds, upward only, so that a bench run again with more
+# seeds reuses the seeds it has finished (fewer would drop measured seeds from bench.json).
 RESUMABLE_BUDGET_CHANGES = ("learned_ap", "sr_one_pass", "runs", "seeds")
 
 
@@ -111,6 +111,8 @@ def open_bench_dir(out_dir: Path, budget: Budget, force: bool) -> dict:
         saved_budget = saved.get("budget", {})
         changed = sorted(k for k in wanted
                          if k not in RESUMABLE_BUDGET_CHANGES and saved_budget.get(k, defaults.get(k)) != wanted[k])
+        if budget.seeds < saved_budget.get("seeds", 1):
+            changed.append(f"seeds {saved_budget['seeds']}, not {budget.seeds}")
         if changed:
             raise FileExistsError(f"{out_dir}: holds a bench with another budget ({', '.join(changed)}); "
                                   "choose another --name or pass --force to replace it")
