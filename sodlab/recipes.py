@@ -155,9 +155,10 @@ BUDGETS: dict[str, Budget] = {
     # "Fine-tuned x2 detectors"). So they share the baseline's run up to iteration 400 and train
     # its last 200 iterations at their x2 input: the same 600 iterations and schedule as every
     # detector (README: "The x2 detectors branch off the baseline's run"). 200, not 100 or 150:
-    # their APs is the same after any of the three, but only after 200 do they detect large
-    # objects at x2 (upscale's APl 2.2 / 14.8 / 24.2 against the baseline's 28.7), at about 4
-    # minutes more per x2 detector than 100 (README: "How long the x2 detectors branch").
+    # their APs is the same after any of the three, but only after 200, which start at a higher
+    # learning rate, do they learn the large objects that x2 makes larger than the 1x detector
+    # ever saw; the price is a few minutes per x2 detector (README: "How long the x2 detectors
+    # branch", with the figures).
     # AdamW at 7e-4 rather than the demo's 1e-3: over three seeds the baseline's AP at 600
     # iterations is 18.8-24.3 against 12.7-22.7 (README: "A learning rate of 7e-4 at 600 iterations").
     # Its runs are not the demo's (runs/default): the two budgets train at other rates.
