@@ -45,7 +45,7 @@ RANGES = {
                     "weight_decay": _NOT_NEGATIVE, "warmup_iters": _NOT_NEGATIVE, "grad_clip": _POSITIVE,
                     "hflip_prob": _FRACTION, "seed": _NOT_NEGATIVE, "workers": _NOT_NEGATIVE,
                     "ckpt_every": _AT_LEAST_ONE, "eval_batch_size": _AT_LEAST_ONE, "tile": _NOT_NEGATIVE,
-                    "tile_overlap": (0, Open(1)), "crop": _NOT_NEGATIVE},
+                    "tile_overlap": (0, Open(1)), "crop": _NOT_NEGATIVE, "restart_lr": _NOT_NEGATIVE},
 }
 
 
@@ -346,6 +346,13 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_iters: int = 50
     schedule: str = "cosine"  # cosine | step (x0.1 at 2/3 and 8/9 of the run, the 1x schedule's shape)
+    # SGDR's warm restart (Loshchilov & Hutter) of the cosine schedule: at iteration restart_at the
+    # learning rate jumps back to restart_lr x lr and decays by cosine to 0 at iters. The bench's
+    # detectors restart where upscale and the HR oracle branch off the baseline's run, so that the
+    # x2 detectors learn their new input at a useful rate, and the baseline has the same schedule
+    # (recipes.Budget.hires_branch_lr_restart). 0 and 0: one cosine for the whole run.
+    restart_at: int = 0
+    restart_lr: float = 0.0
     grad_clip: float = 10.0  # max global grad norm; from-scratch detectors spike early without it
     hflip_prob: float = 0.5
     # Mixed precision for the detector step: float16 + GradScaler on CUDA; bfloat16 on a CPU with
@@ -379,7 +386,10 @@ class TrainConfig:
             object.__setattr__(self, "sr_train", sr_train)
             if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
-        for name in ("keep_checkpoint_at", "continue_at"):
+        if bool(self.restart_at) != bool(self.restart_lr) or (self.restart_at and self.schedule != "cosine"):
+            raise ValueError(f"restart_at {self.restart_at} with restart_lr {self.restart_lr}: a warm restart of the "
+                             f"cosine schedule (not {self.schedule!r}) needs both, or neither")
+        for name in ("keep_checkpoint_at", "continue_at", "restart_at"):
             if not 0 <= getattr(self, name) < self.iters:
                 raise ValueError(f"{name} must be in 0..iters-1 ({self.iters - 1}), got {getattr(self, name)}")
         if bool(self.continue_from) != bool(self.continue_at) or (

@@ -44,7 +44,7 @@ RUN_DIR_HINT = "choose another --out or --resume it"
 # What a run continuing another (TrainConfig.continue_from) must share with it: the schedule, the
 # batches and the detector it continues.
 CONTINUED_FIELDS = ("seed", "iters", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_iters",
-                    "schedule", "grad_clip", "hflip_prob", "amp", "train_split", "preset")
+                    "schedule", "restart_at", "restart_lr", "grad_clip", "hflip_prob", "amp", "train_split", "preset")
 
 
 def resize_warning(cfg: TrainConfig, ann_file) -> str | None:
@@ -89,7 +89,11 @@ def batch_indices(num_images: int, batch_size: int, seed: int, start_iter: int, 
 
 
 def lr_factor(cfg: TrainConfig, it: int) -> float:
-    """Linear warmup, then cosine decay to 0 or steps of x0.1 at 2/3 and 8/9 of the run."""
+    """Linear warmup, then cosine decay to 0 or steps of x0.1 at 2/3 and 8/9 of the run; with a
+    warm restart (cfg.restart_at), the cosine starts again there from cfg.restart_lr."""
+    if cfg.restart_at and it >= cfg.restart_at:
+        progress = (it - cfg.restart_at) / (cfg.iters - cfg.restart_at)
+        return cfg.restart_lr * 0.5 * (1 + math.cos(math.pi * progress))
     if it < cfg.warmup_iters:
         return 0.001 + (1 - 0.001) * it / cfg.warmup_iters
     progress = (it - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import math
 import os
 import signal
 import subprocess
@@ -43,6 +44,20 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(cfg, 100) == pytest.approx(0.0, abs=1e-12)
     step = TrainConfig(iters=90, warmup_iters=0, schedule="step")
     assert [lr_factor(step, i) for i in (59, 60, 79, 80)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_a_warm_restart_starts_the_cosine_again():
+    """restart_at / restart_lr: the plain schedule before, then restart_lr, cosine down to 0 at iters."""
+    plain = TrainConfig(iters=100, warmup_iters=10)
+    warm = dataclasses.replace(plain, restart_at=80, restart_lr=0.3)
+    assert [lr_factor(warm, i) for i in (0, 10, 79)] == [lr_factor(plain, i) for i in (0, 10, 79)]
+    assert lr_factor(plain, 80) == pytest.approx(0.5 * (1 + math.cos(math.pi * 70 / 90)))  # about 0.117
+    assert [lr_factor(warm, i) for i in (80, 90, 100)] == pytest.approx([0.3, 0.15, 0.0], abs=1e-12)
+    for half in (dict(restart_at=80), dict(restart_lr=0.3), dict(restart_at=80, restart_lr=0.3, schedule="step")):
+        with pytest.raises(ValueError, match="a warm restart of the cosine schedule"):
+            dataclasses.replace(plain, **half)
+    with pytest.raises(ValueError, match="restart_at must be in 0..iters-1"):
+        dataclasses.replace(plain, restart_at=100, restart_lr=0.3)
 
 
 def test_amp_dtype_follows_the_device_and_the_switch():
@@ -195,6 +210,18 @@ def test_a_run_branching_off_another_continues_its_schedule(tiny_config, tmp_pat
     # a branch that does not continue the parent's schedule, or a point the parent did not keep: refused
     with pytest.raises(ValueError, match=r"config.json: this run continues its schedule, but differs from it in lr"):
         train(dataclasses.replace(tiny_config, **branch, lr=5e-4, out=str(tmp_path / "lr")), progress=False)
+    warm = dict(restart_at=4, restart_lr=0.5)  # a warm restart at the branch point is the parent's schedule too
+    with pytest.raises(ValueError, match=r"differs from it in restart_at, restart_lr"):
+        train(dataclasses.replace(tiny_config, **branch, **warm, out=str(tmp_path / "lr")), progress=False)
+    warm_parent = train(dataclasses.replace(tiny_config, keep_checkpoint_at=4, **warm, out=str(tmp_path / "wp")),
+                        progress=False)
+    warm_same = train(dataclasses.replace(tiny_config, continue_at=4, continue_from=str(warm_parent), **warm,
+                                          out=str(tmp_path / "ws")), progress=False)
+    first = json.loads((warm_same / "metrics.jsonl").read_text().splitlines()[0])
+    assert (first["iter"], first["lr"]) == (5, pytest.approx(0.5 * tiny_config.lr))
+    warm_weights = _weights(warm_parent)
+    assert all(torch.equal(v, warm_weights[k]) for k, v in _weights(warm_same).items())
+    assert any(not torch.equal(v, parent_weights[k]) for k, v in warm_weights.items() if v.is_floating_point())
     with pytest.raises(FileNotFoundError, match=r"iter-3.pt: continue_from .* kept no checkpoint of iteration 3"):
         train(dataclasses.replace(tiny_config, continue_at=3, continue_from=str(parent), out=str(tmp_path / "p3")),
               progress=False)
