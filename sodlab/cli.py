@@ -287,6 +287,10 @@ def add_bench_arguments(parser) -> None:
                         help="upscale and hr-oracle share each seed's baseline run and train only its last N "
                              "iterations at their larger input; 0 trains them from scratch for --iters (default: "
                              "the budget's)")
+    parser.add_argument("--hires-branch-lr-restart", type=float, default=None,
+                        help="with --hires-branch-iters: every detector's cosine schedule restarts at the branch "
+                             "point from this fraction of --lr (a warm restart, the baseline's too); 0: one cosine "
+                             "(default: the budget's)")
     parser.add_argument("--data", default=None,
                         help="COCO-format directory (default: the embedded benchmark, generated if absent)")
     parser.add_argument("--train-split", default=None, help="default: the budget's (train / train2017)")
@@ -315,10 +319,13 @@ def budget_from_args(args):
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
     changes = {k: v for k, v in {"seeds": args.seeds, "threads": args.threads, "pretrained": args.pretrained,
                                  "amp": args.amp, "sr_one_pass": args.sr_one_pass, "lr": args.lr,
+                                 "hires_branch_lr_restart": args.hires_branch_lr_restart,
                                  "train_split": args.train_split, "val_split": args.val_split,
                                  "presets": presets}.items() if v is not None}
     if changes.get("seeds", 1) < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if changes.get("hires_branch_lr_restart", 0) < 0:
+        raise ValueError(f"--hires-branch-lr-restart must not be below 0, got {args.hires_branch_lr_restart}")
     if changes.get("lr", 1) <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     return with_iters(budget, args.iters, args.sr_iters, args.hires_branch_iters, **changes)

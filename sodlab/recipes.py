@@ -110,6 +110,10 @@ class Budget:
     # input, on the same schedule: one budget for the three detectors, the shared part trained
     # once. 0 trains them from scratch for `iters`.
     hires_branch_iters: int = 0
+    # f > 0: every detector's cosine schedule restarts at the branch point from f x lr
+    # (TrainConfig.restart_at, restart_lr), the baseline's too, so that the three detectors still
+    # share one schedule; 0: one cosine, which the branches continue.
+    hires_branch_lr_restart: float = 0.0
     sahi_slice: int = 128
     sahi_overlap: float = 0.2
     max_eval_images: int | None = None  # evaluate on the first N val images only (dry runs)
@@ -239,6 +243,8 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
                              "detector_run")
         else:
             values |= dict(continue_from=str(detector_run), continue_at=point)
+        if budget.hires_branch_lr_restart:
+            values |= dict(restart_at=point, restart_lr=budget.hires_branch_lr_restart)
     if method in SR_METHODS:
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")

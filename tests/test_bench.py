@@ -465,6 +465,11 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
     branched = budget_from_args(parse(["--budget", "default", "--hires-branch-iters", "100"]))
     oracle = train_config(branched, "hr-oracle", tmp_path / "o", "data/synth", detector_run=tmp_path / "baseline")
     assert (oracle.iters, oracle.continue_at, oracle.continue_from) == (600, 500, str(tmp_path / "baseline"))
+    warm = budget_from_args(parse(["--budget", "default", "--hires-branch-lr-restart", "0.5"]))
+    assert train_config(warm, "upscale", tmp_path / "u", "data/synth",
+                        detector_run=tmp_path / "baseline").restart_lr == 0.5
+    with pytest.raises(ValueError, match="--hires-branch-lr-restart must not be below 0"):
+        budget_from_args(parse(["--hires-branch-lr-restart", "-1"]))
     with pytest.raises(ValueError, match="--hires-branch-iters must be at least 0"):
         budget_from_args(parse(["--hires-branch-iters", "-1"]))
     with pytest.raises(ValueError, match="--hires-branch-iters 600 must be below"):

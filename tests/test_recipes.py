@@ -62,6 +62,13 @@ def test_upscale_and_the_oracle_branch_off_the_baseline_when_the_budget_says_so(
         assert (cfg.continue_from, cfg.continue_at) == (str(tmp_path / "baseline"), budget.iters - 6)
         # the baseline's schedule, not one of its own
         assert (cfg.iters, cfg.warmup_iters, cfg.lr, cfg.init_from) == (budget.iters, budget.warmup_iters, budget.lr, "")
+        assert (cfg.restart_at, cfg.restart_lr) == (0, 0.0)
+    warm = dataclasses.replace(budget, hires_branch_lr_restart=0.3)  # every detector restarts at the branch point
+    for method in ("baseline", *recipes.HIRES_METHODS):
+        cfg = recipes.train_config(warm, method, tmp_path / method, detector_run=tmp_path / "baseline")
+        assert (cfg.restart_at, cfg.restart_lr) == (budget.iters - 6, 0.3)
+    sr = recipes.train_config(warm, "sr", tmp_path / "sr", detector_run=tmp_path / "baseline")
+    assert (sr.restart_at, sr.restart_lr, sr.iters) == (0, 0.0, budget.sr_iters)  # the SR branch's own schedule
     scratch = dataclasses.replace(budget, hires_branch_iters=0)
     for method in ("baseline", "upscale"):
         cfg = recipes.train_config(scratch, method, tmp_path / method, detector_run=tmp_path / "baseline")

@@ -491,8 +491,11 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"{budget['schedule']} schedule, {budget['warmup_iters']} warm-up iterations"
         + (f"; `upscale` and the HR oracle share the seed's baseline run (its weights, optimizer and batches) up "
            f"to iteration {budget['iters'] - budget['hires_branch_iters']} and train its last "
-           f"{budget['hires_branch_iters']} iterations at their larger input, on the same schedule: the same "
-           "budget, with most of it trained once, since their steps cost several of the baseline's"
+           f"{budget['hires_branch_iters']} iterations at their larger input, on the same schedule"
+           + (f" (every detector's cosine restarts at that iteration from {budget['hires_branch_lr_restart']:g} x "
+              "lr, SGDR's warm restart: the x2 detectors learn their new input at a useful rate, and the baseline "
+              "has the same schedule)" if budget.get("hires_branch_lr_restart") else "")
+           + ": the same budget, with most of it trained once, since their steps cost several of the baseline's"
            if budget.get("hires_branch_iters") else "")
         + "; the detector's step "
         + ("in bfloat16 autocast where the CPU has native bf16 (float32 elsewhere)" if budget.get("amp", True)
