@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sodlab.bench import open_bench_dir, run_bench
-from sodlab.bench.measure import peak_rss_mb, run_measurement, scale_results
+from sodlab.bench.measure import batch1_speed_and_peak, peak_rss_mb, run_measurement, scale_results
 from sodlab.bench.methods import METHOD_NAMES, METHODS
 from sodlab.bench.report import gap_closed, sr_precision
 from sodlab.cli import add_bench_arguments, budget_from_args, cmd_bench
@@ -441,6 +441,16 @@ def test_a_killed_benchs_measurement_ends_with_it(tmp_path):
     while _alive(measurement) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(measurement)
+
+
+def test_batch1_peak_rss_leaves_out_what_loading_freed():
+    ballast = np.ones(300 * 2**20 // 8)  # a transient of loading, freed before inference
+    del ballast
+    before = peak_rss_mb()
+    held = np.ones(50 * 2**20 // 8)  # what inference holds: counted
+    speed, peak = batch1_speed_and_peak(lambda image: image.sum(), [held], count=3, warmup=1)
+    assert speed["images"] == 3 and peak < before - 200
+    assert peak >= held.nbytes / 2**20
 
 
 def test_isolated_measurement_has_its_own_pid_and_peak_rss():

@@ -74,6 +74,16 @@ def inference_ms_per_image(predict, images: list, count: int, warmup: int) -> di
             "warmup": warmup}
 
 
+def batch1_speed_and_peak(predict, images: list, count: int, warmup: int) -> tuple[dict, float]:
+    """``inference_ms_per_image`` and the peak RSS (MiB) while it ran: the peak restarts from the
+    current RSS first, so it is inference's at batch 1 (the loaded model, the decoded images and one
+    image's activations), not loading's transients (a checkpoint holds the optimizer's moments
+    beside the weights and is read whole, so loading peaked at the same RSS for every detector)."""
+    reset_peak_rss()
+    speed = inference_ms_per_image(predict, images, count, warmup)
+    return speed, peak_rss_mb()
+
+
 def evaluate_sahi(detection_model, dataset, slice_size: int, overlap: float) -> tuple[list[dict], dict]:
     """Like ``evaluate_model``, with SAHI's sliced prediction on each original image."""
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
@@ -183,8 +193,7 @@ def measure_inference(job: InferenceJob) -> dict:
         job.model_run, job.inference, job.data, job.val_split, job.timing_images, job.sahi_slice, job.sahi_overlap,
         device)
     eval_set = val if job.max_eval_images is None else Subset(val, range(min(job.max_eval_images, len(val))))
-    speed = inference_ms_per_image(predict, images, job.timing_images, job.timing_warmup)
-    rss = peak_rss_mb()  # before the batched evaluation below, so it is batch-1 inference's peak
+    speed, rss = batch1_speed_and_peak(predict, images, job.timing_images, job.timing_warmup)  # before evaluating
 
     tic = time.perf_counter()
     if job.inference == "sahi":

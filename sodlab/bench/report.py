@@ -520,7 +520,8 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         "(rounds of a few images each, in a rotating order), so that a drift of the machine's speed falls on "
         f"all of them alike; torch threads {header['torch_threads']}; peak RSS is VmHWM of "
         + ("a fresh process per training / inference" if header["isolated_processes"]
-           else "this process, reset before each measurement"),
+           else "this process, reset before each measurement")
+        + " (inference's from after loading: the model, the decoded images and batch 1's activations)",
         f"- {header['environment']['device']}, {header['environment']['cpus']} CPUs, torch "
         f"{header['environment']['torch']}, git {header['environment']['git']}; bench took "
         f"{header.get('seconds', 0) / 60:.1f} min" + (
