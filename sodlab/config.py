@@ -178,6 +178,7 @@ CHOICES = {
     "backbone": ("resnet18", "resnet50", "resnet101"),
     "box_head": ("2mlp", "4conv1fc"),
     "mse_reduction": ("mean", "sum"),
+    "discriminator_trunk": ("compact", "resnet50", "resnet101", "detector"),
 }
 
 
@@ -224,11 +225,14 @@ class SRConfig:
     # G's upsampling tail: 0 is SRGAN's x2 stages; u > 0 one sub-pixel step to u channels
     # (sodlab/models/generator.py), for a cheaper G at inference
     generator_upsample_channels: int = 0
+    # D's trunk: compact (four strided convs, from scratch), resnet50 / resnet101 (from scratch), or
+    # detector: the staged schedule's trained detector reads the patch, and D's heads start as its
+    # box head (sodlab/models/discriminator.py, DetectorTrunkDiscriminator)
     discriminator_trunk: str = "compact"
 
     def __post_init__(self):
         _check_ranges(self)
-        for name in ("sr_scope", "fusion", "boxes_from", "patches"):
+        for name in ("sr_scope", "fusion", "boxes_from", "patches", "discriminator_trunk"):
             _check_choice("SRConfig", name, getattr(self, name))
 
 
@@ -386,6 +390,9 @@ class TrainConfig:
             object.__setattr__(self, "sr_train", sr_train)
             if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
+            if sr.discriminator_trunk == "detector" and sr_train.schedule != "staged":
+                raise ValueError("sr.discriminator_trunk 'detector' reads patches with the detector's own backbone, "
+                                 "which only the staged schedule keeps frozen: set sr_train.schedule 'staged'")
         if bool(self.restart_at) != bool(self.restart_lr) or (self.restart_at and self.schedule != "cosine"):
             raise ValueError(f"restart_at {self.restart_at} with restart_lr {self.restart_lr}: a warm restart of the "
                              f"cosine schedule (not {self.schedule!r}) needs both, or neither")

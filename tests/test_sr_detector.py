@@ -452,3 +452,73 @@ def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config
     with torch.no_grad():
         detections = model(images, hr_images=twins)
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def _detector_trunk_config(tiny_config, out, base, method="sr", **sr_train) -> TrainConfig:
+    cfg = _staged(tiny_config, method, out, base, **sr_train)
+    return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, discriminator_trunk="detector", amp=False))
+
+
+def test_d_built_on_the_detector_reads_a_patch_as_the_detector_reads_an_image(tiny_config, tiny_synth, tmp_path):
+    """D's trunk is the detector's own backbone (not a copy, not D's parameter); its heads start as
+    the detector's box head: on a whole image as the patch, D answers what the detector's box head
+    answers for the RoI that is the image less its context margin."""
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=9).eval()
+    detector, d = model.detector, model.discriminator
+    for p in detector.roi_heads.box_predictor.parameters():  # trained heads differ from D's fresh copy ...
+        p.data.normal_()
+    d.init_from_detector()  # ... until D starts from them, as init_detector_from does
+    assert not {id(p) for p in d.parameters()} & {id(p) for p in detector.parameters()}
+    assert not any("backbone" in k for k in model.state_dict() if k.startswith("discriminator."))
+
+    image = _images(tiny_synth, 1)[0]  # 128 px: the tiny detector's own size, so it does not resize
+    c, side = cfg.sr.context, image.shape[-1]
+    box = torch.tensor([[c, c, 1 + c, 1 + c]]) * side / (1 + 2 * c)
+    with torch.no_grad():
+        image_list, _ = detector.transform([image])
+        assert image_list.tensors.shape[-1] == side
+        features = detector.backbone(image_list.tensors)
+        heads = detector.roi_heads
+        logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, [box], image_list.image_sizes)))
+        out = d(image[None])
+    assert torch.allclose(out["cls"], logits, atol=1e-4) and torch.allclose(out["box"], deltas, atol=1e-4)
+    assert out["adv"].shape == (1,)
+    detector.train()  # a detector in train mode would update its BatchNorm statistics from D's patches
+    with pytest.raises(RuntimeError, match="must be in eval mode"):
+        d(image[None])
+    detector.eval()
+    # D's heads are its own: training them leaves the detector's untouched
+    next(d.box_predictor.parameters()).data.add_(1.0)
+    assert not torch.equal(next(d.box_predictor.parameters()), next(heads.box_predictor.parameters()))
+
+    with pytest.raises(ValueError, match="only the staged schedule keeps frozen"):
+        dataclasses.replace(cfg, sr_train=dataclasses.replace(cfg.sr_train, schedule="joint"))
+
+
+@pytest.mark.slow
+def test_staged_run_with_d_built_on_the_detector(tiny_config, tmp_path):
+    """D's losses train D's heads and G, through the detector's backbone, which stays the finished
+    detector's, bitwise; the checkpoint holds that backbone once, and the run reloads as it ended."""
+    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", base)
+    fresh = build_branch(dataclasses.replace(cfg, out=str(tmp_path / "fresh")), 9, "cpu", False, False).model
+    assert torch.equal(fresh.discriminator.box_predictor.cls_score.weight,
+                       fresh.detector.roi_heads.box_predictor.cls_score.weight), "D starts as the finished box head"
+    run_dir = train(cfg, progress=False)
+    before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(before[k], after["detector." + k]) for k in before)
+    assert not any("backbone" in k for k in after if k.startswith("discriminator."))
+    head = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(after["discriminator.box_predictor.cls_score.weight"], before[head]), "D's heads trained"
+    log = _log(run_dir)
+    assert all(r["g_gradnorm_cls"] > 0 for r in log if "g_gradnorm_cls" in r), "D's class loss reaches G"
+
+    from sodlab.train import load_trained_model
+
+    _, model = load_trained_model(run_dir)
+    assert torch.equal(model.discriminator.box_predictor.cls_score.weight,
+                       after["discriminator.box_predictor.cls_score.weight"])
+    assert model.discriminator._detector[0] is model.detector

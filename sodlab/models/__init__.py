@@ -26,7 +26,7 @@ def build_model(cfg, num_classes: int):
     detector = build_detector(cfg.detector, num_classes, image_scale=cfg.input_scale, resize_in_training=not cfg.crop)
     if not cfg.is_sr:
         return detector
-    from sodlab.models.discriminator import MultiTaskDiscriminator
+    from sodlab.models.discriminator import DetectorTrunkDiscriminator, MultiTaskDiscriminator
     from sodlab.models.generator import SRGenerator
     from sodlab.models.sr_detector import SRDetector
 
@@ -39,7 +39,8 @@ def build_model(cfg, num_classes: int):
         torch.manual_seed(torch.initial_seed() + 1)
         generator = (SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale,
                                  upsample_channels=sr.generator_upsample_channels) if sr.use_generator else None)
-        discriminator = MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk)
+        discriminator = (DetectorTrunkDiscriminator(detector, sr.context) if sr.discriminator_trunk == "detector"
+                         else MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk))
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
                       area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, gate_top_k=sr.gate_top_k,
                       fusion=sr.fusion, amp=sr.amp, patches=sr.patches,

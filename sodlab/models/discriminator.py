@@ -14,6 +14,8 @@ box head on small RoIs.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -112,3 +114,62 @@ class MultiTaskDiscriminator(nn.Module):
             "cls": self.cls_head(features),
             "box": self.box_head(features),
         }
+
+
+class DetectorTrunkDiscriminator(nn.Module):
+    """D whose trunk is the seed's trained detector, and whose heads start as its box head.
+
+    SOD-MTGAN's D is an ImageNet-pretrained ResNet; this project downloads no weights, and the one
+    trained network it has is the detector the SR branch serves (the staged schedule). So D reads
+    a patch as the detector reads an image: the detector's backbone and FPN (frozen, shared, never
+    copied: its weights are saved once, as the detector's), then its RoI pooling of the patch's
+    object box (the patch less its context margin), then D's own box head and predictor, copies of
+    the detector's trained ones that D fine-tunes, and an adversarial head on the same features.
+    A super-resolved small object is then judged by a network that already knows medium objects
+    (README: "D built on the detector").
+
+    Only the staged schedule can use it: there the detector is finished and frozen, so D's losses
+    never reach the detector's weights.
+    """
+
+    def __init__(self, detector: nn.Module, context: float) -> None:
+        super().__init__()
+        # a plain list, not a submodule: the detector belongs to SRDetector, which saves and moves it
+        self._detector = [detector]
+        self.context = context
+        heads = detector.roi_heads
+        self.box_head = copy.deepcopy(heads.box_head)
+        self.box_predictor = copy.deepcopy(heads.box_predictor)
+        self.adv_head = nn.Linear(heads.box_predictor.cls_score.in_features, 1)
+        self.num_classes = heads.box_predictor.cls_score.out_features
+
+    def init_from_detector(self) -> None:
+        """Copy the detector's trained box head and predictor into D's (after the detector's weights load)."""
+        heads = self._detector[0].roi_heads
+        self.box_head.load_state_dict(heads.box_head.state_dict())
+        self.box_predictor.load_state_dict(heads.box_predictor.state_dict())
+
+    def object_box(self, height: int, width: int, device) -> torch.Tensor:
+        """The RoI's own box inside its patch: the patch less the context margin on each side."""
+        c = self.context
+        lo, hi = c / (1 + 2 * c), (1 + c) / (1 + 2 * c)
+        return torch.tensor([[lo * width, lo * height, hi * width, hi * height]], device=device)
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        if patches.dim() != 4 or patches.shape[1] != 3:
+            raise ValueError(f"DetectorTrunkDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
+        detector = self._detector[0]
+        if detector.training:  # its BatchNorm would normalise by the patches' batch and move its running statistics
+            raise RuntimeError("DetectorTrunkDiscriminator: the detector must be in eval mode (frozen, as the staged "
+                               "schedule keeps it)")
+        n, _, h, w = patches.shape
+        # the detector's own input normalisation, at the patch's size (no resize: the object stays
+        # as large as G made it)
+        features = detector.backbone(detector.transform.normalize(patches))
+        if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
+            features = {"0": features}
+        box = self.object_box(h, w, patches.device).to(patches.dtype)
+        pooled = detector.roi_heads.box_roi_pool(features, [box] * n, [(h, w)] * n)
+        x = self.box_head(pooled)
+        logits, deltas = self.box_predictor(x)
+        return {"adv": self.adv_head(x).squeeze(-1), "cls": logits, "box": deltas}
