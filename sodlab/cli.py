@@ -301,6 +301,10 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--pretrained", default=None, action=argparse.BooleanOptionalAction,
                         help="ImageNet backbone weights (default: the preset's; --no-pretrained where none exist)")
     parser.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
+    parser.add_argument("--sr-discriminator-trunk", choices=CHOICES["discriminator_trunk"], default=None,
+                        help="D's trunk in the SR methods: compact (the recipe's, trained from scratch) or detector "
+                             "(the seed's trained detector reads each patch, and D's heads start as its box head; "
+                             "README: 'D built on the detector')")
     parser.add_argument("--sr-one-pass", default=None, action=argparse.BooleanOptionalAction,
                         help="the SR variants of a seed train in one pass over the same batches, sharing each "
                              "batch's loading and the frozen detector's forward (default); --no-sr-one-pass trains "
@@ -328,6 +332,8 @@ def budget_from_args(args):
         raise ValueError(f"--hires-branch-lr-restart must not be below 0, got {args.hires_branch_lr_restart}")
     if changes.get("lr", 1) <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.sr_discriminator_trunk:
+        changes["sr"] = {**budget.sr, "discriminator_trunk": args.sr_discriminator_trunk}
     return with_iters(budget, args.iters, args.sr_iters, args.hires_branch_iters, **changes)
 
 

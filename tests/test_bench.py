@@ -492,6 +492,16 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
             for m in METHODS if m.train_as and not m.shares_detector} == {7e-4}
     with pytest.raises(ValueError, match="--lr must be positive"):
         budget_from_args(parse(["--lr", "0"]))
+    on_detector = budget_from_args(parse(["--budget", "default", "--sr-discriminator-trunk", "detector"]))
+    trunks = {m.name: train_config(on_detector, m.train_as, tmp_path / m.name, "data/synth",
+                                   detector_run=tmp_path / "baseline").sr.discriminator_trunk
+              for m in METHODS if m.shares_detector}
+    assert set(trunks.values()) == {"detector"} and len(trunks) == 5
+    # D built on the detector drowns G's pixel term at the compact D's weight: the recipe raises it
+    assert train_config(on_detector, "sr", tmp_path / "sr", "data/synth",
+                        detector_run=tmp_path / "baseline").sr_train.weights.mse == 100.0
+    compact = train_config(budget, "sr", tmp_path / "sr", "data/synth", detector_run=tmp_path / "baseline")
+    assert (compact.sr.discriminator_trunk, compact.sr_train.weights.mse) == ("compact", 10.0)
 
 
 def test_no_amp_trains_every_method_in_float32(tmp_path):

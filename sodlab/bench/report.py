@@ -505,7 +505,9 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
             f"; gated: only the {header['sr_gate_top_k']} small proposals per image the box head finds most likely "
             "foreground go through G and D" if header.get("sr_gate_top_k") else "; ungated: every small proposal "
-            "goes through G and D") + sr_precision(header),
+            "goes through G and D") + sr_precision(header) + (
+            "; D built on the detector: the seed's trained detector reads each patch, and D's heads start as its "
+            "box head" if header.get("sr_discriminator_trunk") == "detector" else ""),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
         f"- evaluation: whole images, each resized by its own detector (the oracle's {header['oracle']['scale']}x "
