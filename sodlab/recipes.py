@@ -166,7 +166,7 @@ BUDGETS: dict[str, Budget] = {
     # its last 100 iterations at their x2 input: the same 600 iterations and schedule as every
     # detector (README: "The x2 detectors branch off the baseline's run"). Continuing the cosine's
     # tail (8% of lr at 500), they missed the large objects that x2 makes larger than the 1x
-    # detector ever saw, unless they branched at 400, minutes more per seed; so every detector's
+    # detector ever saw, unless they branched at 400, at more minutes per seed; so every detector's
     # cosine restarts at 500 from half the peak (SGDR's warm restart), the baseline's too, which
     # also gains by it (README: "A warm restart at the branch point", with the figures).
     # AdamW at 7e-4 rather than the demo's 1e-3: over three seeds the baseline's AP at 600

@@ -297,7 +297,7 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
                  "--detector-* flags)")
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
         detector.requires_grad_(False)
-        if hasattr(model.discriminator, "init_from_detector"):  # D built on the detector starts from its heads
+        if cfg.sr.discriminator_trunk == "detector":  # D built on the detector starts from its trained heads
             model.discriminator.init_from_detector()
 
 

@@ -454,8 +454,8 @@ def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
 
 
-def _detector_trunk_config(tiny_config, out, base, method="sr", **sr_train) -> TrainConfig:
-    cfg = _staged(tiny_config, method, out, base, **sr_train)
+def _detector_trunk_config(tiny_config, out, base) -> TrainConfig:
+    cfg = _staged(tiny_config, "sr", out, base)
     return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, discriminator_trunk="detector", amp=False))
 
 

@@ -141,7 +141,6 @@ class DetectorTrunkDiscriminator(nn.Module):
         self.box_head = copy.deepcopy(heads.box_head)
         self.box_predictor = copy.deepcopy(heads.box_predictor)
         self.adv_head = nn.Linear(heads.box_predictor.cls_score.in_features, 1)
-        self.num_classes = heads.box_predictor.cls_score.out_features
 
     def init_from_detector(self) -> None:
         """Copy the detector's trained box head and predictor into D's (after the detector's weights load)."""
