@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sodlab.data.coco import coco_paths, load_split, twin_dir
+from sodlab.data.coco import coco_paths, load_split, twin_source
 from sodlab.io import atomic_torch_save, atomic_write_json
 from sodlab.models.generator import SRGenerator
 from sodlab.patches import DEFAULT_CONTEXT, Images, box_side, extract_patches, lr_hr_pairs, lr_patches
@@ -216,8 +216,9 @@ def make_pairs(data_dir: str | Path, cfg: PretrainConfig, split: str = "train",
     """
     data_dir = Path(data_dir)
     twins = cfg.hr_source == "twin"
-    if twins and twin_dir(data_dir, split, cfg.hr_scale) is None:
-        raise FileNotFoundError(f"{data_dir / f'{split}_x{cfg.hr_scale}'}: no x{cfg.hr_scale} twins for "
+    if twins and twin_source(data_dir, split, cfg.hr_scale) is None:
+        raise FileNotFoundError(f"{data_dir / f'{split}_x{cfg.hr_scale}'}: no x{cfg.hr_scale} twins (nor twins of a "
+                                f"multiple of {cfg.hr_scale}) for "
                                 f"hr_source='twin'; write them with `sodlab synth --hr-scale {cfg.hr_scale}` "
                                 "or use hr_source='image'")
     tic, cpu_tic = time.perf_counter(), time.process_time()
@@ -505,7 +506,7 @@ def evaluate_generator(
     bicubic alone.
     """
     data_dir = Path(data_dir)
-    twins = twin_dir(data_dir, split, cfg.hr_scale) is not None
+    twins = twin_source(data_dir, split, cfg.hr_scale) is not None
     dataset = load_split(data_dir, split, train=False, hr_scale=cfg.hr_scale if twins else None)
     if not twins:
         edges, labels = (0.0, math.inf), ["image"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sodlab.config import TrainConfig
-from sodlab.data.coco import load_split, twin_dir
+from sodlab.data.coco import load_split, twin_source
 from sodlab.data.oracle import oracle_ground_truth
 from sodlab.distributed import init_distributed
 from sodlab.evaluate import evaluate_run
@@ -29,9 +29,10 @@ def load_eval_split(cfg: TrainConfig, data: str | os.PathLike | None = None, spl
     (``sr.patches="twin"``, the oracle G), which only data with twins can give."""
     data, split = data or cfg.data, split or cfg.val_split
     twins = cfg.is_sr and cfg.sr.patches == "twin"
-    if twins and twin_dir(data, split, cfg.sr.scale) is None:
+    if twins and twin_source(data, split, cfg.sr.scale) is None:
         raise ValueError(f"{data}: --sr-patches twin cuts D's patches from the exact x{cfg.sr.scale} twins in "
-                         f"{split}_x{cfg.sr.scale}/, and there are none; the embedded benchmark has them")
+                         f"{split}_x{cfg.sr.scale}/ (or twins of a multiple of {cfg.sr.scale}), and there are none; "
+                         "the embedded benchmark has them")
     return load_split(data, split, train=False, scale=cfg.input_scale, hr_scale=cfg.sr.scale if twins else None)
 
 
@@ -85,7 +86,7 @@ def evaluate_patch_sources(run_dir: str | os.PathLike, max_images: int | None = 
     """An SR run evaluated with D held fixed on each of OTHER_PATCH_SOURCES (the twins' only when its
     val split has twins), as ``sodlab eval --sr-patches P`` does: {P: {"dir", "eval"}}."""
     cfg = TrainConfig.from_dict(read_json(Path(run_dir) / "config.json"))
-    has_twins = twin_dir(cfg.data, cfg.val_split, cfg.sr.scale) is not None
+    has_twins = twin_source(cfg.data, cfg.val_split, cfg.sr.scale) is not None
     out = {}
     for patches in OTHER_PATCH_SOURCES:
         if patches == "twin" and not has_twins:
@@ -115,7 +116,7 @@ def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = N
         write_sr_quality(run_dir, cfg, model, held_out)
         # Browsable patches show the exact twin as HR whenever the data has one.
         write_sr_patches(model, held_out, run_dir / "sr_patches",
-                         hr_dir=twin_dir(cfg.data, cfg.val_split, cfg.sr.scale))
+                         twins=twin_source(cfg.data, cfg.val_split, cfg.sr.scale))
     return stats
 
 

@@ -117,13 +117,14 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 2000) -> dict:
 
 
 @torch.no_grad()
-def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) -> int:
+def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, twins=None) -> int:
     """Write the (LR, SR, HR) patches of the val split's small ground-truth objects for browsing.
 
     LR is the patch the detector's SR branch really gets at inference (``lr_patches``), SR is
-    what G makes of it, HR the same region from the exact twin in ``hr_dir`` (or resampled from
-    the image when there is none). Writes out_dir/{lr,sr,hr}/<annotation id>.png and
-    out_dir/index.json, the format sodlab.explore reads. Returns the number of patches.
+    what G makes of it, HR the same region from the exact twin (``twins``, a
+    ``coco.twin_source``; or resampled from the image when there is none). Writes
+    out_dir/{lr,sr,hr}/<annotation id>.png and out_dir/index.json, the format sodlab.explore
+    reads. Returns the number of patches.
     """
     from pathlib import Path
 
@@ -131,7 +132,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
 
     from torchvision.transforms.functional import pil_to_tensor
 
-    from sodlab.data.coco import apply_box_policy, load_coco_json, read_rgb_image
+    from sodlab.data.coco import apply_box_policy, load_coco_json, read_twin
     from sodlab.io import atomic_write_json
 
     out_dir = Path(out_dir)
@@ -160,11 +161,10 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, hr_dir=None) 
                               for a in anns])
         out = model.reconstruct([image.to(device)], [boxes.to(device)])
         lr, sr = out["lr_patch"].cpu(), out["sr_patch"].cpu()
-        twins = None
-        if hr_dir is not None:
-            twin_path = Path(hr_dir) / dataset.images[image_id]["file_name"]
-            twins = [pil_to_tensor(read_rgb_image(twin_path, image_id)).float() / 255]
-        _, hr, _ = lr_hr_pairs([image], [boxes], model.lr_size, model.scale, model.context, hr_images=twins)
+        twin = None
+        if twins is not None:
+            twin = [pil_to_tensor(read_twin(twins, dataset.images[image_id]["file_name"], image_id)).float() / 255]
+        _, hr, _ = lr_hr_pairs([image], [boxes], model.lr_size, model.scale, model.context, hr_images=twin)
         for a, lr_i, sr_i, hr_i in zip(anns, lr, sr, hr):
             stem = f"{a['id']}.png"
             save(lr_i, out_dir / "lr" / stem)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,34 @@ def test_twin_at_another_scale_shows_the_same_scene(fifty):
     assert twin2.shape == (512, 512, 3)
     # Not bit-exact (shape edges are sampled on another grid) but the same picture.
     assert np.abs(synth.area_downsample(twin2, 2).astype(float) - lr).mean() < 1.5
+
+
+def test_x4_twins_serve_x2_as_their_area_average(tiny, tmp_path):
+    """A split with only x4 twins loads x2 twins as the x4 ones area-averaged by 2, which reduce
+    to the LR image (up to uint8 rounding); written x2 twins come first, and a scale that divides
+    no written twin is refused with the folder it looked for."""
+    from sodlab.data.coco import load_split, twin_source
+
+    root, _ = tiny
+    assert twin_source(root, "val", 2) == (root / "val_x4", 2)
+    assert twin_source(root, "val", 4) == (root / "val_x4", 1)
+    assert twin_source(root, "val", 3) is None
+    _, target = load_split(root, "val", train=False, hr_scale=2)[0]
+    twin2 = (target["hr_image"] * 255).round().byte().permute(1, 2, 0).numpy()  # the loader gives floats in [0, 1]
+    x4 = np.asarray(Image.open(root / "val_x4" / "000001.png").convert("RGB"))
+    assert np.array_equal(twin2, synth.area_downsample(x4, 2))
+    assert np.abs(synth.area_downsample(twin2, 2).astype(int) - _load_lr(root, "val", 1).astype(int)).max() <= 1
+    assert np.array_equal(synth.render_twin(root, "val", 1, 2), twin2)
+    with pytest.raises(FileNotFoundError, match="val_x3"):
+        load_split(root, "val", train=False, hr_scale=3)
+
+    written = tmp_path / "written"
+    shutil.copytree(root, written)
+    (written / "val_x2").mkdir()
+    Image.fromarray(np.zeros_like(twin2)).save(written / "val_x2" / "000001.png")
+    assert twin_source(written, "val", 2) == (written / "val_x2", 1)
+    _, target = load_split(written, "val", train=False, hr_scale=2)[0]
+    assert int(target["hr_image"].max()) == 0
 
 
 def test_render_twin_names_the_missing_image(tiny):

@@ -63,7 +63,7 @@ def fit_twin_scale(budget: Budget, data_dir: Path) -> tuple[Budget, str | None]:
     scale than the SR recipe's: data converted with ``sodlab convert --twins 2`` trains G at x2, and
     the oracle on those x2 twins. A budget that sets the SR scale itself is kept as it is."""
     from sodlab.config import SRConfig
-    from sodlab.data.oracle import written_twin_scales
+    from sodlab.data.coco import written_twin_scales
 
     scale = SRConfig(**budget.sr).scale
     written = [set(written_twin_scales(data_dir, split)) for split in (budget.train_split, budget.val_split)]

@@ -291,6 +291,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         hr_dir: str | os.PathLike | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        hr_reduce: int = 1,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -298,6 +299,7 @@ class CocoDetection(torch.utils.data.Dataset):
         # Exact high-resolution twins (embedded benchmark, DIR/{split}_x{k}/): returned as
         # target["hr_image"], an Image, so transforms.v2 flips it together with the image.
         self.hr_dir = Path(hr_dir) if hr_dir is not None else None
+        self.hr_reduce = hr_reduce  # each twin is area-averaged by this first (twins of a multiple of k)
         self.max_pixels = max_pixels
         data = load_coco_json(self.ann_file)
 
@@ -378,8 +380,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
         }
         if self.hr_dir is not None:
-            hr_path = self.hr_dir / self.images[image_id]["file_name"]
-            hr_image = read_rgb_image(hr_path, image_id, max_pixels=self.max_pixels)
+            hr_image = read_twin((self.hr_dir, self.hr_reduce), self.images[image_id]["file_name"], image_id,
+                                 max_pixels=self.max_pixels)
             target["hr_image"] = tv_tensors.Image(F.pil_to_tensor(hr_image))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -465,6 +467,54 @@ def twin_dir(data_dir: str | os.PathLike, split: str, k: int) -> Path | None:
     return path if path.is_dir() else None
 
 
+def written_twin_scales(data_dir: str | Path, split: str) -> list[int]:
+    """The scales k of the twins written for a split (DIR/{split}_xk/), smallest first."""
+    return sorted(int(p.name.rsplit("_x", 1)[1]) for p in Path(data_dir).glob(f"{split}_x*")
+                  if p.is_dir() and p.name.rsplit("_x", 1)[1].isdigit())
+
+
+def twin_source(data_dir: str | os.PathLike, split: str, k: int) -> tuple[Path, int] | None:
+    """Where a split's xk twins come from: (DIR/{split}_xk/, 1) when written, else (DIR/{split}_xm/,
+    m // k) for the smallest written m that k divides, each twin area-averaged by m // k on
+    load (an x4 twin serves a x2 G: the LR image is the same area average, up to uint8 rounding),
+    or None when the data has neither."""
+    if (folder := twin_dir(data_dir, split, k)) is not None:
+        return folder, 1
+    for m in written_twin_scales(data_dir, split):
+        if m > k and m % k == 0:
+            return Path(data_dir) / f"{split}_x{m}", m // k
+    return None
+
+
+def read_twin(source: tuple[Path, int], file_name: str, image_id: int | None = None,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image's twin from a ``twin_source``: read, then area-averaged by its factor."""
+    folder, factor = source
+    twin = read_rgb_image(Path(folder) / file_name, image_id, max_pixels=max_pixels)
+    return twin if factor == 1 else Image.fromarray(area_downsample(np.asarray(twin), factor))
+
+
+def area_downsample(img: np.ndarray, k: int) -> np.ndarray:
+    """Average each k x k block. uint8 in, uint8 out (rounded half up, exactly); float stays float."""
+    k = int(k)
+    height, width = img.shape[:2]
+    if height % k or width % k:
+        raise ValueError(f"image of {width}x{height} pixels is not divisible by the factor {k}")
+    blocks = img.reshape(height // k, k, width // k, k, *img.shape[2:])
+    if img.dtype == np.uint8:
+        # Integer sums make the result independent of float summation order: bit-exact anywhere.
+        # Adding the k strided slices one by one is ~8x faster than ndarray.sum over axes (1, 3).
+        acc = np.uint16 if k * k * 255 <= np.iinfo(np.uint16).max else np.uint32
+        rows = blocks[:, 0].astype(acc)
+        for i in range(1, k):
+            rows += blocks[:, i]
+        total = rows[:, :, 0].copy()
+        for j in range(1, k):
+            total += rows[:, :, j]
+        return ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
+    return blocks.mean(axis=(1, 3))
+
+
 def load_split(
     data_dir: str | os.PathLike,
     split: str,
@@ -476,16 +526,20 @@ def load_split(
     """The dataset for DIR/{split} with ``make_transforms(train, hflip_prob, scale)``.
 
     ``hr_scale=k`` also returns the exact xk twin of every image as target["hr_image"], from
-    DIR/{split}_x{k}/ (written by ``sodlab synth --hr-scale k``).
+    DIR/{split}_x{k}/ (written by ``sodlab synth --hr-scale k``), or area-averaged from written
+    twins of a multiple of k (``twin_source``).
     """
     image_dir, ann_file = coco_paths(data_dir, split)
-    hr_dir = None
+    hr_dir, hr_reduce = None, 1
     if hr_scale is not None:
-        hr_dir = Path(data_dir) / f"{split}_x{hr_scale}"
-        if not hr_dir.is_dir():
+        source = twin_source(data_dir, split, hr_scale)
+        if source is None:
             raise FileNotFoundError(
-                f"{hr_dir}: no x{hr_scale} twins for split {split!r}; take HR patches from the images themselves "
+                f"{Path(data_dir) / f'{split}_x{hr_scale}'}: no x{hr_scale} twins for split {split!r} (nor twins of a "
+                f"multiple of {hr_scale}); take HR patches from the images themselves "
                 f"(--sr-hr-source image), or train on data with twins: real images as exact twins of an "
                 f"area-averaged LR copy (`sodlab convert ... --twins {hr_scale}`), or the embedded benchmark "
                 f"(`sodlab synth --hr-scale {hr_scale}`)")
-    return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale), hr_dir)
+        hr_dir, hr_reduce = source
+    return CocoDetection(image_dir, ann_file, make_transforms(train, hflip_prob=hflip_prob, scale=scale), hr_dir,
+                         hr_reduce=hr_reduce)

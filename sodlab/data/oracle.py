@@ -11,25 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from sodlab.data.coco import load_coco_json, twin_dir
-from sodlab.data.synth import area_downsample, render_twin
+from sodlab.data.coco import area_downsample, load_coco_json, twin_source
+from sodlab.data.synth import render_twin
 from sodlab.io import atomic_write_json, read_json
-
-
-def written_twin_scales(data_dir: str | Path, split: str) -> list[int]:
-    """The scales k of the twins written for a split (DIR/{split}_xk/), smallest first."""
-    return sorted(int(p.name.rsplit("_x", 1)[1]) for p in Path(data_dir).glob(f"{split}_x*")
-                  if p.is_dir() and p.name.rsplit("_x", 1)[1].isdigit())
 
 
 def _twin_source(data_dir: Path, split: str, k: int) -> tuple[str, int] | None:
     """How to get the xk twins of a split: ("written", k), ("reduce", m) from written xm twins
     (m a multiple of k, area-averaged by m/k), ("render", k) from the scene file, or None."""
-    if twin_dir(data_dir, split, k) is not None:
-        return "written", k
-    for m in written_twin_scales(data_dir, split):
-        if m > k and m % k == 0:
-            return "reduce", m
+    source = twin_source(data_dir, split, k)
+    if source is not None:
+        folder, factor = source
+        return ("written", k) if factor == 1 else ("reduce", k * factor)
     if (data_dir / "annotations" / f"scenes_{split}.json").is_file():
         return "render", k
     return None

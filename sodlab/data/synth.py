@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from sodlab.data.coco import MEDIUM_MAX_AREA, SMALL_MAX_AREA, size_bucket
+from sodlab.data.coco import MEDIUM_MAX_AREA, SMALL_MAX_AREA, area_downsample, read_twin, size_bucket, twin_source
 from sodlab.io import atomic_write_json
 
 SYNTH_VERSION = 1
@@ -532,27 +532,6 @@ def render_scene(scene: dict, scale: int) -> tuple[np.ndarray, list[dict]]:
     return image, visible
 
 
-def area_downsample(img: np.ndarray, k: int) -> np.ndarray:
-    """Average each k x k block. uint8 in, uint8 out (rounded half up, exactly); float stays float."""
-    k = int(k)
-    height, width = img.shape[:2]
-    if height % k or width % k:
-        raise ValueError(f"image of {width}x{height} pixels is not divisible by the factor {k}")
-    blocks = img.reshape(height // k, k, width // k, k, *img.shape[2:])
-    if img.dtype == np.uint8:
-        # Integer sums make the result independent of float summation order: bit-exact anywhere.
-        # Adding the k strided slices one by one is ~8x faster than ndarray.sum over axes (1, 3).
-        acc = np.uint16 if k * k * 255 <= np.iinfo(np.uint16).max else np.uint32
-        rows = blocks[:, 0].astype(acc)
-        for i in range(1, k):
-            rows += blocks[:, i]
-        total = rows[:, :, 0].copy()
-        for j in range(1, k):
-            total += rows[:, :, j]
-        return ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
-    return blocks.mean(axis=(1, 3))
-
-
 def visible_box_and_area(window: tuple[int, int, int, int], mask: np.ndarray, scale: int) -> tuple[list[float], float]:
     """COCO bbox [x, y, w, h] (LR pixels) and area (visible LR pixels) of a render-scale mask."""
     x0, y0 = window[0], window[1]
@@ -774,14 +753,14 @@ def _load_scenes(path: str, mtime_ns: int) -> dict:
 
 
 def render_twin(data_dir: str | os.PathLike, split: str, image_id: int, k: int) -> np.ndarray:
-    """The xk HR twin of an image: read from DIR/{split}_x{k}/ if written, else rendered again
-    from DIR/annotations/scenes_{split}.json. k=1 gives the LR image itself."""
+    """The xk HR twin of an image: read from DIR/{split}_x{k}/ if written (or area-averaged from
+    written twins of a multiple of k), else rendered again from DIR/annotations/scenes_{split}.json.
+    k=1 gives the LR image itself."""
     data_dir = Path(data_dir)
     file_name = f"{int(image_id):06d}.png"
-    written = data_dir / (split if k == 1 else f"{split}_x{k}") / file_name
-    if written.is_file():
-        with Image.open(written) as img:
-            return np.asarray(img.convert("RGB"))
+    source = (data_dir / split, 1) if k == 1 else twin_source(data_dir, split, k)
+    if source is not None and (source[0] / file_name).is_file():
+        return np.asarray(read_twin(source, file_name, image_id))
     scenes_path = data_dir / "annotations" / f"scenes_{split}.json"
     if not scenes_path.is_file():
         raise FileNotFoundError(f"{scenes_path}: no scene file to render image {image_id} of split {split!r} from")
