@@ -486,6 +486,17 @@ def test_d_built_on_the_detector_reads_a_patch_as_the_detector_reads_an_image(ti
         out = d(image[None])
     assert torch.allclose(out["cls"], logits, atol=1e-4) and torch.allclose(out["box"], deltas, atol=1e-4)
     assert out["adv"].shape == (1,)
+    # G's patches map to P2, which D computes alone: the same answers as from the whole pyramid
+    patches = torch.rand(3, 3, cfg.sr.lr_size * cfg.sr.scale, cfg.sr.lr_size * cfg.sr.scale)
+    coarser = []  # calls of P3's 3x3 conv
+    detector.backbone.fpn.layer_blocks[1].register_forward_hook(lambda *args: coarser.append(1))
+    with torch.no_grad():
+        finest = d(patches)
+        assert not coarser
+        heads.box_roi_pool.map_levels = None  # unset, D reads the whole pyramid (and the pooler sets it again)
+        whole = d(patches)
+        assert coarser
+    assert all(torch.allclose(finest[k], whole[k], atol=1e-5) for k in finest)
     detector.train()  # a detector in train mode would update its BatchNorm statistics from D's patches
     with pytest.raises(RuntimeError, match="must be in eval mode"):
         d(image[None])

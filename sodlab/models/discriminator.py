@@ -19,6 +19,7 @@ import copy
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -154,6 +155,22 @@ class DetectorTrunkDiscriminator(nn.Module):
         lo, hi = c / (1 + 2 * c), (1 + c) / (1 + 2 * c)
         return torch.tensor([[lo * width, lo * height, hi * width, hi * height]], device=device)
 
+    def _finest_fpn_level(self, x: torch.Tensor) -> torch.Tensor:
+        """The detector's finest FPN map (P2) of ``x``, and nothing coarser.
+
+        FPN's level mapper sends every box under 112 px across to P2 (a 224 px box reads P4), so
+        for G's patches RoI pooling reads P2 alone, and the FPN's outputs at the coarser levels
+        would never be read. So this is torchvision's FeaturePyramidNetwork.forward down to
+        P2 without the 3x3 convs and extra block of P3 and up: the same P2, at less cost.
+        """
+        backbone = self._detector[0].backbone
+        fpn, c = backbone.fpn, list(backbone.body(x).values())
+        inner = fpn.get_result_from_inner_blocks(c[-1], -1)
+        for idx in range(len(c) - 2, -1, -1):
+            lateral = fpn.get_result_from_inner_blocks(c[idx], idx)
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+        return fpn.get_result_from_layer_blocks(inner, 0)
+
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         if patches.dim() != 4 or patches.shape[1] != 3:
             raise ValueError(f"DetectorTrunkDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
@@ -164,11 +181,17 @@ class DetectorTrunkDiscriminator(nn.Module):
         n, _, h, w = patches.shape
         # the detector's own input normalisation, at the patch's size (no resize: the object stays
         # as large as G made it)
-        features = detector.backbone(detector.transform.normalize(patches))
-        if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
-            features = {"0": features}
+        x = detector.transform.normalize(patches)
         box = self.object_box(h, w, patches.device).to(patches.dtype)
-        pooled = detector.roi_heads.box_roi_pool(features, [box] * n, [(h, w)] * n)
+        pool, fpn = detector.roi_heads.box_roi_pool, getattr(detector.backbone, "fpn", None)
+        if fpn is not None and pool.map_levels is not None and int(pool.map_levels([box])[0]) == 0:
+            pooled = torchvision.ops.roi_align(self._finest_fpn_level(x), [box] * n, pool.output_size,
+                                               spatial_scale=pool.scales[0], sampling_ratio=pool.sampling_ratio)
+        else:
+            features = detector.backbone(x)
+            if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
+                features = {"0": features}
+            pooled = pool(features, [box] * n, [(h, w)] * n)
         x = self.box_head(pooled)
         logits, deltas = self.box_predictor(x)
         return {"adv": self.adv_head(x).squeeze(-1), "cls": logits, "box": deltas}
