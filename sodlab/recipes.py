@@ -32,39 +32,47 @@ SMALL_DETECTOR = dict(min_size=128, max_size=128, rpn_post_nms_top_n_train=200, 
 HIRES_METHODS = ("upscale", "hr-oracle")
 
 # The SR recipe on top of SRConfig's and SRTrainConfig's defaults (the paper's literal choices).
+# D is built on the detector (SRConfig.discriminator_trunk "detector"): the seed's finished detector
+# reads each SR patch and D fine-tunes a copy of its box head. The compact D, trained from scratch
+# in the staged phase, could not see what reconstruction adds: with it held fixed, even the exact
+# twins' patches gave only +0.2 APs over bilinear ones, and `sr` - `sr-no-recon` was +0.2 APs over
+# three seeds; with this D, +0.8 (README: "D built on the detector, with G at x2").
+# G super-resolves x2, not x4: the detector's backbone on the gate's patches is most of this D's
+# cost at inference, and it falls with their pixels (32 px instead of 64: 1.4x the baseline's
+# latency instead of 1.9x at k=24, with APs nearly equal to D reading G's x4 patches averaged to
+# 32 px). G still beats bicubic by more than 1 dB in every size bin.
+# L_MSE weighs 100, not the paper's 1: D's class and box terms reach G through the detector's
+# backbone with a far larger gradient than the pixel term's, and at 10 the staged phase wore G's
+# gain over bicubic at 16-32 px below 1 dB (README: "D built on the detector", with the gradients).
+# The compact D keeps its own recipe (`--sr-discriminator-trunk compact`): G at x4, L_MSE x10,
+# which is where its pixel term's gradient was about 0.6 of its class term's (README: "The pixel
+# term's weight"). The ResNet Ds of the paper budget, trained from scratch as the compact D is,
+# take the compact D's recipe.
 # Gated inference: G and D on every small proposal cost several times the detector itself, so only
-# the GATE_TOP_K small proposals the box head finds most likely foreground go through them. k=24
-# is the largest gate within 1.3x the baseline's latency on a CPU without bf16, with APs within
-# 0.3 of the ungated model (README: "The gate on a CPU without bf16", which chose k from the share
-# of small true positives kept and the paired latency).
+# the gate's k small proposals the box head finds most likely foreground go through them. k is the
+# largest gate at about 1.3x the baseline's latency on a CPU without bf16: 24 for the compact D
+# (README: "The gate on a CPU without bf16"), 16 for this D, whose k=24 costs 1.39x and adds 0.5
+# APs more (README: "D built on the detector, with G at x2").
 # The SR scope is proposals under 16^2 px (area_threshold 256), for training and inference: the
 # 16 px LR patch downsamples larger RoIs before G, so G has nothing to recover there, and the
 # 16^2 scope kept AP where COCO's 32^2 lost it (README: "The SR recipe over three seeds").
 # G starts from a PSNR-oriented G pretrained on the data's small RoIs (sodlab.pretrain, cached per
 # dataset), as SRGAN and ESRGAN start their adversarial stage: from its bicubic start G stayed
 # bicubic through the staged branch, and only the pretrained G beats bicubic (README).
-# L_MSE weighs 10, not the paper's 1: at weight 1 the pixel term's gradient on G's output was 1/17
-# of the class term's (beta = 0.01), and the staged phase wore the pretrained G down towards
-# bicubic; at 10 it is about 0.6 of it, and G keeps more of its gain at 8-16 px with APs held
-# (README: "The pixel term's weight").
 # G pretrains for 3,000 iterations, not 1,000: only then does it stay more than 1 dB above bicubic
 # at 8-16 px through the staged phase, with APs unchanged (README: "How long G pretrains"); the
 # longer pretraining is paid once per dataset, since the pretrained G is cached.
-# G upsamples in one sub-pixel step to 8 channels, not SRGAN's two x2 stages: G is most of the SR
-# branch's added latency, and the x2 stage at 32 x 32 alone is half of G's multiply-adds. In
-# float32 (a CPU without bf16) the gated SR inference then costs about 1.3x the baseline's instead
-# of 1.4-1.9x, with G as far above bicubic at 8-16 px and APs a little lower (README: "A cheaper
-# G"). The paper budget keeps SRGAN's stages: it runs on a GPU, at the paper's G size.
-GATE_TOP_K = 24
-SR_RECIPE = dict(fusion="mean", gate_top_k=GATE_TOP_K, area_threshold=16.0 ** 2, generator_upsample_channels=8)
-SR_TRAIN_RECIPE = dict(schedule="staged", hr_source="twin", generator_init="pretrain", pretrain_iters=3000,
-                       weights=GANLossWeights(mse=10.0))
-# With D built on the detector (``--sr-discriminator-trunk detector``), D's class and box terms
-# reach G through the detector's backbone with a far larger gradient than a compact D gives them:
-# at L_MSE's weight 10 the staged phase wore G's gain over bicubic at 16-32 px below 1 dB, and at
-# 100 the pixel term is no longer drowned (README: "D built on the detector", with the measured
-# gradient norms).
-DETECTOR_TRUNK_TRAIN_RECIPE = dict(weights=GANLossWeights(mse=100.0))
+# G upsamples in one sub-pixel step to 8 channels, not SRGAN's x2 stages: G is a large part of the
+# SR branch's added latency (README: "A cheaper G"). The paper budget keeps SRGAN's stages and the
+# paper's x4: it runs on a GPU, at the paper's G size.
+DISCRIMINATOR_RECIPES: dict[str, tuple[dict, dict]] = {  # trunk: (SRConfig fields, SRTrainConfig fields)
+    "detector": (dict(discriminator_trunk="detector", scale=2, gate_top_k=16),
+                 dict(weights=GANLossWeights(mse=100.0))),
+    "compact": (dict(discriminator_trunk="compact", scale=4, gate_top_k=24), dict(weights=GANLossWeights(mse=10.0))),
+}
+# What every D shares; sr_settings and train_config add the named D's recipe.
+SR_RECIPE = dict(fusion="mean", area_threshold=16.0 ** 2, generator_upsample_channels=8, discriminator_trunk="detector")
+SR_TRAIN_RECIPE = dict(schedule="staged", hr_source="twin", generator_init="pretrain", pretrain_iters=3000)
 
 
 @dataclass(frozen=True)
@@ -220,9 +228,16 @@ def detector_overrides(budget: Budget, twins_scale: int = 1, preset_name: str = 
     return overrides
 
 
+def _discriminator_recipe(budget: Budget) -> tuple[dict, dict]:
+    """The recipe of the D the budget's SR methods use (the budget may name another trunk)."""
+    trunk = budget.sr.get("discriminator_trunk", SR_RECIPE["discriminator_trunk"])
+    return DISCRIMINATOR_RECIPES.get(trunk, DISCRIMINATOR_RECIPES["compact"])
+
+
 def sr_settings(budget: Budget) -> dict:
-    """The SRConfig fields of the budget's SR methods: the recipe, G's and D's precision, the budget's own."""
-    return {**SR_RECIPE, "amp": budget.amp, **budget.sr}
+    """The SRConfig fields of the budget's SR methods: the recipe (with its D's), G's and D's
+    precision, the budget's own."""
+    return {**SR_RECIPE, **_discriminator_recipe(budget)[0], "amp": budget.amp, **budget.sr}
 
 
 def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str | os.PathLike | None = None,
@@ -255,11 +270,9 @@ def train_config(budget: Budget, method: str, out: str | os.PathLike, data: str 
     if method in SR_METHODS:
         if detector_run is None:
             raise ValueError(f"{method}: the SR recipe trains on a finished detector run; pass detector_run")
-        sr = SRConfig(**sr_settings(budget))
-        on_detector = DETECTOR_TRUNK_TRAIN_RECIPE if sr.discriminator_trunk == "detector" else {}
-        values |= dict(iters=budget.sr_iters, init_from=str(detector_run), sr=sr,
-                       sr_train=SRTrainConfig(**{**SR_TRAIN_RECIPE, **on_detector, "hr_source": hr_source,
-                                                 **budget.sr_train}))
+        values |= dict(iters=budget.sr_iters, init_from=str(detector_run), sr=SRConfig(**sr_settings(budget)),
+                       sr_train=SRTrainConfig(**{**SR_TRAIN_RECIPE, **_discriminator_recipe(budget)[1],
+                                                 "hr_source": hr_source, **budget.sr_train}))
     values |= overrides
     values["ckpt_every"] = values.get("ckpt_every", values["iters"])
     return make_config(preset_name, detector=detector_overrides(budget, twins_scale, preset_name), **values)

@@ -329,23 +329,26 @@ def test_oracle_renders_twins_from_scenes_or_is_skipped(tiny_synth, tmp_path):
 
 
 def test_bench_takes_the_twin_scale_of_converted_data(tmp_path):
-    """Data converted with --twins 2 has train_x2/ and val_x2/: the SR methods super-resolve x2 and
-    cut their HR patches from those twins; data with the recipe's x4 twins, or a budget that sets
-    the scale itself, is left as it is."""
+    """Data converted with --twins 3 has train_x3/ and val_x3/, which cannot serve the recipe's x2:
+    the SR methods super-resolve x3 and cut their HR patches from those twins. Data with x2 twins,
+    or x4 twins (area-averaged by 2), serves the recipe as it is, and so does a budget that sets
+    the scale itself."""
     from sodlab.bench import fit_twin_scale, resolve_hr_source
 
     budget = tiny_budget()
-    for folder in ("train", "val", "train_x2", "val_x2", "val_x3"):
+    for folder in ("train", "val", "train_x3", "val_x3", "val_x5"):
         (tmp_path / folder).mkdir()
     fitted, note = fit_twin_scale(budget, tmp_path)
-    assert (fitted.sr["scale"], fitted.oracle_scale) == (2, 2) and "x2 twins, not x4" in note
+    assert (fitted.sr["scale"], fitted.oracle_scale) == (3, 3) and "x3 twins, which cannot serve x2" in note
     assert resolve_hr_source(fitted, tmp_path)[0] == "twin"
     assert resolve_hr_source(budget, tmp_path)[0] == "image"
-    assert fit_twin_scale(dataclasses.replace(budget, sr={"scale": 4}), tmp_path) == (
-        dataclasses.replace(budget, sr={"scale": 4}), None)
+    assert fit_twin_scale(dataclasses.replace(budget, sr={"scale": 2}), tmp_path) == (
+        dataclasses.replace(budget, sr={"scale": 2}), None)
     for folder in ("train_x4", "val_x4"):
         (tmp_path / folder).mkdir()
     assert fit_twin_scale(budget, tmp_path) == (budget, None)
+    source, note = resolve_hr_source(budget, tmp_path)
+    assert source == "twin" and "train_x4/, area-averaged by 2" in note
 
 
 class CentreDetector(torch.nn.Module):
@@ -492,16 +495,18 @@ def test_iters_flag_overrides_the_budget_for_every_method(tmp_path):
             for m in METHODS if m.train_as and not m.shares_detector} == {7e-4}
     with pytest.raises(ValueError, match="--lr must be positive"):
         budget_from_args(parse(["--lr", "0"]))
-    on_detector = budget_from_args(parse(["--budget", "default", "--sr-discriminator-trunk", "detector"]))
-    trunks = {m.name: train_config(on_detector, m.train_as, tmp_path / m.name, "data/synth",
-                                   detector_run=tmp_path / "baseline").sr.discriminator_trunk
-              for m in METHODS if m.shares_detector}
-    assert set(trunks.values()) == {"detector"} and len(trunks) == 5
-    # D built on the detector drowns G's pixel term at the compact D's weight: the recipe raises it
-    assert train_config(on_detector, "sr", tmp_path / "sr", "data/synth",
-                        detector_run=tmp_path / "baseline").sr_train.weights.mse == 100.0
-    compact = train_config(budget, "sr", tmp_path / "sr", "data/synth", detector_run=tmp_path / "baseline")
-    assert (compact.sr.discriminator_trunk, compact.sr_train.weights.mse) == ("compact", 10.0)
+    # The recipe's D is built on the detector, with G at x2 and L_MSE x100 (D's class and box terms
+    # drown G's pixel term at the compact D's weight); the flag gives all five SR variants the
+    # compact D with its own recipe.
+    def recipe(flags: list[str]) -> dict[str, tuple]:
+        budget = budget_from_args(parse(["--budget", "default", *flags]))
+        configs = {m.name: train_config(budget, m.train_as, tmp_path / m.name, "data/synth",
+                                        detector_run=tmp_path / "baseline") for m in METHODS if m.shares_detector}
+        return {name: (c.sr.discriminator_trunk, c.sr.scale, c.sr_train.weights.mse) for name, c in configs.items()}
+
+    assert set(recipe([]).values()) == {("detector", 2, 100.0)} and len(recipe([])) == 5
+    assert set(recipe(["--sr-discriminator-trunk", "compact"]).values()) == {("compact", 4, 10.0)}
+    assert set(recipe(["--sr-discriminator-trunk", "detector"]).values()) == {("detector", 2, 100.0)}
 
 
 def test_no_amp_trains_every_method_in_float32(tmp_path):

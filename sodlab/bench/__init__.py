@@ -50,30 +50,36 @@ __all__ = ["METHODS", "Budget", "run_bench"]
 def resolve_hr_source(budget: Budget, data_dir: Path) -> tuple[str, str]:
     """The SR methods' HR patch source (the exact twins when the data has them) and a note saying why."""
     from sodlab.config import SRConfig
+    from sodlab.data.coco import twin_source
+    from sodlab.recipes import sr_settings
 
-    scale = SRConfig(**budget.sr).scale
-    if (data_dir / f"{budget.train_split}_x{scale}").is_dir():
-        return "twin", f"SR methods: HR patches cut from the exact x{scale} twins ({budget.train_split}_x{scale}/)"
-    return "image", (f"SR methods: no x{scale} twins in {data_dir}, so HR patches come from the image itself, which "
-                     f"has a real HR patch only for RoIs >= {SRConfig().lr_size * scale} px: small RoIs get none")
+    sr = SRConfig(**sr_settings(budget))
+    if (source := twin_source(data_dir, budget.train_split, sr.scale)) is not None:
+        folder, factor = source
+        return "twin", (f"SR methods: HR patches cut from the exact x{sr.scale} twins ({folder.name}/"
+                        + ("" if factor == 1 else f", area-averaged by {factor}") + ")")
+    return "image", (f"SR methods: no x{sr.scale} twins in {data_dir}, so HR patches come from the image itself, "
+                     f"which has a real HR patch only for RoIs >= {sr.lr_size * sr.scale} px: small RoIs get none")
 
 
 def fit_twin_scale(budget: Budget, data_dir: Path) -> tuple[Budget, str | None]:
-    """The budget at the data's own twin scale, and a note, when its twins are written at another
-    scale than the SR recipe's: data converted with ``sodlab convert --twins 2`` trains G at x2, and
-    the oracle on those x2 twins. A budget that sets the SR scale itself is kept as it is."""
+    """The budget at the data's own twin scale, and a note, when its twins cannot serve the SR
+    recipe's scale (none is a multiple of it): data converted with ``sodlab convert --twins 3``
+    trains G at x3, and the oracle on those x3 twins. A budget that sets the SR scale itself is
+    kept as it is."""
     from sodlab.config import SRConfig
     from sodlab.data.coco import written_twin_scales
+    from sodlab.recipes import sr_settings
 
-    scale = SRConfig(**budget.sr).scale
+    scale = SRConfig(**sr_settings(budget)).scale
     written = [set(written_twin_scales(data_dir, split)) for split in (budget.train_split, budget.val_split)]
     common = set.intersection(*written)
-    if "scale" in budget.sr or scale in common or not common:
+    if "scale" in budget.sr or not common or any(k % scale == 0 for k in common):
         return budget, None
     k = max(common)
     return (dataclasses.replace(budget, sr={**budget.sr, "scale": k}, oracle_scale=k),
-            f"{data_dir} has x{k} twins, not x{scale}: the SR methods super-resolve x{k}, and the HR oracle "
-            f"trains on the x{k} twins")
+            f"{data_dir} has x{k} twins, which cannot serve x{scale}: the SR methods super-resolve x{k}, and the "
+            f"HR oracle trains on the x{k} twins")
 
 
 def backbone_label(detector: DetectorConfig) -> str:
@@ -283,7 +289,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
         "sr_hr_source": hr_source, "sr_fusion": sr.get("fusion", "replace"),
         "sr_gate_top_k": sr.get("gate_top_k", 0),
-        "sr_discriminator_trunk": sr.get("discriminator_trunk", "compact"),
+        "sr_discriminator_trunk": sr.get("discriminator_trunk", "compact"), "sr_scale": sr.get("scale", 4),
         "sr_amp": sr["amp"],
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},
         # the budget's claim that its detectors have learned holds for its own data only

@@ -507,7 +507,9 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
             "foreground go through G and D" if header.get("sr_gate_top_k") else "; ungated: every small proposal "
             "goes through G and D") + sr_precision(header) + (
             "; D built on the detector: the seed's trained detector reads each patch, and D's heads start as its "
-            "box head" if header.get("sr_discriminator_trunk") == "detector" else ""),
+            "box head" if header.get("sr_discriminator_trunk") == "detector" else
+            f"; D: a {header.get('sr_discriminator_trunk', 'compact')} CNN trained from scratch")
+        + (f"; G super-resolves x{header['sr_scale']}" if "sr_scale" in header else ""),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "
         f"seeds: {seeds}" + (" (mean; std in the second table)" if seeds > 1 else ""),
         f"- evaluation: whole images, each resized by its own detector (the oracle's {header['oracle']['scale']}x "
