@@ -42,8 +42,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sodlab.data.coco import load_coco_json, read_rgb_image
-from sodlab.data.coco import area_downsample
+from sodlab.data.coco import area_downsample, load_coco_json, read_rgb_image
 from sodlab.io import atomic_write_json
 
 FORMATS = ("voc", "yolo", "visdrone")

@@ -181,14 +181,14 @@ class DetectorTrunkDiscriminator(nn.Module):
         n, _, h, w = patches.shape
         # the detector's own input normalisation, at the patch's size (no resize: the object stays
         # as large as G made it)
-        x = detector.transform.normalize(patches)
+        normalized = detector.transform.normalize(patches)
         box = self.object_box(h, w, patches.device).to(patches.dtype)
         pool, fpn = detector.roi_heads.box_roi_pool, getattr(detector.backbone, "fpn", None)
         if fpn is not None and pool.map_levels is not None and int(pool.map_levels([box])[0]) == 0:
-            pooled = torchvision.ops.roi_align(self._finest_fpn_level(x), [box] * n, pool.output_size,
+            pooled = torchvision.ops.roi_align(self._finest_fpn_level(normalized), [box] * n, pool.output_size,
                                                spatial_scale=pool.scales[0], sampling_ratio=pool.sampling_ratio)
         else:
-            features = detector.backbone(x)
+            features = detector.backbone(normalized)
             if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
                 features = {"0": features}
             pooled = pool(features, [box] * n, [(h, w)] * n)
