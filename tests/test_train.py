@@ -1,4 +1,5 @@
 """The training loop: loss goes down, runs are reproducible, resume continues where it stopped."""
+import copy
 import dataclasses
 import json
 import math
@@ -156,6 +157,16 @@ def test_load_trained_model_round_trip(tiny_config):
     assert cfg.method == "baseline" and not model.training
     w = _weights(run_dir)
     assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items())
+    # it infers channels-last, with the detections of the same weights in NCHW (to float rounding)
+    assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert nchw.backbone.body.conv1.weight.is_contiguous()
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (ours,), (theirs,) = model([image]), nchw([image])
+    assert len(theirs["scores"]) > 0 and torch.equal(ours["labels"], theirs["labels"])
+    assert torch.allclose(ours["boxes"], theirs["boxes"], atol=1e-3) and torch.allclose(ours["scores"], theirs["scores"],
+                                                                                        atol=1e-5)
 
 
 def test_nan_loss_stops_with_the_term_named_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
