@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sodlab.config import (CHOICES, PRESETS, SR_METHODS, DetectorConfig, GANLossWeights, SRConfig, SRTrainConfig,
                            TrainConfig)
+from sodlab.recipes import DEFAULT_BUDGET
 
 DEFAULT_DATA = "data/synth"
 # Where each nested config's flags live: (TrainConfig field, flag prefix, the dataclass).
@@ -23,7 +24,7 @@ NESTED = (("detector", "detector-", DetectorConfig), ("sr", "sr-", SRConfig), ("
           ("sr_train.weights", "sr-weights-", GANLossWeights))
 CONFIG_DEST = "config:"  # argparse dests of config flags: "config:detector.min_size"
 INFERENCE_DEST = "inference:"  # sodlab eval's overrides: "inference:sr.fusion"
-ORACLE_SCALE = 2  # the HR oracle's default twins, as the bench's (recipes.Budget.oracle_scale)
+ORACLE_SCALE = DEFAULT_BUDGET.oracle_scale  # the HR oracle's default twins, as the bench's
 
 
 def _anchor_sizes(text: str) -> tuple[tuple[int, ...], ...]:
@@ -128,7 +129,7 @@ def cmd_synth(args) -> None:
     from sodlab.data.synth import generate
 
     summary = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed, size=args.size,
-                       hr_scale=args.hr_scale, workers=args.workers, overwrite=args.force)
+                       hr_scale=args.hr_scale or None, workers=args.workers, overwrite=args.force)
     print(summary)
 
 
@@ -359,13 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # The defaults write what the demo and the default bench read (recipes.DEFAULT_BUDGET), twins included.
     p = sub.add_parser("synth", help="generate the embedded small-object benchmark (COCO format)")
     p.add_argument("--out", default=DEFAULT_DATA)
-    p.add_argument("--train", type=int, default=1200, help="training images")
-    p.add_argument("--val", type=int, default=200, help="validation images")
+    p.add_argument("--train", type=int, default=DEFAULT_BUDGET.synth_train, help="training images")
+    p.add_argument("--val", type=int, default=DEFAULT_BUDGET.synth_val, help="validation images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--hr-scale", type=int, default=None, help="also write the exact xK HR twins")
+    p.add_argument("--size", type=int, default=DEFAULT_BUDGET.synth_size, help="image side in pixels")
+    p.add_argument("--hr-scale", type=int, default=DEFAULT_BUDGET.synth_hr_scale,
+                   help="also write the exact xK HR twins, which the SR recipe and the HR oracle read (0: none)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset directory")
     p.set_defaults(func=cmd_synth)

@@ -49,6 +49,7 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "runs" / "b"
     assert main(["synth", "--out", str(data), "--train", "4", "--val", "2", "--size", "128", "--workers", "1"]) == 0
     assert (data / "annotations" / "instances_train.json").exists()
+    assert (data / "train_x4").is_dir(), "by default it writes the x4 twins the demo and the bench read"
     assert main(["train", "--data", str(data), "--iters", "2", "--batch-size", "2", "--warmup-iters", "1",
                  "--out", str(run)]) == 0
     table = capsys.readouterr().out
