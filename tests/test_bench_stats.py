@@ -97,12 +97,18 @@ def test_the_ablation_is_the_full_method_minus_the_variant(gt_file):
     assert all(np.all(v == 0) for v in same.values())
 
 
+def _scrambled_detections() -> list[dict]:
+    """``_detections`` with random scores, plus a medium-sized false positive of the small objects'
+    class per image, ranked among them: APs ignores it, AP counts it."""
+    rng = np.random.default_rng(3)
+    medium = [{"image_id": i, "category_id": 1, "bbox": [30, 30, 40, 40]} for i in range(1, 21)]
+    return [{**d, "score": float(rng.uniform(0.05, 0.95))} for d in _detections(set(range(1, 13)), shift=1.5) + medium]
+
+
 def test_a_resamples_weighted_ap_is_cocoevals_ap_on_the_resampled_images(tmp_path, gt_file):
     """Weights are draw counts: AP with them equals COCOeval on a dataset holding each image as often
     as it was drawn (scores without ties, so COCOeval's order among copies cannot matter)."""
-    rng = np.random.default_rng(3)
-    dets = [{**d, "score": float(rng.uniform(0.05, 0.95))}
-            for d in _detections(set(range(1, 13)), shift=1.5)]
+    dets = _scrambled_detections()
     matches = match_detections(gt_file, dets, range(1, 21))
     gt = json.loads(gt_file.read_text())
     for draws in resample_weights(20, 3, seed=4):
@@ -385,3 +391,13 @@ def test_bench_md_says_how_the_sr_runs_trained_as_their_records_say():
     # a resumed bench whose earlier runs trained alone
     assert sr_passes([in_pass, alone]).startswith("; some in one pass")
     assert sr_passes([record()]) == ""  # no SR variant in the bench
+
+
+def test_resamples_scored_together_equal_each_scored_alone(gt_file):
+    """Resamples are scored a few rows at a time: 70 together give each one's AP alone."""
+    matches = match_detections(gt_file, _scrambled_detections(), range(1, 21))
+    weights = resample_weights(20, 70, seed=6)
+    for area in ("all", "small"):
+        together = weighted_ap(matches, weights, area)
+        alone = [weighted_ap(matches, row[None], area)[0] for row in weights]
+        assert np.array_equal(together, alone) and len(set(together.round(6))) > 10

@@ -11,7 +11,10 @@ yields, per image and category, every detection's score and its match at each Io
 a resample then only re-weights those: a detection of an image drawn twice counts twice (its
 weight is the image's draw count), and so does that image's ground truth. Precision and recall
 are the weighted cumulative counts, made monotone and sampled at COCO's 101 recall points, as
-``COCOeval.accumulate`` does. With every weight 1 this is COCOeval's own AP (tested).
+``COCOeval.accumulate`` does. With every weight 1 this is COCOeval's own AP (tested). A detection
+ignored at every IoU threshold (in APs: an unmatched detection outside the small range) moves
+neither count, so it is dropped once, and the resamples are scored a few rows at a time, so that
+each row's cumulative counts stay in the CPU's cache between the steps that read them.
 
 COCO's APs rewards a lower score scale for small detections by itself: unmatched detections
 outside the small range are ignored there, so when every small detection drops in rank against
@@ -112,9 +115,12 @@ def match_detections(ann_file, results: list[dict], image_ids) -> Matches:
                 continue
             scores_all = np.concatenate(scores)
             order = np.argsort(-scores_all, kind="mergesort")  # COCOeval's order
-            blocks[label].append((np.concatenate(images)[order], scores_all[order],
-                                  np.concatenate(tps, axis=1)[:, order], np.concatenate(fps, axis=1)[:, order],
-                                  gt_count))
+            tp, fp = np.concatenate(tps, axis=1)[:, order], np.concatenate(fps, axis=1)[:, order]
+            # a detection ignored at every threshold only repeats its predecessor's precision and
+            # recall, which changes no precision envelope or recall point: dropped, AP is the same
+            counted = (tp | fp).any(axis=0)
+            blocks[label].append((np.concatenate(images)[order][counted], scores_all[order][counted],
+                                  tp[:, counted], fp[:, counted], gt_count))
     return Matches(image_ids, blocks, num_t)
 
 
@@ -135,7 +141,7 @@ def weighted_ap(matches: Matches, weights: np.ndarray, area: str = "all", iou_in
     return matches.scores[key].copy()
 
 
-def _weighted_ap(matches: Matches, weights: np.ndarray, area: str, thresholds) -> np.ndarray:
+def _weighted_ap(matches: Matches, weights: np.ndarray, area: str, thresholds, rows: int = 32) -> np.ndarray:
     rec_thrs = np.linspace(0, 1, 101)
     total, count = np.zeros(len(weights)), np.zeros(len(weights))
     for det_image, _, tp, fp, gt_count in matches.blocks[area]:
@@ -144,20 +150,25 @@ def _weighted_ap(matches: Matches, weights: np.ndarray, area: str, thresholds) -
         if not has_gt.any():
             continue
         ap = np.zeros(len(weights))
-        if det_image.size:
-            w = weights[:, det_image]  # [B, D]
+        counted = tp | fp  # [T, D]: not ignored at that threshold
+        # ``rows`` resamples at a time, so that their [rows, D] counts stay in cache between steps
+        for lo in range(0, len(weights) if det_image.size else 0, rows):
+            w = np.ascontiguousarray(weights[lo:lo + rows, det_image])  # [rows, D], row after row
+            gts = np.maximum(npig[lo:lo + rows], 1e-12)[:, None]
+            queries = torch.from_numpy(np.tile(rec_thrs, (len(w), 1)))
+            padded = np.zeros((len(w), w.shape[1] + 1))  # precision, then 0 for a recall never reached
+            precision, seen_mask = padded[:, :-1], None
             for t in thresholds:
+                if seen_mask is None or not np.array_equal(counted[t], seen_mask):
+                    seen_mask, seen = counted[t], np.cumsum(w * counted[t], axis=1)  # tp + fp so far
                 tp_sum = np.cumsum(w * tp[t], axis=1)
-                fp_sum = np.cumsum(w * fp[t], axis=1)
-                recall = tp_sum / np.maximum(npig, 1e-12)[:, None]
-                precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))  # COCOeval's own guard
-                precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+                recall = tp_sum / gts
+                np.divide(tp_sum, seen + np.spacing(1), out=precision)  # COCOeval's own guard
+                np.maximum.accumulate(precision[:, ::-1], axis=1, out=precision[:, ::-1])
                 # COCOeval's np.searchsorted per resample, batched (torch's takes a row per query):
                 # the first detection reaching each recall point, or none (precision 0).
-                idx = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(recall)),
-                                         torch.from_numpy(np.tile(rec_thrs, (len(recall), 1))), side="left").numpy()
-                padded = np.concatenate([precision, np.zeros((len(precision), 1))], axis=1)
-                ap += np.take_along_axis(padded, idx, axis=1).mean(axis=1) / len(thresholds)
+                idx = torch.searchsorted(torch.from_numpy(recall), queries, side="left").numpy()
+                ap[lo:lo + rows] += np.take_along_axis(padded, idx, axis=1).mean(axis=1) / len(thresholds)
         total += np.where(has_gt, ap, 0.0)
         count += has_gt
     return np.where(count > 0, total / np.maximum(count, 1), -1.0)
