@@ -444,18 +444,41 @@ def term_grad_norms(terms: dict, sr: torch.Tensor, weights) -> dict:
     return norms
 
 
-def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1) -> dict:
+def read_real_patches(discriminator, hr_patch: torch.Tensor, shared_reads: dict | None) -> torch.Tensor:
+    """D's ``read`` (its frozen part) of the real patches z_HR, once per batch for a pass's branches.
+
+    The branches of a pass share the data, the seed of their RoI sampling and the frozen detector
+    that D built on it reads with (``check_branches``), so their real patches and D's read of them
+    are the same: the first branch to read them reads for all (``shared_reads``, one dict per
+    batch). A branch whose real patches differ (another context or patch size) reads its own.
+    """
+    if shared_reads is None:
+        return discriminator.read(hr_patch)
+    key = (type(discriminator).__name__, getattr(discriminator, "context", None))
+    if key in shared_reads and torch.equal(shared_reads[key][0], hr_patch):
+        return shared_reads[key][1]
+    features = discriminator.read(hr_patch)
+    shared_reads[key] = (hr_patch, features)
+    return features
+
+
+def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1,
+            shared_reads: dict | None = None) -> dict:
     """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
 
-    D first: real z_HR against G(z_LR) detached, plus D's class and box losses, in one forward
-    over both (D normalises per sample, so the joint batch equals two forwards). Then G, through
+    D first: real z_HR against G(z_LR) detached, plus D's class and box losses, in one pass of
+    D's heads over both (D normalises per sample, so the joint batch equals two). Then G, through
     the updated D with D's parameters frozen: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE.
+    D's frozen part (``read``: the detector's backbone, for D built on the detector) reads G(z_LR)
+    once for both steps, and z_HR once per batch of a pass (``read_real_patches``): the detector's
+    backbone on the patches is most of a branch step's time.
     """
     weights, where = cfg.sr_train.weights, f"{cfg.out}, iteration {it + 1}"
     factor = lr_factor(cfg, it)
     sr = model.super_resolve(batch["lr_patch"])
-    n = len(batch["hr_patch"])
-    d_both = model.discriminator(torch.cat([batch["hr_patch"], sr.detach()]))
+    n, discriminator = len(batch["hr_patch"]), model.discriminator
+    hr_read, sr_read = read_real_patches(discriminator, batch["hr_patch"], shared_reads), discriminator.read(sr)
+    d_both = discriminator.judge(torch.cat([hr_read, sr_read.detach()]))
     d_hr, d_sr = ({k: v[:n] for k, v in d_both.items()}, {k: v[n:] for k, v in d_both.items()})
     d_terms = discriminator_objective(d_hr, d_sr, batch["labels"], batch["regression_targets"], batch["hr_valid"],
                                       weights)
@@ -468,7 +491,7 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     if "generator" in optimizers:
         model.discriminator.requires_grad_(False)
         try:
-            g_terms = generator_objective(model.discriminator(sr), sr, batch["hr_patch"], batch["hr_valid"],
+            g_terms = generator_objective(discriminator.judge(sr_read), sr, batch["hr_patch"], batch["hr_valid"],
                                           batch["labels"], batch["regression_targets"], weights,
                                           mse_reduction=cfg.sr_train.mse_reduction)
             check_finite(g_terms, where)
@@ -483,10 +506,11 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
 
 
 def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
-               world_size: int = 1, proposed: tuple | None = None) -> dict:
+               world_size: int = 1, proposed: tuple | None = None, shared_reads: dict | None = None) -> dict:
     """One iteration: the detector step (Faster R-CNN's RPN and box-head losses), then the SR
-    branch's ``sr_step`` for SR methods (``proposed``: the frozen detector's proposals for these
-    images, when branches of one pass share them). Returns the log record."""
+    branch's ``sr_step`` for SR methods. When branches of one pass share the frozen detector,
+    ``proposed`` is its proposals for these images and ``shared_reads`` its read of the real patches
+    (``read_real_patches``). Returns the log record."""
     device = images[0].device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         if cfg.is_sr:
@@ -504,7 +528,7 @@ def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: i
         record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()}, "lr": lr,
                    "grad_norm": grad_norm}
     if cfg.is_sr:
-        record |= sr_step(model, sr_batch, optimizers, cfg, it, world_size)
+        record |= sr_step(model, sr_batch, optimizers, cfg, it, world_size, shared_reads)
     return record
 
 
@@ -676,15 +700,16 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             active = [(b, log) for b, log in zip(branches, logs) if it >= b.start_iter]
-            proposed = None
+            proposed, shared_reads = None, None
             if len(branches) > 1:  # one frozen forward for every branch (a lone run proposes in its step)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     proposed = branches[0].model.propose(images)
+                shared_reads = {}
             shared_sec = (time.perf_counter() - tic) / len(active)
             for b, log in active:
                 tic = time.perf_counter()
                 record = train_step(b.model, images, targets, b.optimizers, b.cfg, it, amp_dtype, scaler,
-                                    ddp.world_size, proposed)
+                                    ddp.world_size, proposed, shared_reads)
                 record["sec"] = time.perf_counter() - tic + shared_sec  # its step and its share of the batch's
                 record, stopping = ddp.end_step(b.model, record, stop.signal is not None)
                 if b.cfg.is_sr and (warning := b.health.update(it + 1, record)):

@@ -1,4 +1,5 @@
 """The SR detector: variants switch one thing each, training runs, output is torchvision's format."""
+import copy
 import dataclasses
 import json
 import os
@@ -257,12 +258,18 @@ def _log(run_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_sr_runs_trained_in_one_pass_are_bitwise_the_runs_trained_alone(tiny_config, tmp_path, monkeypatch):
-    """Branches of one pass share each batch and the frozen detector's forward, and each ends as it
-    would alone, also when a stopped pass resumes branches whose checkpoints differ."""
+    """Branches of one pass share each batch, the frozen detector's forward and, with D built on the
+    detector (the recipe's), its read of the real patches; each ends as it would alone, also when a
+    stopped pass resumes branches whose checkpoints differ."""
     base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
     methods = ("sr", "sr-no-recon")
-    alone = [train(_staged(tiny_config, m, tmp_path / f"alone-{m}", base), progress=False) for m in methods]
-    together = [_staged(tiny_config, m, tmp_path / f"pass-{m}", base) for m in methods]
+
+    def staged(method, out):
+        cfg = _staged(tiny_config, method, out, base)
+        return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, discriminator_trunk="detector", amp=False))
+
+    alone = [train(staged(m, tmp_path / f"alone-{m}"), progress=False) for m in methods]
+    together = [staged(m, tmp_path / f"pass-{m}") for m in methods]
 
     # a signal in the second branch's second step stops the pass, checkpointed at iteration 2 ...
     steps, real_step = [], sodlab.train.train_step
@@ -507,6 +514,89 @@ def test_d_built_on_the_detector_reads_a_patch_as_the_detector_reads_an_image(ti
 
     with pytest.raises(ValueError, match="only the staged schedule keeps frozen"):
         dataclasses.replace(cfg, sr_train=dataclasses.replace(cfg.sr_train, schedule="joint"))
+
+
+class _ReadsEveryTime(torch.nn.Module):
+    """A D that reads its patches again in every forward: BasicSR's step, D(cat(z_HR, G(z_LR)))
+    then D(G(z_LR)), as sr_step ran before D's frozen read was shared."""
+
+    def __init__(self, discriminator):
+        super().__init__()
+        self.whole = discriminator
+
+    def read(self, patches):
+        return patches
+
+    def judge(self, patches):
+        return self.whole(patches)
+
+
+def _branch_batch(cfg, seed: int = 0) -> dict:
+    """A sampled RoI batch as training_forward gives sr_step (random patches, 6 RoIs, 9 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    n, hr = 6, cfg.sr.lr_size * cfg.sr.scale
+    return {"lr_patch": torch.rand(n, 3, cfg.sr.lr_size, cfg.sr.lr_size, generator=g),
+            "hr_patch": torch.rand(n, 3, hr, hr, generator=g), "hr_valid": torch.ones(n, dtype=torch.bool),
+            "head_deltas": torch.randn(n, 36, generator=g) * 0.1,
+            "labels": torch.tensor([0, 3, 0, 5, 0, 1]), "regression_targets": torch.randn(n, 4, generator=g) * 0.1}
+
+
+def test_sr_step_reads_each_patch_once_and_steps_as_basicsrs_two_forwards(tiny_config, tmp_path):
+    """D built on the detector reads z_HR and G(z_LR) once per step (its frozen backbone is most of
+    a step's time), and the step moves G and D as the two full forwards of BasicSR's step would;
+    the branches of a pass read the same z_HR once, each ending as it would alone."""
+    from sodlab.models.discriminator import DetectorTrunkDiscriminator
+    from sodlab.train import make_optimizers
+
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=9).train()
+    model.detector.eval().requires_grad_(False)  # as init_detector_from leaves it
+    batch = _branch_batch(cfg)
+    with torch.no_grad():  # the pooler sets its levels on first use (in training, the detector's forward
+        model.discriminator(batch["hr_patch"])  # does), and D reads P2 alone from then on
+
+    def stepped(m, shared_reads=None, reads=None):
+        m = copy.deepcopy(m)
+        m.discriminator._detector = [m.detector]
+        if reads is not None and isinstance(m.discriminator, DetectorTrunkDiscriminator):
+            read = m.discriminator.read
+            m.discriminator.read = lambda patches: reads.append(len(patches)) or read(patches)
+        record = sr_step(m, batch, make_optimizers(cfg, m), cfg, it=0, shared_reads=shared_reads)
+        return m, record
+
+    reads = []
+    ours, record = stepped(model, reads=reads)
+    assert reads == [6, 6], "z_HR once, G(z_LR) once"
+    reference = copy.deepcopy(model)
+    reference.discriminator = _ReadsEveryTime(reference.discriminator)
+    theirs, their_record = stepped(reference)
+    assert record["d_total"] == pytest.approx(their_record["d_total"], rel=1e-5)
+    assert record["g_total"] == pytest.approx(their_record["g_total"], rel=1e-5)
+    for name, module in (("generator", "generator"), ("discriminator", "discriminator")):
+        mine, other = getattr(ours, module).state_dict(), getattr(theirs, module).state_dict()
+        other = {k.removeprefix("whole."): v for k, v in other.items()}
+        assert mine.keys() == other.keys()
+        assert all(torch.allclose(mine[k], other[k], atol=1e-6) for k in mine), name
+
+    # two branches of a pass (a second D trained differently): z_HR read once for both
+    other_branch = copy.deepcopy(model)
+    for p in other_branch.discriminator.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    shared, reads = {}, []
+    first, _ = stepped(model, shared, reads)
+    second, _ = stepped(other_branch, shared, reads)
+    assert reads == [6, 6, 6], "the second branch reads only its own G(z_LR)"
+    second_alone, _ = stepped(other_branch)
+    for a, b in ((first, ours), (second, second_alone)):
+        diffs = {k: (x - y).abs().max().item() for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()) if not torch.equal(x, y)}
+        assert not diffs, diffs
+    # patches that differ (another branch's RoIs) are read again, not taken from the pass
+    changed = dict(batch, hr_patch=batch["hr_patch"].flip(-1))
+    hit = shared[next(iter(shared))][1]
+    from sodlab.train import read_real_patches
+
+    assert not torch.equal(read_real_patches(model.discriminator, changed["hr_patch"], shared), hit)
 
 
 @pytest.mark.slow

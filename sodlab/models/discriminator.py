@@ -106,15 +106,24 @@ class MultiTaskDiscriminator(nn.Module):
         nn.init.normal_(self.box_head.weight, std=0.001)
         nn.init.zeros_(self.box_head.bias)
 
-    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(self, patches: torch.Tensor) -> torch.Tensor:
+        """D's frozen part: none, every layer of this D trains, so it reads the patches as they are
+        (DetectorTrunkDiscriminator.read has one)."""
         if patches.dim() != 4 or patches.shape[1] != 3:
             raise ValueError(f"MultiTaskDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
+        return patches
+
+    def judge(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """D's answers on what ``read`` gave."""
         features = self.shared(self.trunk(patches))
         return {
             "adv": self.adv_head(features).squeeze(-1),
             "cls": self.cls_head(features),
             "box": self.box_head(features),
         }
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.judge(self.read(patches))
 
 
 class DetectorTrunkDiscriminator(nn.Module):
@@ -171,7 +180,14 @@ class DetectorTrunkDiscriminator(nn.Module):
             inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
         return fpn.get_result_from_layer_blocks(inner, 0)
 
-    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(self, patches: torch.Tensor) -> torch.Tensor:
+        """D's frozen part: the detector's features of each patch's object box, RoI-pooled [B, C, 7, 7].
+
+        It has no weights of D's own, so a training step reads G's patches once for D's step and
+        G's (detached for D's), and the branches of a pass read the same real patches once
+        (``train.sr_step``). With the detector's parameters frozen, gradients still flow through
+        it to the patches, and so to G.
+        """
         if patches.dim() != 4 or patches.shape[1] != 3:
             raise ValueError(f"DetectorTrunkDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
         detector = self._detector[0]
@@ -192,6 +208,13 @@ class DetectorTrunkDiscriminator(nn.Module):
             if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
                 features = {"0": features}
             pooled = pool(features, [box] * n, [(h, w)] * n)
+        return pooled
+
+    def judge(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """D's trained part: its box head, predictor and adversarial head on ``read``'s features."""
         x = self.box_head(pooled)
         logits, deltas = self.box_predictor(x)
         return {"adv": self.adv_head(x).squeeze(-1), "cls": logits, "box": deltas}
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.judge(self.read(patches))
