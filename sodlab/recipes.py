@@ -326,7 +326,7 @@ def ensure_data(budget: Budget, data_dir: str | os.PathLike | None = None, progr
     parameters (image size, twin scale) is an error naming the way out, never silently reused.
     A folder without both jsons is an interrupted generation and is written again.
     """
-    from sodlab.data.synth import generate
+    from sodlab.data.synth import generate, reduced_twin_scales
     from sodlab.io import read_json
 
     data_dir = Path(data_dir or budget.data_dir())
@@ -348,7 +348,8 @@ def ensure_data(budget: Budget, data_dir: str | os.PathLike | None = None, progr
         print(f"synthesizing {budget.synth_train} train / {budget.synth_val} val images ({budget.synth_size} px, "
               f"x{budget.synth_hr_scale} twins) into {data_dir}", flush=True)
     # Only an interrupted generation is written over: a folder holding anything else is refused.
-    ours = {*splits, *(f"{s}_x{budget.synth_hr_scale}" for s in splits), "annotations"}
+    scales = [budget.synth_hr_scale, *reduced_twin_scales(budget.synth_hr_scale)]
+    ours = {*splits, *(f"{s}_x{k}" for s in splits for k in scales), "annotations"}
     interrupted = data_dir.is_dir() and all(p.name in ours for p in data_dir.iterdir())
     generate(data_dir, n_train=budget.synth_train, n_val=budget.synth_val, seed=0, size=budget.synth_size,
              hr_scale=budget.synth_hr_scale, progress=progress, overwrite=interrupted)

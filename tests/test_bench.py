@@ -298,9 +298,17 @@ def test_existing_output_is_refused_and_left_untouched(bench_dir, tmp_path, monk
 # --- pieces ------------------------------------------------------------------------------------------
 
 def test_oracle_data_maps_back_to_the_lr_frame(tiny_synth, tmp_path):
-    """Perfect detections in the twin frame score AP 1 against the LR json once scaled by 1/k."""
-    out, note = prepare_oracle_data(tiny_synth, 2, tmp_path / "oracle", ("train", "val"))
+    """Perfect detections in the twin frame score AP 1 against the LR json once scaled by 1/k. The
+    oracle's images are synth's written x2 twins, linked; data with x4 twins alone gets them
+    area-averaged, the same pixels."""
+    linked, note = prepare_oracle_data(tiny_synth, 2, tmp_path / "linked", ("train", "val"))
+    assert "val: the written twins" in note and (linked / "val").resolve() == (tiny_synth / "val_x2").resolve()
+    only_x4 = tmp_path / "only-x4"
+    shutil.copytree(tiny_synth, only_x4, ignore=shutil.ignore_patterns("*_x2"))
+    out, note = prepare_oracle_data(only_x4, 2, tmp_path / "oracle", ("train", "val"))
     assert "x4 twins area-averaged by 2" in note
+    for name in ("000001.png", "000006.png"):
+        assert np.array_equal(np.asarray(Image.open(out / "val" / name)), np.asarray(Image.open(linked / "val" / name)))
     lr = load_coco_json(tiny_synth / "annotations" / "instances_val.json")
     hr = load_coco_json(out / "annotations" / "instances_val.json")
     assert hr["images"][0]["width"] == 2 * lr["images"][0]["width"]
@@ -320,7 +328,7 @@ def test_oracle_data_maps_back_to_the_lr_frame(tiny_synth, tmp_path):
 
 def test_oracle_renders_twins_from_scenes_or_is_skipped(tiny_synth, tmp_path):
     data = tmp_path / "no-twins"
-    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x4"))
+    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x[0-9]*"))
     out, note = prepare_oracle_data(data, 2, tmp_path / "oracle", ("val",))
     assert "rendered from the scene files" in note and len(list((out / "val").glob("*.png"))) == 6
     (data / "annotations" / "scenes_val.json").unlink()

@@ -12,7 +12,7 @@ REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / 
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*_x4", "scenes_*"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*_x[0-9]*", "scenes_*"))
     return dst
 
 

@@ -175,7 +175,7 @@ def _without_twins(tiny_synth, tmp_path):
     import shutil
 
     data = tmp_path / "lr-only"
-    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x4", "scenes_*"))
+    shutil.copytree(tiny_synth, data, ignore=shutil.ignore_patterns("*_x[0-9]*", "scenes_*"))
     return data
 
 
@@ -305,7 +305,7 @@ def test_eval_with_twin_patches_gives_d_the_twins_and_names_the_data_without_the
     assert (out / "detections_val.json").read_bytes() != (run / "detections_val.json").read_bytes(), \
         "D judged other patches, so the small proposals' scores changed"
     no_twins = tmp_path / "no-twins"
-    shutil.copytree(tiny_synth, no_twins, ignore=shutil.ignore_patterns("*_x4"))
+    shutil.copytree(tiny_synth, no_twins, ignore=shutil.ignore_patterns("*_x[0-9]*"))
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--data", str(no_twins), "--sr-patches", "twin"]) == 2
     err = capsys.readouterr().err

@@ -78,8 +78,9 @@ def test_same_seed_gives_byte_identical_files_for_any_worker_count(tiny, tmp_pat
     single = synth.generate(tmp_path / "single", 4, 2, seed=0, hr_scale=4, workers=1, progress=False)
     reference = _files(first)
     # Every kind of file is covered: LR images, twins, scenes and instances json.
-    assert {Path(name).parts[0] for name in reference} == {"annotations", "train", "val", "train_x4", "val_x4"}
-    assert len(reference) == 4 + 6 + 6
+    assert {Path(name).parts[0] for name in reference} == {"annotations", "train", "val", "train_x4", "val_x4",
+                                                            "train_x2", "val_x2"}
+    assert len(reference) == 4 + 6 + 6 + 6
     assert _files(Path(again["out_dir"])) == reference
     assert _files(Path(single["out_dir"])) == reference
 
@@ -185,7 +186,11 @@ def test_x4_twins_serve_x2_as_their_area_average(tiny, tmp_path):
     no written twin is refused with the folder it looked for."""
     from sodlab.data.coco import load_split, twin_source
 
-    root, _ = tiny
+    # data whose only twins are x4 (converted with --twins 4, or synthesized before synth wrote x2)
+    root = tmp_path / "only-x4"
+    shutil.copytree(tiny[0], root)
+    for split in ("train", "val"):
+        shutil.rmtree(root / f"{split}_x2")
     assert twin_source(root, "val", 2) == (root / "val_x4", 2)
     assert twin_source(root, "val", 4) == (root / "val_x4", 1)
     assert twin_source(root, "val", 3) is None
@@ -205,6 +210,21 @@ def test_x4_twins_serve_x2_as_their_area_average(tiny, tmp_path):
     assert twin_source(written, "val", 2) == (written / "val_x2", 1)
     _, target = load_split(written, "val", train=False, hr_scale=2)[0]
     assert int(target["hr_image"].max()) == 0
+
+
+def test_synth_writes_the_x4_twins_area_averages_at_x2(tiny):
+    """Beside the x4 twins synth writes x2 ones, the x4 twins area-averaged by 2 pixel for pixel:
+    what the loader would make of the x4 twins, read from a file four times smaller."""
+    root, _ = tiny
+    assert synth.reduced_twin_scales(4) == [2] and synth.reduced_twin_scales(6) == [2, 3]
+    assert synth.reduced_twin_scales(3) == [] and synth.reduced_twin_scales(2) == []
+    for split in ("train", "val"):
+        names = sorted(p.name for p in (root / f"{split}_x4").iterdir())
+        assert names and names == sorted(p.name for p in (root / f"{split}_x2").iterdir())
+        for name in names:
+            x4 = np.asarray(Image.open(root / f"{split}_x4" / name).convert("RGB"))
+            x2 = np.asarray(Image.open(root / f"{split}_x2" / name).convert("RGB"))
+            assert np.array_equal(x2, synth.area_downsample(x4, 2))
 
 
 def test_render_twin_names_the_missing_image(tiny):

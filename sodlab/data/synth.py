@@ -20,6 +20,8 @@ Layout written by ``generate`` (see data/README.md)::
     DIR/annotations/scenes_{train,val}.json      {"version", "render_scale", "scenes": {id: scene}}
     DIR/{train,val}/{id:06d}.png                 LR images (RGB, 8 bit)
     DIR/{train,val}_x{K}/{id:06d}.png            HR twins (only with hr_scale=K)
+    DIR/{train,val}_x{d}/{id:06d}.png            their area averages at every d < K dividing K (x2 for
+                                                 x4), which a reader at xd would otherwise make on load
 
 Annotation semantics follow COCO: ``area`` is the number of *visible* object pixels at LR
 resolution (measured on the render, so fractional), ``bbox`` is the tight [x, y, w, h] box of the
@@ -601,6 +603,10 @@ def _make_image(task: tuple) -> tuple[int, dict, list[dict]]:
         twin = hr_image if hr_scale == render_scale else render_scene(scene, hr_scale)[0]
         # Lowest zlib effort for the large twins: still deterministic, several times faster.
         (Path(out_dir) / f"{split}_x{hr_scale}" / file_name).write_bytes(_png_bytes(twin, compress_level=1))
+        for d in reduced_twin_scales(hr_scale):
+            # what coco.read_twin makes of the xK twin on load, pixel for pixel, without decoding it
+            reduced = area_downsample(twin, hr_scale // d)
+            (Path(out_dir) / f"{split}_x{d}" / file_name).write_bytes(_png_bytes(reduced, compress_level=1))
     annotations = []
     for obj, vis in zip(scene["objects"], visible):
         bbox, area = visible_box_and_area(vis["window"], vis["mask"], render_scale)
@@ -614,6 +620,13 @@ def _read_info(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data.get("info", {}) if isinstance(data, dict) else {}
+
+
+def reduced_twin_scales(hr_scale: int) -> list[int]:
+    """The scales d < K dividing K whose twins ``generate`` writes beside the xK ones (x2 for x4:
+    G at x2 and the HR oracle at x2 read them, and a 512 px twin decodes several times faster than
+    a 1024 px one)."""
+    return [d for d in range(2, hr_scale) if hr_scale % d == 0]
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -659,7 +672,7 @@ def generate(
 
     ``size`` is the LR image size (int for square, or (width, height)); object sizes are absolute
     pixels (COCO's buckets), not relative to the image. ``hr_scale=K`` also writes the exact HR
-    twins at xK. ``workers`` defaults to os.cpu_count(); the output does not depend on it.
+    twins at xK, and their area averages at ``reduced_twin_scales(K)``. ``workers`` defaults to os.cpu_count(); the output does not depend on it.
     The summary holds per-split image and object counts, the measured size-bucket fractions and
     the wall time.
     """
@@ -675,8 +688,8 @@ def generate(
     _prepare_out_dir(out_dir, overwrite)
     for split in SPLITS:
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        if hr_scale:
-            (out_dir / f"{split}_x{hr_scale}").mkdir(parents=True, exist_ok=True)
+        for k in [hr_scale, *reduced_twin_scales(hr_scale)] if hr_scale else []:
+            (out_dir / f"{split}_x{k}").mkdir(parents=True, exist_ok=True)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
 
     params = {
