@@ -489,7 +489,7 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     model.update_box_errors(batch["head_deltas"], d_sr["box"], batch["labels"], batch["regression_targets"])
     record |= dict(zip(("head_box_error", "d_box_error"), model.box_errors.tolist()))
     if "generator" in optimizers:
-        model.discriminator.requires_grad_(False)
+        discriminator.requires_grad_(False)
         try:
             g_terms = generator_objective(discriminator.judge(sr_read), sr, batch["hr_patch"], batch["hr_valid"],
                                           batch["labels"], batch["regression_targets"], weights,
@@ -500,7 +500,7 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
             optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
                            cfg.grad_clip, world_size=world_size)
         finally:
-            model.discriminator.requires_grad_(True)
+            discriminator.requires_grad_(True)
         record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr.detach(), batch, model.scale)
     return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum())}
 

@@ -672,7 +672,8 @@ def generate(
 
     ``size`` is the LR image size (int for square, or (width, height)); object sizes are absolute
     pixels (COCO's buckets), not relative to the image. ``hr_scale=K`` also writes the exact HR
-    twins at xK, and their area averages at ``reduced_twin_scales(K)``. ``workers`` defaults to os.cpu_count(); the output does not depend on it.
+    twins at xK, and their area averages at ``reduced_twin_scales(K)``. ``workers`` defaults to
+    os.cpu_count(); the output does not depend on it.
     The summary holds per-split image and object counts, the measured size-bucket fractions and
     the wall time.
     """
