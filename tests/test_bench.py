@@ -308,7 +308,8 @@ def test_oracle_data_maps_back_to_the_lr_frame(tiny_synth, tmp_path):
     out, note = prepare_oracle_data(only_x4, 2, tmp_path / "oracle", ("train", "val"))
     assert "x4 twins area-averaged by 2" in note
     for name in ("000001.png", "000006.png"):
-        assert np.array_equal(np.asarray(Image.open(out / "val" / name)), np.asarray(Image.open(linked / "val" / name)))
+        averaged, written = (np.asarray(Image.open(root / "val" / name)) for root in (out, linked))
+        assert np.array_equal(averaged, written)
     lr = load_coco_json(tiny_synth / "annotations" / "instances_val.json")
     hr = load_coco_json(out / "annotations" / "instances_val.json")
     assert hr["images"][0]["width"] == 2 * lr["images"][0]["width"]
