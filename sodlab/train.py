@@ -444,26 +444,35 @@ def term_grad_norms(terms: dict, sr: torch.Tensor, weights) -> dict:
     return norms
 
 
-def read_real_patches(discriminator, hr_patch: torch.Tensor, shared_reads: dict | None) -> torch.Tensor:
+@dataclasses.dataclass
+class SharedReads:
+    """D's reads of one batch's real patches, shared by the branches of a pass, and their time."""
+    reads: dict = dataclasses.field(default_factory=dict)  # (D's class, context) -> (patches, features)
+    seconds: float = 0.0  # the reads' time, which the pass splits between its branches
+
+
+def read_real_patches(discriminator, hr_patch: torch.Tensor, shared_reads: SharedReads | None) -> torch.Tensor:
     """D's ``read`` (its frozen part) of the real patches z_HR, once per batch for a pass's branches.
 
     The branches of a pass share the data, the seed of their RoI sampling and the frozen detector
     that D built on it reads with (``check_branches``), so their real patches and D's read of them
-    are the same: the first branch to read them reads for all (``shared_reads``, one dict per
-    batch). A branch whose real patches differ (another context or patch size) reads its own.
+    are the same: the first branch to read them reads for all (``shared_reads``, one per batch). A
+    branch whose real patches differ (another context or patch size) reads its own.
     """
     if shared_reads is None:
         return discriminator.read(hr_patch)
     key = (type(discriminator).__name__, getattr(discriminator, "context", None))
-    if key in shared_reads and torch.equal(shared_reads[key][0], hr_patch):
-        return shared_reads[key][1]
+    if key in shared_reads.reads and torch.equal(shared_reads.reads[key][0], hr_patch):
+        return shared_reads.reads[key][1]
+    tic = time.perf_counter()
     features = discriminator.read(hr_patch)
-    shared_reads[key] = (hr_patch, features)
+    shared_reads.reads[key] = (hr_patch, features)
+    shared_reads.seconds += time.perf_counter() - tic
     return features
 
 
 def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1,
-            shared_reads: dict | None = None) -> dict:
+            shared_reads: SharedReads | None = None) -> dict:
     """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
 
     D first: real z_HR against G(z_LR) detached, plus D's class and box losses, in one pass of
@@ -506,7 +515,7 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
 
 
 def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
-               world_size: int = 1, proposed: tuple | None = None, shared_reads: dict | None = None) -> dict:
+               world_size: int = 1, proposed: tuple | None = None, shared_reads: SharedReads | None = None) -> dict:
     """One iteration: the detector step (Faster R-CNN's RPN and box-head losses), then the SR
     branch's ``sr_step`` for SR methods. When branches of one pass share the frozen detector,
     ``proposed`` is its proposals for these images and ``shared_reads`` its read of the real patches
@@ -700,17 +709,21 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             active = [(b, log) for b, log in zip(branches, logs) if it >= b.start_iter]
-            proposed, shared_reads = None, None
+            proposed, shared_reads = None, SharedReads()
             if len(branches) > 1:  # one frozen forward for every branch (a lone run proposes in its step)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     proposed = branches[0].model.propose(images)
-                shared_reads = {}
-            shared_sec = (time.perf_counter() - tic) / len(active)
+            batch_sec, stepped = time.perf_counter() - tic, []
             for b, log in active:
-                tic = time.perf_counter()
+                tic, reads_before = time.perf_counter(), shared_reads.seconds
                 record = train_step(b.model, images, targets, b.optimizers, b.cfg, it, amp_dtype, scaler,
                                     ddp.world_size, proposed, shared_reads)
-                record["sec"] = time.perf_counter() - tic + shared_sec  # its step and its share of the batch's
+                stepped.append((b, log, record, time.perf_counter() - tic - (shared_reads.seconds - reads_before)))
+            # The batch's shared work (its transfer, the frozen detector's proposals, D's reads of the
+            # real patches, whichever branch did them) is split evenly between the branches.
+            shared_sec = (batch_sec + shared_reads.seconds) / len(active)
+            for b, log, record, own_sec in stepped:
+                record["sec"] = own_sec + shared_sec
                 record, stopping = ddp.end_step(b.model, record, stop.signal is not None)
                 if b.cfg.is_sr and (warning := b.health.update(it + 1, record)):
                     record["warning"] = warning

@@ -15,8 +15,8 @@ from sodlab.io import read_json
 from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.models.sr_detector import SRDetector
 from sodlab.runs import finish_run
-from sodlab.train import (TrainingStopped, build_branch, prepare_run_dir, read_real_patches, sr_step, train,
-                          train_branches)
+from sodlab.train import (SharedReads, TrainingStopped, build_branch, prepare_run_dir, read_real_patches, sr_step,
+                          train, train_branches)
 
 
 def _differences(a, b) -> set[str]:
@@ -584,15 +584,17 @@ def test_sr_step_reads_each_patch_once_and_steps_as_basicsrs_two_forwards(tiny_c
     other_branch = copy.deepcopy(model)
     for p in other_branch.discriminator.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    shared, reads = {}, []
+    shared, reads = SharedReads(), []
     first, _ = stepped(model, shared, reads)
+    read_seconds = shared.seconds
     second, _ = stepped(other_branch, shared, reads)
     assert reads == [6, 6, 6], "the second branch reads only its own G(z_LR)"
+    assert read_seconds > 0 and shared.seconds == read_seconds, "the pass times the shared read once, to split it"
     second_alone, _ = stepped(other_branch)
     for a, b in ((first, ours), (second, second_alone)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # patches that differ (another branch's RoIs) are read again, not taken from the pass
-    (read_for_the_pass,) = [features for _, features in shared.values()]
+    (read_for_the_pass,) = [features for _, features in shared.reads.values()]
     other_patches = batch["hr_patch"].flip(-1)
     assert not torch.equal(read_real_patches(model.discriminator, other_patches, shared), read_for_the_pass)
 

@@ -115,10 +115,11 @@ class TrainJob:
 def measure_training(job: TrainJob) -> list[dict]:
     """Train one run, or several in one pass (no evaluation): per run, wall time, images/s and the
     peak RSS of training. A pass's wall time is split between its runs: each gets its logged steps
-    (its own step plus its share of each batch's loading and frozen detector forward) and an equal
-    share of the rest (building, G's pretraining, checkpoints); its record names the pass. A run
-    branching off another (upscale and the HR oracle, TrainConfig.continue_from) trains only the
-    iterations after its branch point, and its record says so."""
+    (its own step plus its share of each batch's transfer, frozen detector forward and D's read of
+    the real patches) and an equal share of the rest (building, G's pretraining, checkpoints); its
+    record names the pass. A run branching off another (upscale and the HR oracle,
+    TrainConfig.continue_from) trains only the iterations after its branch point, and its record
+    says so."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     tic = time.perf_counter()

@@ -464,9 +464,9 @@ def sr_passes(records: list[dict]) -> str:
     """How the SR variants' runs were trained, as their records say (a resumed bench may mix both)."""
     in_pass = {bool(r["training"].get("one_pass")) for r in records if r["training"].get("shared_detector")}
     if in_pass == {True}:
-        return ("; they train in one pass over the same batches, sharing each batch's loading and the detector's "
-                "forward, and each run is bitwise what it would be alone; a pass's time is split between them by "
-                "their logged steps")
+        return ("; they train in one pass over the same batches, sharing each batch's loading, the detector's "
+                "forward and D's read of the real patches, and each run is bitwise what it would be alone; a pass's "
+                "time is split between them by their logged steps, the shared work evenly")
     if in_pass == {False}:
         return "; each in a pass of its own"
     return "; some in one pass over the same batches, the others each in a pass of its own" if in_pass else ""
