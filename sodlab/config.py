@@ -40,7 +40,7 @@ RANGES = {
                  "generator_blocks": _NOT_NEGATIVE, "generator_upsample_channels": _NOT_NEGATIVE},
     "SRTrainConfig": {"rois_per_image": _AT_LEAST_ONE, "hr_rois_per_image": _NOT_NEGATIVE, "fg_fraction": _FRACTION,
                       "gt_jitter": _NOT_NEGATIVE, "jitters_per_gt": _NOT_NEGATIVE, "lr_generator": _POSITIVE,
-                      "lr_discriminator": _POSITIVE},
+                      "lr_discriminator": _POSITIVE, "pretrain_iters": _AT_LEAST_ONE, "pretrain_lr": _POSITIVE},
     "TrainConfig": {"iters": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE, "lr": _POSITIVE, "momentum": _FRACTION,
                     "weight_decay": _NOT_NEGATIVE, "warmup_iters": _NOT_NEGATIVE, "grad_clip": _POSITIVE,
                     "hflip_prob": _FRACTION, "seed": _NOT_NEGATIVE, "workers": _NOT_NEGATIVE,
@@ -261,11 +261,12 @@ class SRTrainConfig:
     lr_discriminator: float = 5e-4
     weights: GANLossWeights = field(default_factory=GANLossWeights)  # alpha, beta, gamma and the rest
     # G's starting point: "" its bicubic-residual initialisation; "pretrain" a PSNR-oriented G
-    # pretrained on this data's small RoIs (sodlab.pretrain: L1, pretrain_iters iterations,
-    # cached per dataset and config, so every seed and bench variant reuses it), as SRGAN and
-    # ESRGAN start their adversarial stage; or the path of a pretrained G file.
+    # pretrained on this data's small RoIs (sodlab.pretrain: L1, pretrain_iters iterations at
+    # pretrain_lr, cached per dataset and config, so every seed and bench variant reuses it), as
+    # SRGAN and ESRGAN start their adversarial stage; or the path of a pretrained G file.
     generator_init: str = ""
     pretrain_iters: int = 1000
+    pretrain_lr: float = 2e-4  # Adam; ESRGAN's PSNR stage, which runs far longer than ours
     # L_MSE per patch: "mean" over its pixels (SRGAN's normalisation; the weights above assume it)
     # or "sum", the paper's literal squared norm
     mse_reduction: str = "mean"

@@ -106,7 +106,8 @@ class PretrainConfig:
     @classmethod
     def from_sr(cls, sr, sr_train, **overrides) -> "PretrainConfig":
         """The pretraining that fits an SR branch's config (SRConfig, SRTrainConfig): its patches,
-        its G, its HR source, and every small size (COCO's 32 px, or the SR scope where wider).
+        its G, its HR source, its pretraining rate, and every small size (COCO's 32 px, or the SR
+        scope where wider).
 
         The bins reach 32 px even when the SR scope stops at 16: G is judged on all of COCO's small
         RoIs (``evaluate_generator``), and a scope swept up to 32^2 on the trained run must not send
@@ -115,7 +116,7 @@ class PretrainConfig:
         values = {"lr_size": sr.lr_size, "scale": sr.scale, "context": sr.context, "hr_source": sr_train.hr_source,
                   "hr_scale": sr.scale,  # sodlab.train reads x{scale} twins
                   "size_bins": tuple(e for e in EVAL_BIN_EDGES if e < upper) + (upper,),
-                  "jitter": sr_train.gt_jitter, "jitters_per_gt": sr_train.jitters_per_gt,
+                  "jitter": sr_train.gt_jitter, "jitters_per_gt": sr_train.jitters_per_gt, "lr": sr_train.pretrain_lr,
                   "channels": sr.generator_channels, "blocks": sr.generator_blocks,
                   "upsample_channels": sr.generator_upsample_channels}
         return cls(**{**values, **overrides})

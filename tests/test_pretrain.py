@@ -134,6 +134,8 @@ def test_config_follows_the_sr_branch_and_a_pretrained_g_loads_into_it(tiny_synt
     cfg = PretrainConfig.from_sr(sr, SRTrainConfig(hr_source="twin"), iters=2, warmup_iters=1, pairs_per_bin=10)
     # G learns every small size (up to COCO's 32 px) even when the SR scope stops at 16 px ...
     assert cfg.size_bins == (0.0, 8.0, 16.0, 32.0) and (cfg.channels, cfg.blocks, cfg.hr_scale) == (16, 2, 4)
+    assert cfg.lr == SRTrainConfig().pretrain_lr == PretrainConfig().lr
+    assert PretrainConfig.from_sr(sr, SRTrainConfig(pretrain_lr=8e-4)).lr == 8e-4
     assert PretrainConfig.from_sr(SRConfig(area_threshold=8.0**2), SRTrainConfig()).size_bins == (0.0, 8.0, 16.0,
                                                                                                   32.0)
     # ... and a wider scope adds its own last bin
