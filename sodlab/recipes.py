@@ -69,8 +69,8 @@ HIRES_METHODS = ("upscale", "hr-oracle")
 # bicubic start, so the rate keeps a factor of 4 from it.
 # With D built on the detector, half of its small RoIs per image are foreground, not Fast R-CNN's
 # quarter: D's class and box heads, copies of the detector's, learn the small objects from more of
-# them at the same cost per step (three seeds: +0.6 APs for `sr`, and `sr` - `sr-no-recon` +1.16
-# instead of +1.10; README: "Half of D's RoIs foreground").
+# them at the same cost per step, and `sr` and G's share over `sr-no-recon` both grew at every
+# seed (README: "Half of D's RoIs foreground").
 # G upsamples in one sub-pixel step to 8 channels, not SRGAN's x2 stages: G is a large part of the
 # SR branch's added latency (README: "A cheaper G"). The paper budget keeps SRGAN's stages and the
 # paper's x4: it runs on a GPU, at the paper's G size.
