@@ -251,7 +251,7 @@ class SRTrainConfig:
     # would get no data. Their LR patch is their HR patch reduced: SOD-MTGAN's protocol.
     hr_rois_per_image: int = 4
     # Fast R-CNN's 25% foreground, closer to what D scores at inference (every small proposal,
-    # nearly all background).
+    # nearly all background). The recipe of D built on the detector takes 0.5 (sodlab.recipes).
     fg_fraction: float = 0.25
     gt_jitter: float = 0.15  # relative shift/scale of the jittered ground-truth RoIs
     jitters_per_gt: int = 2
