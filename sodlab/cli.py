@@ -303,10 +303,11 @@ def add_bench_arguments(parser) -> None:
                         help="ImageNet backbone weights (default: the preset's; --no-pretrained where none exist)")
     parser.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=AMP_HELP)
     parser.add_argument("--sr-discriminator-trunk", choices=CHOICES["discriminator_trunk"], default=None,
-                        help="D's trunk in the SR methods, with its recipe: detector (the recipe's: the seed's "
-                             "trained detector reads each patch, and D's heads start as its box head; G at x2, "
-                             "L_MSE x100) or compact (a small CNN trained from scratch; G at x4, L_MSE x10); "
-                             "README: 'D built on the detector'")
+                        help="D's trunk in the SR methods, with its recipe: detector (the seed's trained "
+                             "detector reads each patch, and D's heads start as its box head; G at x2, L_MSE x100), "
+                             "detector-tuned (the same, but D fine-tunes its own copy of the detector's backbone) "
+                             "or compact (a small CNN trained from scratch; G at x4, L_MSE x10); README: 'D built "
+                             "on the detector'")
     parser.add_argument("--sr-one-pass", default=None, action=argparse.BooleanOptionalAction,
                         help="the SR variants of a seed train in one pass over the same batches, sharing each "
                              "batch's loading and the frozen detector's forward (default); --no-sr-one-pass trains "

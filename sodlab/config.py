@@ -178,8 +178,11 @@ CHOICES = {
     "backbone": ("resnet18", "resnet50", "resnet101"),
     "box_head": ("2mlp", "4conv1fc"),
     "mse_reduction": ("mean", "sum"),
-    "discriminator_trunk": ("compact", "resnet50", "resnet101", "detector"),
+    "discriminator_trunk": ("compact", "resnet50", "resnet101", "detector", "detector-tuned"),
+    "discriminator_tune_from": ("conv1", "layer1", "layer2", "layer3", "layer4"),
 }
+# The D trunks built on the staged schedule's trained detector (DetectorTrunkDiscriminator).
+DETECTOR_TRUNKS = ("detector", "detector-tuned")
 
 
 def _check_choice(owner: str, name: str, value, choices_key: str | None = None) -> None:
@@ -225,9 +228,11 @@ class SRConfig:
     # G's upsampling tail: 0 is SRGAN's x2 stages; u > 0 one sub-pixel step to u channels
     # (sodlab/models/generator.py), for a cheaper G at inference
     generator_upsample_channels: int = 0
-    # D's trunk: compact (four strided convs, from scratch), resnet50 / resnet101 (from scratch), or
+    # D's trunk: compact (four strided convs, from scratch), resnet50 / resnet101 (from scratch),
     # detector: the staged schedule's trained detector reads the patch, and D's heads start as its
-    # box head (sodlab/models/discriminator.py, DetectorTrunkDiscriminator)
+    # box head (sodlab/models/discriminator.py, DetectorTrunkDiscriminator), or detector-tuned: the
+    # same, but D reads with its own copy of the detector's backbone and FPN, which it fine-tunes
+    # with its heads (the detector itself stays frozen)
     discriminator_trunk: str = "compact"
 
     def __post_init__(self):
@@ -260,6 +265,11 @@ class SRTrainConfig:
     # higher rate than SRGAN's 1e-4 (README: the from-scratch recipe).
     lr_discriminator: float = 5e-4
     weights: GANLossWeights = field(default_factory=GANLossWeights)  # alpha, beta, gamma and the rest
+    # D's trunk "detector-tuned" fine-tunes its copy of the detector's backbone from this ResNet
+    # stage on (and the FPN); the earlier stages keep the detector's weights. From layer3, G's share
+    # of the gain over bilinear patches holds; from conv1, the early layers learn to read bilinear
+    # patches, and `sr` - `sr-no-recon` halves (README: "D fine-tunes a copy of the detector's backbone").
+    discriminator_tune_from: str = "layer3"
     # G's starting point: "" its bicubic-residual initialisation; "pretrain" a PSNR-oriented G
     # pretrained on this data's small RoIs (sodlab.pretrain: L1, pretrain_iters iterations at
     # pretrain_lr, cached per dataset and config, so every seed and bench variant reuses it), as
@@ -276,6 +286,7 @@ class SRTrainConfig:
         _check_choice("SRTrainConfig", "hr_source", self.hr_source)
         _check_choice("SRTrainConfig", "schedule", self.schedule, "sr_schedule")
         _check_choice("SRTrainConfig", "mse_reduction", self.mse_reduction)
+        _check_choice("SRTrainConfig", "discriminator_tune_from", self.discriminator_tune_from)
 
 
 def method_variant(method: str, sr: SRConfig, sr_train: SRTrainConfig) -> tuple[SRConfig, SRTrainConfig]:
@@ -391,9 +402,10 @@ class TrainConfig:
             object.__setattr__(self, "sr_train", sr_train)
             if sr_train.schedule == "staged" and not self.init_from:
                 raise ValueError("the staged schedule trains the SR branch on a finished detector: set init_from")
-            if sr.discriminator_trunk == "detector" and sr_train.schedule != "staged":
-                raise ValueError("sr.discriminator_trunk 'detector' reads patches with the detector's own backbone, "
-                                 "which only the staged schedule keeps frozen: set sr_train.schedule 'staged'")
+            if sr.discriminator_trunk in DETECTOR_TRUNKS and sr_train.schedule != "staged":
+                raise ValueError(f"sr.discriminator_trunk {sr.discriminator_trunk!r} reads patches with the detector's "
+                                 "trained backbone, which only the staged schedule keeps frozen and finished: set "
+                                 "sr_train.schedule 'staged'")
         if bool(self.restart_at) != bool(self.restart_lr) or (self.restart_at and self.schedule != "cosine"):
             raise ValueError(f"restart_at {self.restart_at} with restart_lr {self.restart_lr}: a warm restart of the "
                              f"cosine schedule (not {self.schedule!r}) needs both, or neither")

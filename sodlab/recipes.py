@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sodlab.config import SR_METHODS, GANLossWeights, SRConfig, SRTrainConfig, TrainConfig, make_config
+from sodlab.config import DETECTOR_TRUNKS, SR_METHODS, GANLossWeights, SRConfig, SRTrainConfig, TrainConfig, make_config
 
 # The cpu preset at 128 px with fewer RoIs: what the tests, the notebooks' quick budget and the
 # bench's quick budget train (128 px images are seen at their own size, not upsampled to 256).
@@ -75,8 +75,10 @@ HIRES_METHODS = ("upscale", "hr-oracle")
 # SR branch's added latency (README: "A cheaper G"). The paper budget keeps SRGAN's stages and the
 # paper's x4: it runs on a GPU, at the paper's G size.
 DISCRIMINATOR_RECIPES: dict[str, tuple[dict, dict]] = {  # trunk: (SRConfig fields, SRTrainConfig fields)
-    "detector": (dict(discriminator_trunk="detector", scale=2, gate_top_k=16),
-                 dict(weights=GANLossWeights(mse=100.0), pretrain_lr=8e-4, fg_fraction=0.5)),
+    trunk: (dict(discriminator_trunk=trunk, scale=2, gate_top_k=16),
+            dict(weights=GANLossWeights(mse=100.0), pretrain_lr=8e-4, fg_fraction=0.5))
+    for trunk in DETECTOR_TRUNKS
+} | {
     "compact": (dict(discriminator_trunk="compact", scale=4, gate_top_k=24), dict(weights=GANLossWeights(mse=10.0))),
 }
 # What every D shares; sr_settings and train_config add the named D's recipe.

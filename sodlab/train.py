@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from sodlab.config import TrainConfig
+from sodlab.config import DETECTOR_TRUNKS, TrainConfig
 from sodlab.data.coco import collate_fn, load_split
 from sodlab.data.oracle import oracle_view
 from sodlab.data.tiles import TiledDataset, count_pushed_under
@@ -255,7 +255,7 @@ def make_optimizers(cfg: TrainConfig, model) -> dict:
             optimizers["detector"] = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                                      weight_decay=cfg.weight_decay)
     if cfg.is_sr:
-        optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(),
+        optimizers["discriminator"] = torch.optim.Adam([p for p in model.discriminator.parameters() if p.requires_grad],
                                                        lr=cfg.sr_train.lr_discriminator, betas=(0.9, 0.999))
         if model.generator is not None:
             optimizers["generator"] = torch.optim.Adam(model.generator.parameters(),
@@ -297,7 +297,7 @@ def init_detector_from(cfg: TrainConfig, model) -> None:
                  "--detector-* flags)")
     if cfg.is_sr and cfg.sr_train.schedule == "staged":
         detector.requires_grad_(False)
-        if cfg.sr.discriminator_trunk == "detector":  # D built on the detector starts from its trained heads
+        if cfg.sr.discriminator_trunk in DETECTOR_TRUNKS:  # D built on the detector starts from its trained heads
             model.discriminator.init_from_detector()
 
 
@@ -480,14 +480,19 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     the updated D with D's parameters frozen: alpha L_adv + beta L_cls + gamma L_reg + L_TV + L_MSE.
     D's frozen part (``read``: the detector's backbone, for D built on the detector) reads G(z_LR)
     once for both steps, and z_HR once per batch of a pass (``read_real_patches``): the detector's
-    backbone on the patches is most of a branch step's time.
+    backbone on the patches is most of a branch step's time. A D whose read trains (a tuned copy
+    of the backbone) reads both for its own step and G(z_LR) again, updated, for G's.
     """
     weights, where = cfg.sr_train.weights, f"{cfg.out}, iteration {it + 1}"
     factor = lr_factor(cfg, it)
     sr = model.super_resolve(batch["lr_patch"])
     n, discriminator = len(batch["hr_patch"]), model.discriminator
-    hr_read, sr_read = read_real_patches(discriminator, batch["hr_patch"], shared_reads), discriminator.read(sr)
-    d_both = discriminator.judge(torch.cat([hr_read, sr_read.detach()]))
+    if discriminator.read_trains:
+        sr_read = None
+        d_both = discriminator(torch.cat([batch["hr_patch"], sr.detach()]))
+    else:
+        hr_read, sr_read = read_real_patches(discriminator, batch["hr_patch"], shared_reads), discriminator.read(sr)
+        d_both = discriminator.judge(torch.cat([hr_read, sr_read.detach()]))
     d_hr, d_sr = ({k: v[:n] for k, v in d_both.items()}, {k: v[n:] for k, v in d_both.items()})
     d_terms = discriminator_objective(d_hr, d_sr, batch["labels"], batch["regression_targets"], batch["hr_valid"],
                                       weights)
@@ -498,9 +503,11 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     model.update_box_errors(batch["head_deltas"], d_sr["box"], batch["labels"], batch["regression_targets"])
     record |= dict(zip(("head_box_error", "d_box_error"), model.box_errors.tolist()))
     if "generator" in optimizers:
+        trainable = [p for p in discriminator.parameters() if p.requires_grad]
         discriminator.requires_grad_(False)
         try:
-            g_terms = generator_objective(discriminator.judge(sr_read), sr, batch["hr_patch"], batch["hr_valid"],
+            judged = discriminator(sr) if sr_read is None else discriminator.judge(sr_read)
+            g_terms = generator_objective(judged, sr, batch["hr_patch"], batch["hr_valid"],
                                           batch["labels"], batch["regression_targets"], weights,
                                           mse_reduction=cfg.sr_train.mse_reduction)
             check_finite(g_terms, where)
@@ -509,7 +516,8 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
             optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
                            cfg.grad_clip, world_size=world_size)
         finally:
-            discriminator.requires_grad_(True)
+            for p in trainable:
+                p.requires_grad_(True)
         record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr.detach(), batch, model.scale)
     return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum())}
 

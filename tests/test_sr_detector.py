@@ -521,6 +521,8 @@ class _ReadsEveryTime(torch.nn.Module):
     """A D that reads its patches again in every forward: BasicSR's step, D(cat(z_HR, G(z_LR)))
     then D(G(z_LR)), as sr_step ran before D's frozen read was shared."""
 
+    read_trains = False  # its read is the identity: judge reads again every time
+
     def __init__(self, discriminator):
         super().__init__()
         self.whole = discriminator
@@ -624,3 +626,68 @@ def test_staged_run_with_d_built_on_the_detector(tiny_config, tmp_path):
     assert torch.equal(model.discriminator.box_predictor.cls_score.weight,
                        after["discriminator.box_predictor.cls_score.weight"])
     assert model.discriminator._detector[0] is model.detector
+
+
+def _tuned(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, discriminator_trunk="detector-tuned"))
+
+
+def test_d_with_a_tuned_trunk_starts_as_the_frozen_one_and_reads_with_gradients(tiny_config, tmp_path):
+    """detector-tuned: D's trunk is its own copy of the detector's backbone and FPN, loaded with
+    them, so D first answers as D on the detector's own backbone does; its step reads z_HR and
+    G(z_LR) together, with gradients for the copy (never from a pass's shared read), then G(z_LR)
+    again for G's step, and it moves the copy from sr_train.discriminator_tune_from on (layer3 and the
+    FPN), but not its earlier stages, the detector, or any BatchNorm statistic."""
+    from sodlab.train import make_optimizers
+
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    torch.manual_seed(0)
+    model = build_model(_tuned(cfg), num_classes=9).train()
+    detector, d = model.detector.eval().requires_grad_(False), model.discriminator
+    for p in detector.backbone.parameters():  # a trained backbone differs from the copy made at build ...
+        p.data.add_(0.05 * torch.randn_like(p))
+    d.init_from_detector()  # ... until D loads it, as init_detector_from does
+    assert d.read_trains and not d.trunk.training, "the copy's BatchNorm keeps the detector's statistics"
+    assert not {id(p) for p in d.parameters()} & {id(p) for p in detector.parameters()}
+    frozen = copy.deepcopy(d)
+    frozen.trunk = None
+    batch = _branch_batch(cfg)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(d(batch["hr_patch"]).values(), frozen(batch["hr_patch"]).values()))
+
+    reads, read = [], d.read
+    d.read = lambda patches: reads.append(len(patches)) or read(patches)
+    detector_before = copy.deepcopy(detector.state_dict())
+    trunk_before = copy.deepcopy(d.trunk.state_dict())
+    shared = SharedReads()
+    sr_step(model, batch, make_optimizers(_tuned(cfg), model), _tuned(cfg), it=0, shared_reads=shared)
+    assert reads == [12, 6] and not shared.reads
+    assert all(torch.equal(v, detector_before[k]) for k, v in detector.state_dict().items())
+    after = d.trunk.state_dict()
+    moved = [k for k, v in after.items() if not torch.equal(v, trunk_before[k])]
+    assert moved and all(k.endswith(("weight", "bias")) for k in moved), "weights train, running statistics stay"
+    stages = {k.split(".")[1] if k.startswith("body.") else "fpn" for k in moved}
+    assert stages == {"layer3", "layer4", "fpn"}, stages
+    assert not any(p.requires_grad for p in d.trunk.body.layer2.parameters()), "G's step restores only what trained"
+    assert all(p.requires_grad for p in d.trunk.body.layer3.parameters())
+
+
+@pytest.mark.slow
+def test_staged_run_with_a_tuned_trunk(tiny_config, tmp_path):
+    """A staged run of detector-tuned leaves the finished detector bitwise, trains D's copy of its
+    backbone, saves that copy in D's weights, and reloads as it ended."""
+    from sodlab.train import load_trained_model
+
+    base = train(dataclasses.replace(tiny_config, out=str(tmp_path / "base")), progress=False)
+    run_dir = train(_tuned(_detector_trunk_config(tiny_config, tmp_path / "sr", base)), progress=False)
+    before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(before[k], after["detector." + k]) for k in before)
+    copied = {k.removeprefix("discriminator.trunk."): v for k, v in after.items() if k.startswith("discriminator.trunk.")}
+    assert copied.keys() == {k.removeprefix("backbone.") for k in before if k.startswith("backbone.")}
+    late, early = "body.layer4.0.conv1.weight", "body.layer1.0.conv1.weight"
+    assert not torch.equal(copied[late], before["backbone." + late]), "the copy's late stages trained"
+    assert torch.equal(copied[early], before["backbone." + early]), "its early stages are the detector's"
+    assert torch.equal(copied["body.layer4.0.bn1.running_mean"], before["backbone.body.layer4.0.bn1.running_mean"])
+    _, model = load_trained_model(run_dir)
+    assert torch.equal(model.discriminator.trunk.body.layer4[0].conv1.weight, copied[late])

@@ -508,6 +508,9 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
             "goes through G and D") + sr_precision(header) + (
             "; D built on the detector: the seed's trained detector reads each patch, and D's heads start as its "
             "box head" if header.get("sr_discriminator_trunk") == "detector" else
+            "; D built on the detector: a copy of the seed's trained backbone and FPN reads each patch, and D "
+            "fine-tunes it with heads that start as the detector's box head"
+            if header.get("sr_discriminator_trunk") == "detector-tuned" else
             f"; D: a {header.get('sr_discriminator_trunk', 'compact')} CNN trained from scratch")
         + (f"; G super-resolves x{header['sr_scale']}" if "sr_scale" in header else ""),
         f"- data: `{header['data']}` ({header['evaluated_images']} of {header['val_images']} val images evaluated); "

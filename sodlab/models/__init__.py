@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from sodlab.config import DETECTOR_TRUNKS
 from sodlab.models.detector import DetectorConfig, build_detector, preset
 
 
@@ -39,7 +40,9 @@ def build_model(cfg, num_classes: int):
         torch.manual_seed(torch.initial_seed() + 1)
         generator = (SRGenerator(sr.generator_channels, sr.generator_blocks, sr.scale,
                                  upsample_channels=sr.generator_upsample_channels) if sr.use_generator else None)
-        discriminator = (DetectorTrunkDiscriminator(detector, sr.context) if sr.discriminator_trunk == "detector"
+        tune_from = sampling.discriminator_tune_from if sr.discriminator_trunk == "detector-tuned" else None
+        discriminator = (DetectorTrunkDiscriminator(detector, sr.context, tune_from=tune_from)
+                         if sr.discriminator_trunk in DETECTOR_TRUNKS
                          else MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk))
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
                       area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, gate_top_k=sr.gate_top_k,

@@ -106,6 +106,8 @@ class MultiTaskDiscriminator(nn.Module):
         nn.init.normal_(self.box_head.weight, std=0.001)
         nn.init.zeros_(self.box_head.bias)
 
+    read_trains = False  # every layer of this D is in ``judge``
+
     def read(self, patches: torch.Tensor) -> torch.Tensor:
         """D's frozen part: none, every layer of this D trains, so it reads the patches as they are
         (DetectorTrunkDiscriminator.read has one)."""
@@ -126,6 +128,10 @@ class MultiTaskDiscriminator(nn.Module):
         return self.judge(self.read(patches))
 
 
+# A torchvision ResNet's stages in order; conv1 comes with its bn1.
+RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
 class DetectorTrunkDiscriminator(nn.Module):
     """D whose trunk is the seed's trained detector, and whose heads start as its box head.
 
@@ -140,23 +146,53 @@ class DetectorTrunkDiscriminator(nn.Module):
 
     Only the staged schedule can use it: there the detector is finished and frozen, so D's losses
     never reach the detector's weights.
+
+    With ``tune_from`` (a ResNet stage: conv1, layer1, ..., layer4) D reads with its own copy of
+    the detector's backbone and FPN instead, and fine-tunes the copy from that stage on with its
+    heads, as SOD-MTGAN's D trains its ResNet: the features the detector learned on whole images
+    adapt to small objects seen at G's scale. The earlier stages stay the detector's weights: tuned
+    too, they learn to read bilinear patches about as well as G's, and G's share of the gain
+    halves (README: "D fine-tunes a copy of the detector's backbone"). The copy's BatchNorm keeps
+    the detector's statistics (eval mode): D's batches are a few dozen patches of one size, half
+    of them fake. It costs D's checkpoint the backbone's weights and the training step a read
+    with gradients for D's own step, but nothing at inference, which reads with the copy.
     """
 
-    def __init__(self, detector: nn.Module, context: float) -> None:
+    def __init__(self, detector: nn.Module, context: float, tune_from: str | None = None) -> None:
         super().__init__()
         # a plain list, not a submodule: the detector belongs to SRDetector, which saves and moves it
         self._detector = [detector]
         self.context = context
         heads = detector.roi_heads
+        self.trunk = copy.deepcopy(detector.backbone) if tune_from else None
+        self.tune_from = tune_from
         self.box_head = copy.deepcopy(heads.box_head)
         self.box_predictor = copy.deepcopy(heads.box_predictor)
         self.adv_head = nn.Linear(heads.box_predictor.cls_score.in_features, 1)
 
+    @property
+    def read_trains(self) -> bool:
+        """Whether ``read`` has weights that D's step trains (its tuned copy of the backbone)."""
+        return self.trunk is not None
+
     def init_from_detector(self) -> None:
-        """Copy the detector's trained box head and predictor into D's (after the detector's weights load)."""
-        heads = self._detector[0].roi_heads
-        self.box_head.load_state_dict(heads.box_head.state_dict())
-        self.box_predictor.load_state_dict(heads.box_predictor.state_dict())
+        """Copy the detector's trained box head and predictor (and backbone, for a tuned trunk)
+        into D's, after the detector's weights load."""
+        detector = self._detector[0]
+        self.box_head.load_state_dict(detector.roi_heads.box_head.state_dict())
+        self.box_predictor.load_state_dict(detector.roi_heads.box_predictor.state_dict())
+        if self.trunk is not None:
+            self.trunk.load_state_dict(detector.backbone.state_dict())
+            kept = RESNET_STAGES[:RESNET_STAGES.index(self.tune_from)]
+            for name, parameter in self.trunk.named_parameters():
+                # body.<stage>.* are the ResNet's; fpn.* tune with the late stages
+                parameter.requires_grad_(not (name.startswith("body.") and name.split(".")[1] in kept))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.trunk is not None:
+            self.trunk.eval()  # BatchNorm keeps the detector's statistics (see the class docstring)
+        return self
 
     def object_box(self, height: int, width: int, device) -> torch.Tensor:
         """The RoI's own box inside its patch: the patch less the context margin on each side."""
@@ -164,15 +200,14 @@ class DetectorTrunkDiscriminator(nn.Module):
         lo, hi = c / (1 + 2 * c), (1 + c) / (1 + 2 * c)
         return torch.tensor([[lo * width, lo * height, hi * width, hi * height]], device=device)
 
-    def _finest_fpn_level(self, x: torch.Tensor) -> torch.Tensor:
-        """The detector's finest FPN map (P2) of ``x``, and nothing coarser.
+    def _finest_fpn_level(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The finest FPN map (P2) of ``x`` by the detector's ``backbone``, and nothing coarser.
 
         FPN's level mapper sends every box under 112 px across to P2 (a 224 px box reads P4), so
         for G's patches RoI pooling reads P2 alone, and the FPN's outputs at the coarser levels
         would never be read. So this is torchvision's FeaturePyramidNetwork.forward down to
         P2 without the 3x3 convs and extra block of P3 and up: the same P2, at less cost.
         """
-        backbone = self._detector[0].backbone
         fpn, c = backbone.fpn, list(backbone.body(x).values())
         inner = fpn.get_result_from_inner_blocks(c[-1], -1)
         for idx in range(len(c) - 2, -1, -1):
@@ -181,17 +216,18 @@ class DetectorTrunkDiscriminator(nn.Module):
         return fpn.get_result_from_layer_blocks(inner, 0)
 
     def read(self, patches: torch.Tensor) -> torch.Tensor:
-        """D's frozen part: the detector's features of each patch's object box, RoI-pooled [B, C, 7, 7].
+        """The detector's features (or the tuned copy's) of each patch's object box, RoI-pooled [B, C, 7, 7].
 
-        It has no weights of D's own, so a training step reads G's patches once for D's step and
-        G's (detached for D's), and the branches of a pass read the same real patches once
-        (``train.sr_step``). With the detector's parameters frozen, gradients still flow through
-        it to the patches, and so to G.
+        With the detector's own backbone this is D's frozen part, with no weights of D's own: a
+        training step reads G's patches once for D's step and G's (detached for D's), and the
+        branches of a pass read the same real patches once (``train.sr_step``). With the
+        detector's parameters frozen, gradients still flow through it to the patches, and so to G.
         """
         if patches.dim() != 4 or patches.shape[1] != 3:
             raise ValueError(f"DetectorTrunkDiscriminator: expected patches [B, 3, h, w], got {tuple(patches.shape)}")
         detector = self._detector[0]
-        if detector.training:  # its BatchNorm would normalise by the patches' batch and move its running statistics
+        backbone = self.trunk if self.trunk is not None else detector.backbone
+        if backbone.training:  # its BatchNorm would normalise by the patches' batch and move its running statistics
             raise RuntimeError("DetectorTrunkDiscriminator: the detector must be in eval mode (frozen, as the staged "
                                "schedule keeps it)")
         n, _, h, w = patches.shape
@@ -199,12 +235,13 @@ class DetectorTrunkDiscriminator(nn.Module):
         # as large as G made it)
         normalized = detector.transform.normalize(patches)
         box = self.object_box(h, w, patches.device).to(patches.dtype)
-        pool, fpn = detector.roi_heads.box_roi_pool, getattr(detector.backbone, "fpn", None)
+        pool, fpn = detector.roi_heads.box_roi_pool, getattr(backbone, "fpn", None)
         if fpn is not None and pool.map_levels is not None and int(pool.map_levels([box])[0]) == 0:
-            pooled = torchvision.ops.roi_align(self._finest_fpn_level(normalized), [box] * n, pool.output_size,
-                                               spatial_scale=pool.scales[0], sampling_ratio=pool.sampling_ratio)
+            pooled = torchvision.ops.roi_align(self._finest_fpn_level(backbone, normalized), [box] * n,
+                                               pool.output_size, spatial_scale=pool.scales[0],
+                                               sampling_ratio=pool.sampling_ratio)
         else:
-            features = detector.backbone(normalized)
+            features = backbone(normalized)
             if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
                 features = {"0": features}
             pooled = pool(features, [box] * n, [(h, w)] * n)
