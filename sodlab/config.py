@@ -268,7 +268,8 @@ class SRTrainConfig:
     # D's trunk "detector-tuned" fine-tunes its copy of the detector's backbone from this ResNet
     # stage on (and the FPN); the earlier stages keep the detector's weights. From layer3, G's share
     # of the gain over bilinear patches holds; from conv1, the early layers learn to read bilinear
-    # patches, and `sr` - `sr-no-recon` halves (README: "D fine-tunes a copy of the detector's backbone").
+    # patches, and `sr` - `sr-no-recon` falls by a third (README: "D fine-tunes a copy of the
+    # detector's backbone").
     discriminator_tune_from: str = "layer3"
     # G's starting point: "" its bicubic-residual initialisation; "pretrain" a PSNR-oriented G
     # pretrained on this data's small RoIs (sodlab.pretrain: L1, pretrain_iters iterations at

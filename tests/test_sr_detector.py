@@ -683,7 +683,8 @@ def test_staged_run_with_a_tuned_trunk(tiny_config, tmp_path):
     before = torch.load(base / "checkpoints" / "last.pt", weights_only=False)["model"]
     after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(before[k], after["detector." + k]) for k in before)
-    copied = {k.removeprefix("discriminator.trunk."): v for k, v in after.items() if k.startswith("discriminator.trunk.")}
+    prefix = "discriminator.trunk."
+    copied = {k.removeprefix(prefix): v for k, v in after.items() if k.startswith(prefix)}
     assert copied.keys() == {k.removeprefix("backbone.") for k in before if k.startswith("backbone.")}
     late, early = "body.layer4.0.conv1.weight", "body.layer1.0.conv1.weight"
     assert not torch.equal(copied[late], before["backbone." + late]), "the copy's late stages trained"

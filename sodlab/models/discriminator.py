@@ -151,8 +151,8 @@ class DetectorTrunkDiscriminator(nn.Module):
     the detector's backbone and FPN instead, and fine-tunes the copy from that stage on with its
     heads, as SOD-MTGAN's D trains its ResNet: the features the detector learned on whole images
     adapt to small objects seen at G's scale. The earlier stages stay the detector's weights: tuned
-    too, they learn to read bilinear patches about as well as G's, and G's share of the gain
-    halves (README: "D fine-tunes a copy of the detector's backbone"). The copy's BatchNorm keeps
+    too, they learn to read bilinear patches nearly as well as G's, and G's share of the gain
+    falls by a third (README: "D fine-tunes a copy of the detector's backbone"). The copy's BatchNorm keeps
     the detector's statistics (eval mode): D's batches are a few dozen patches of one size, half
     of them fake. It costs D's checkpoint the backbone's weights and the training step a read
     with gradients for D's own step, but nothing at inference, which reads with the copy.
