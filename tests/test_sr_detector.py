@@ -654,6 +654,11 @@ def test_d_with_a_tuned_trunk_starts_as_the_frozen_one_and_reads_with_gradients(
     batch = _branch_batch(cfg)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(d(batch["hr_patch"]).values(), frozen(batch["hr_patch"]).values()))
+    d.trunk.train()  # the copy in train mode would move its BatchNorm statistics with D's patches
+    with pytest.raises(RuntimeError, match="must be in eval mode"):
+        d(batch["hr_patch"])
+    d.train()
+    assert not d.trunk.training, "D's own train() keeps the copy in eval mode"
 
     reads, read = [], d.read
     d.read = lambda patches: reads.append(len(patches)) or read(patches)

@@ -228,8 +228,8 @@ class DetectorTrunkDiscriminator(nn.Module):
         detector = self._detector[0]
         backbone = self.trunk if self.trunk is not None else detector.backbone
         if backbone.training:  # its BatchNorm would normalise by the patches' batch and move its running statistics
-            raise RuntimeError("DetectorTrunkDiscriminator: the detector must be in eval mode (frozen, as the staged "
-                               "schedule keeps it)")
+            raise RuntimeError("DetectorTrunkDiscriminator: the backbone D reads with (the detector's, or D's tuned "
+                               "copy) must be in eval mode, as the staged schedule keeps it")
         n, _, h, w = patches.shape
         # the detector's own input normalisation, at the patch's size (no resize: the object stays
         # as large as G made it)
