@@ -22,6 +22,7 @@ import copy
 import io
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,6 @@ def _to_original_coordinates(
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
 
-@torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
     dataset: CocoDetection | Subset,
@@ -283,29 +283,71 @@ def evaluate_model(
     x2 upscale baseline, is undone). The model's train/eval mode is restored afterwards.
     ``dataset`` may be a ``Subset`` of a ``CocoDetection``.
     """
+    (results, outputs, _), = evaluate_models([model], dataset, device, batch_size, num_workers, progress)
+    return results, outputs
+
+
+def same_detector(models: list[torch.nn.Module]) -> bool:
+    """True when every model is an SR detector on the same detector weights (and buffers)."""
+    if not all(hasattr(m, "detect") for m in models):
+        return False
+    first = models[0].detector.state_dict()
+    return all(m.detector.state_dict().keys() == first.keys()
+               and all(torch.equal(v, first[k]) for k, v in m.detector.state_dict().items()) for m in models[1:])
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: list[torch.nn.Module],
+    dataset: CocoDetection | Subset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[tuple[list[dict], dict[int, dict[str, torch.Tensor]], float]]:
+    """``evaluate_model`` for several models over the same batches: per model (results, outputs,
+    seconds of inference).
+
+    SR detectors on the same detector weights (``same_detector``: a bench seed's SR variants, or
+    one run with D on other patches) share each batch's detector pass (``SRDetector.detect``), so
+    the backbone, RPN and box head run once for all of them; each model's seconds count that shared
+    pass whole, as it would run alone. Their outputs equal separate evaluations'.
+    """
     base = _base_dataset(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
-    was_training = model.training
-    model.eval()
-    outputs: dict[int, dict[str, torch.Tensor]] = {}
+    shared = len(models) > 1 and same_detector(models)
+    modes = [model.training for model in models]
+    outputs: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in models]
+    seconds = [0.0] * len(models)
     try:
+        for model in models:
+            model.eval()
         for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
             images = [image.to(device) for image in images]
-            # An SR model whose D judges the exact twins' patches (an oracle G) takes them beside the images.
-            wants_twins = getattr(model, "patches", None) == "twin" and "hr_image" in targets[0]
-            twins = [t["hr_image"].to(device) for t in targets] if wants_twins else None
-            predictions = model(images) if twins is None else model(images, hr_images=twins)
-            for image, target, prediction in zip(images, targets, predictions):
-                image_id = int(target["image_id"])
-                boxes = prediction["boxes"].detach().float().cpu()
-                outputs[image_id] = {
-                    "boxes": _to_original_coordinates(boxes, tuple(image.shape[-2:]), base.original_size(image_id)),
-                    "labels": prediction["labels"].detach().cpu(),
-                    "scores": prediction["scores"].detach().float().cpu(),
-                }
+            tic = time.perf_counter()
+            detected = models[0].detect(images) if shared else None
+            shared_seconds = time.perf_counter() - tic
+            for i, model in enumerate(models):
+                tic = time.perf_counter()
+                # An SR model whose D judges the exact twins' patches (an oracle G) takes them beside the images.
+                extra = {"detected": detected} if shared else {}
+                if getattr(model, "patches", None) == "twin" and "hr_image" in targets[0]:
+                    extra["hr_images"] = [t["hr_image"].to(device) for t in targets]
+                predictions = model(images, **extra)
+                seconds[i] += shared_seconds + time.perf_counter() - tic
+                for image, target, prediction in zip(images, targets, predictions):
+                    image_id = int(target["image_id"])
+                    boxes = prediction["boxes"].detach().float().cpu()
+                    outputs[i][image_id] = {
+                        "boxes": _to_original_coordinates(boxes, tuple(image.shape[-2:]),
+                                                          base.original_size(image_id)),
+                        "labels": prediction["labels"].detach().cpu(),
+                        "scores": prediction["scores"].detach().float().cpu(),
+                    }
     finally:
-        model.train(was_training)
-    return predictions_to_coco_results(outputs, base.label_to_cat_id), outputs
+        for model, was_training in zip(models, modes):
+            model.train(was_training)
+    return [(predictions_to_coco_results(out, base.label_to_cat_id), out, sec) for out, sec in zip(outputs, seconds)]
 
 
 def evaluate_run(

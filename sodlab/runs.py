@@ -81,21 +81,6 @@ def evaluate_with(run_dir: str | os.PathLike, overrides: dict, data: str | os.Pa
 OTHER_PATCH_SOURCES = ("bilinear", "twin")
 
 
-def evaluate_patch_sources(run_dir: str | os.PathLike, max_images: int | None = None,
-                           progress: bool = False) -> dict[str, dict]:
-    """An SR run evaluated with D held fixed on each of OTHER_PATCH_SOURCES (the twins' only when its
-    val split has twins), as ``sodlab eval --sr-patches P`` does: {P: {"dir", "eval"}}."""
-    cfg = TrainConfig.from_dict(read_json(Path(run_dir) / "config.json"))
-    has_twins = twin_source(cfg.data, cfg.val_split, cfg.sr.scale) is not None
-    out = {}
-    for patches in OTHER_PATCH_SOURCES:
-        if patches == "twin" and not has_twins:
-            continue
-        _, folder, stats = evaluate_with(run_dir, {"sr.patches": patches}, max_images=max_images, progress=progress)
-        out[patches] = {"dir": str(folder), "eval": stats}
-    return out
-
-
 def finish_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Evaluate a trained run on its val split: eval.json and detections_val.json; for SR
     methods also sr_quality.json (G against bicubic on held-out small RoIs) and sr_patches/.

@@ -251,6 +251,10 @@ def test_sr_variants_in_passes_of_their_own_are_bitwise_the_one_pass_runs(bench_
         a, b = (torch.load(d / "runs" / run / "checkpoints" / "last.pt", weights_only=False)["model"]
                 for d in (bench_dir, alone))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+    # ... and evaluated in one pass sharing the detector's part, they detect as evaluated apart
+    for run in ("sr-seed0", "sr-no-recon-seed0"):
+        a, b = (json.loads((d / "runs" / run / "detections_val.json").read_text()) for d in (bench_dir, alone))
+        assert a == b, run
     assert "each in a pass of its own" in (alone / "bench.md").read_text()
     assert "they train in one pass" in (bench_dir / "bench.md").read_text()
 

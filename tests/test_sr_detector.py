@@ -462,6 +462,42 @@ def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
 
 
+def test_sr_branches_on_one_detector_share_its_pass_and_answer_as_alone(tiny_config, tiny_synth):
+    """evaluate_models runs the backbone, RPN and box head once per batch for SR detectors on equal
+    detector weights (a bench seed's variants; D on other patches), and each model's detections are
+    exactly its own evaluation's; a model on other detector weights runs its own detector."""
+    from torch.utils.data import Subset
+
+    from sodlab.evaluate import evaluate_model, evaluate_models, same_detector
+
+    val = Subset(load_split(tiny_synth, "val", train=False, hr_scale=4), range(4))
+    first = _model(tiny_config, "sr", area_threshold=12.0**2)
+    others = [_model(tiny_config, method, area_threshold=12.0**2) for method in ("sr-no-recon", "sr-cls-only", "sr")]
+    others[-1].patches = "twin"
+    for model in others:  # the branches differ; the detector is the seed's
+        torch.nn.init.normal_(model.discriminator.cls_head.weight)
+        model.detector.load_state_dict(first.detector.state_dict())
+    models = [first, *others]
+    assert same_detector(models)
+    detector_calls = [[] for _ in models]
+    for calls, model in zip(detector_calls, models):
+        model.detector.backbone.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+    together = evaluate_models(models, val, batch_size=2, progress=False)
+    assert [len(c) for c in detector_calls] == [2, 0, 0, 0], "one detector pass per batch of 2, for all four"
+    for model, (results, outputs, seconds) in zip(models, together):
+        assert seconds > 0 and results == evaluate_model(model, val, batch_size=2, progress=False)[0]
+    assert together[0][0] != together[1][0] != together[2][0], "each branch gives its own answers"
+    # (the twin model raises without its twins: evaluate_models passed them to it alone)
+
+    torch.nn.init.normal_(others[0].detector.roi_heads.box_predictor.cls_score.weight)  # another detector
+    assert not same_detector(models)
+    for calls in detector_calls:
+        calls.clear()
+    apart = evaluate_models(models[:2], val, batch_size=2, progress=False)
+    assert [len(c) for c in detector_calls[:2]] == [2, 2]
+    assert apart[1][0] == evaluate_model(others[0], val, batch_size=2, progress=False)[0]
+
+
 def _detector_trunk_config(tiny_config, out, base) -> TrainConfig:
     cfg = _staged(tiny_config, "sr", out, base)
     return dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, discriminator_trunk="detector", amp=False))

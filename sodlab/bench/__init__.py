@@ -8,7 +8,8 @@ the HR oracle, the baseline trained and evaluated on the data's exact xk twins.
 Shared work is done once per seed. The SR branch never back-propagates into the detector, so
 every SR variant of a seed trains its branch (``budget.sr_iters``, the staged schedule) on that
 seed's baseline detector, frozen: the rows of a seed differ by the SR branch alone, and the
-detector's training is counted once. SAHI reuses the baseline's weights. ``upscale`` and
+detector's training is counted once; their evaluations share each val batch's detector pass too.
+SAHI reuses the baseline's weights. ``upscale`` and
 ``hr-oracle`` see other images, so they train detectors of their own: from scratch at the
 baseline's budget, or (``budget.hires_branch_iters``) branching off the seed's baseline run for its
 last iterations, trained at their own input.
@@ -134,8 +135,8 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
     ``data`` is a COCO-format directory; by default the budget's embedded benchmark (generated
     if absent).
     """
-    from sodlab.bench.measure import (InferenceJob, LatencyJob, PatchSourcesJob, measure_inference,
-                                      measure_paired_latency, measure_patch_sources, run_measurement)
+    from sodlab.bench.measure import (InferenceJob, LatencyJob, measure_inference, measure_paired_latency,
+                                      run_measurement)
     from sodlab.bench.report import format_bench_markdown, plot_ap_by_size, plot_errors, plot_speed_accuracy, summarize
     from sodlab.bench.stats import bench_intervals
     from sodlab.data.coco import load_split
@@ -168,6 +169,7 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
 
     records: list[dict] = []
     trained: dict[tuple, tuple] = {}  # (training record, config) of runs a pass trained ahead of their turn
+    evaluated: dict[tuple, dict] = {}  # the evaluation of SR runs a shared pass evaluated ahead of their turn
     jobs = [(p, s, m) for p in budget.presets for s in range(budget.seeds) for m in chosen]
     for number, (preset_name, seed, method) in enumerate(jobs, start=1):
         run_dir = out_dir / "runs" / run_name(method, preset_name, seed, budget)
@@ -184,12 +186,14 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
         if method.train_as:
             # SR variants train their branch on the seed's baseline detector; upscale and the HR
             # oracle branch off its run when the budget says so (train_config decides which uses it)
+            together = [m for m in chosen if m.shares_detector and (m.name, preset_name, seed) not in finished]
+            together = together if method.shares_detector and budget.sr_one_pass else [method]
             if key not in trained:  # an SR variant trains in one pass with the seed's others
-                together = [m for m in chosen if m.shares_detector and (m.name, preset_name, seed) not in finished]
-                together = together if method.shares_detector and budget.sr_one_pass else [method]
                 trained |= train_pass(budget, together, out_dir, preset_name, seed, method_data, detector_run,
                                       hr_source, progress)
             (training, cfg), model_run = trained.pop(key), run_dir
+            if method.shares_detector and key not in evaluated:  # ... and is evaluated in one pass with them
+                evaluated |= evaluate_pass(budget, together, out_dir, preset_name, seed, method_data)
         else:  # SAHI: the baseline's weights, and so its training
             reused = next(r for r in records
                           if (r["method"], r["preset"], r["seed"]) == (method.reuse, preset_name, seed))
@@ -206,15 +210,15 @@ def run_bench(budget: Budget, out_dir: str | Path, data: str | None = None, meth
             # latency is the interleaved one below, so one round's images are enough here
             timing_images=max(1, budget.timing_images // TIMING_ROUNDS), timing_warmup=budget.timing_warmup,
             eval_batch_size=budget.eval_batch_size, max_eval_images=budget.max_eval_images,
-            sahi_slice=budget.sahi_slice, sahi_overlap=budget.sahi_overlap)
+            sahi_slice=budget.sahi_slice, sahi_overlap=budget.sahi_overlap, evaluate=key not in evaluated)
         inference = run_measurement(measure_inference, job, budget.isolate)
+        shared_evaluation = evaluated.pop(key, {})
+        inference |= {k: v for k, v in shared_evaluation.items() if k != "patch_sources"}
         records.append({"method": method.name, "preset": preset_name, "seed": seed, "run_dir": str(run_dir),
                         "backbone": backbone_label(preset(preset_name)),
                         "training": training, "eval": inference.pop("eval"), "inference": inference})
-        if method.name == "sr":  # what G adds to its D, against bilinear patches and a perfect G
-            records[-1]["patch_sources"] = run_measurement(
-                measure_patch_sources, PatchSourcesJob(str(run_dir), budget.threads, budget.max_eval_images),
-                budget.isolate)
+        if "patch_sources" in shared_evaluation:  # `sr`: what G adds to its D, against bilinear patches and a perfect G
+            records[-1]["patch_sources"] = shared_evaluation["patch_sources"]
         if progress:
             print("  " + record_summary(records[-1]), flush=True)
         atomic_write_json(out_dir / "bench.json", {**header, "complete": False, "records": records})
@@ -270,6 +274,22 @@ def train_pass(budget: Budget, methods: list[Method], out_dir: Path, preset_name
         print(f"  in one pass with {', '.join(m.name for m in methods[1:])}", flush=True)
     measured = run_measurement(measure_training, TrainJob(cfgs, budget.threads), budget.isolate)
     return {(m.name, preset_name, seed): (record, cfg) for m, record, cfg in zip(methods, measured, cfgs)}
+
+
+def evaluate_pass(budget: Budget, methods: list[Method], out_dir: Path, preset_name: str, seed: int,
+                  data_dir: Path) -> dict[tuple, dict]:
+    """Evaluate SR variants of one seed in one pass over the val images, sharing its detector's part
+    (``bench.measure.measure_sr_evaluation``), with `sr` also on the other patch sources:
+    {(method, preset, seed): its "eval", "images_per_s", "sr_quality" (and `sr`'s "patch_sources")}."""
+    from sodlab.bench.measure import SREvaluationJob, measure_sr_evaluation, run_measurement
+
+    run_dirs = {m.name: str(out_dir / "runs" / run_name(m, preset_name, seed, budget)) for m in methods}
+    job = SREvaluationJob(list(run_dirs.values()), run_dirs.get("sr"), str(data_dir), budget.val_split,
+                          budget.threads, budget.eval_batch_size, budget.max_eval_images)
+    measured = run_measurement(measure_sr_evaluation, job, budget.isolate)
+    return {(name, preset_name, seed): {**measured["runs"][run_dir],
+                                        **({"patch_sources": measured["patch_sources"]} if name == "sr" else {})}
+            for name, run_dir in run_dirs.items()}
 
 
 def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir: Path, lr_val, hr_source: str,

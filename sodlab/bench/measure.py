@@ -21,10 +21,11 @@ from torch.utils.data import Subset
 
 from sodlab.config import TrainConfig
 from sodlab.data.coco import load_split
-from sodlab.evaluate import coco_eval, evaluate_model, predictions_to_coco_results
+from sodlab.data.coco import twin_source
+from sodlab.evaluate import coco_eval, evaluate_model, evaluate_models, predictions_to_coco_results
 from sodlab.io import atomic_write_json, read_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
-from sodlab.runs import evaluate_patch_sources, write_sr_quality
+from sodlab.runs import OTHER_PATCH_SOURCES, evaluation_dir, load_eval_split, write_sr_quality
 from sodlab.train import load_trained_model, train_branches
 
 
@@ -162,6 +163,7 @@ class InferenceJob:
     max_eval_images: int | None
     sahi_slice: int
     sahi_overlap: float
+    evaluate: bool = True  # False: batch-1 speed and peak RSS only (SR runs: ``measure_sr_evaluation``)
 
 
 def batch1_predictor(model_run: str, inference: str, data: str, val_split: str, count: int, sahi_slice: int,
@@ -185,17 +187,21 @@ def batch1_predictor(model_run: str, inference: str, data: str, val_split: str, 
 
 
 def measure_inference(job: InferenceJob) -> dict:
-    """Speed (batch 1), peak RSS and parameters of one method, then its COCO evaluation, and for an
-    SR variant its reconstruction against bicubic (sr_quality.json)."""
+    """Speed (batch 1), peak RSS and parameters of one method, then (``job.evaluate``) its COCO
+    evaluation."""
     torch.set_num_threads(job.threads)
     reset_peak_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predict, images, model, val, sahi_model = batch1_predictor(
         job.model_run, job.inference, job.data, job.val_split, job.timing_images, job.sahi_slice, job.sahi_overlap,
         device)
-    eval_set = val if job.max_eval_images is None else Subset(val, range(min(job.max_eval_images, len(val))))
     speed, rss = batch1_speed_and_peak(predict, images, job.timing_images, job.timing_warmup)  # before evaluating
+    measured = {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss,
+                "parameters": count_parameters(model), "torch_threads": torch.get_num_threads()}
+    if not job.evaluate:
+        return measured
 
+    eval_set = val if job.max_eval_images is None else Subset(val, range(min(job.max_eval_images, len(val))))
     tic = time.perf_counter()
     if job.inference == "sahi":
         results, outputs = evaluate_sahi(sahi_model, eval_set, job.sahi_slice, job.sahi_overlap)
@@ -207,33 +213,68 @@ def measure_inference(job: InferenceJob) -> dict:
     run_dir = Path(job.run_dir)
     atomic_write_json(run_dir / "detections_val.json", results, indent=None)
     atomic_write_json(run_dir / "eval.json", stats)
-    quality = None
-    if job.inference == "model" and hasattr(model, "reconstruct"):  # an SR variant: how well G reconstructs
-        quality = write_sr_quality(run_dir, TrainConfig.from_dict(read_json(Path(job.model_run) / "config.json")),
-                                   model)
     slices = None
     if job.inference == "sahi":  # SAHI's cost: slices per image (plus the full-image pass) x time per slice
         from sodlab.data.tiles import tile_windows
 
         height, width = val.original_size(val.ids[0])
         slices = len(tile_windows(height, width, job.sahi_slice, job.sahi_overlap)) + 1
-    return {"ms_per_image": speed["median"], "timing": speed, "peak_rss_mb": rss, "images_per_s": throughput,
-            "slices_per_image": slices, "sr_quality": quality,
-            "parameters": count_parameters(model), "torch_threads": torch.get_num_threads(), "eval": stats}
+    return {**measured, "images_per_s": throughput, "slices_per_image": slices, "sr_quality": None, "eval": stats}
 
 
 @dataclass
-class PatchSourcesJob:
-    run_dir: str  # an `sr` run
+class SREvaluationJob:
+    run_dirs: list[str]  # SR runs on one detector (a seed's variants), evaluated in one pass
+    patch_sources_of: str | None  # one of them, also evaluated with D held fixed on OTHER_PATCH_SOURCES
+    data: str
+    val_split: str
     threads: int
+    eval_batch_size: int
     max_eval_images: int | None
 
 
-def measure_patch_sources(job: PatchSourcesJob) -> dict:
-    """`sr` evaluated with its D held fixed on bilinear patches and on the exact twins' (a perfect
-    G), into its evals/ folder (``runs.evaluate_patch_sources``). Not timed: the twins are an oracle."""
+def measure_sr_evaluation(job: SREvaluationJob) -> dict:
+    """The COCO evaluation of SR runs on one detector, in one pass over the val images whose
+    detector part they share (``evaluate.evaluate_models``), with each run's reconstruction against
+    bicubic (sr_quality.json). ``patch_sources_of`` is also evaluated with its D held fixed on each
+    of OTHER_PATCH_SOURCES (the twins' only when the val split has twins) in the same pass, into its
+    evals/ folder as ``sodlab eval --sr-patches P`` writes it: not timed, the twins are an oracle.
+    Returns {"runs": {run_dir: {"eval", "images_per_s", "sr_quality"}}, "patch_sources": {P: {"dir",
+    "eval"}}}."""
     torch.set_num_threads(job.threads)
-    return evaluate_patch_sources(job.run_dir, job.max_eval_images)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluations = []  # (out_dir, config, model, what eval.json records beside the stats, or None)
+    for run_dir in job.run_dirs:
+        evaluations.append((Path(run_dir), *load_trained_model(run_dir, device), None))
+    if job.patch_sources_of:
+        cfg = TrainConfig.from_dict(read_json(Path(job.patch_sources_of) / "config.json"))
+        for patches in OTHER_PATCH_SOURCES:
+            if patches == "twin" and twin_source(job.data, job.val_split, cfg.sr.scale) is None:
+                continue
+            overrides = {"sr.patches": patches}
+            out = evaluation_dir(Path(job.patch_sources_of), cfg.data, cfg.val_split, cfg.data, cfg.val_split,
+                                 overrides)
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"inference": {"mode": "whole image"}, "inference_overrides": overrides, "data": str(cfg.data),
+                      "split": cfg.val_split}
+            evaluations.append((out, *load_trained_model(job.patch_sources_of, device, inference=overrides), record))
+    # the val split with the exact twins when some D judges theirs; the others never read them
+    twin_cfg = next((cfg for _, cfg, _, _ in evaluations if cfg.sr.patches == "twin"), evaluations[0][1])
+    val = load_eval_split(twin_cfg, job.data, job.val_split)
+    eval_set = val if job.max_eval_images is None else Subset(val, range(min(job.max_eval_images, len(val))))
+    evaluated = evaluate_models([model for _, _, model, _ in evaluations], eval_set, device, job.eval_batch_size,
+                                progress=False)
+    measured = {"runs": {}, "patch_sources": {}}
+    for (out, cfg, model, record), (results, outputs, seconds) in zip(evaluations, evaluated):
+        stats = coco_eval(val.ann_file, results, image_ids=outputs.keys())
+        atomic_write_json(out / "detections_val.json", results, indent=None)
+        atomic_write_json(out / "eval.json", {**stats, **(record or {})})
+        if record is None:
+            measured["runs"][str(out)] = {"eval": stats, "images_per_s": len(outputs) / seconds,
+                                          "sr_quality": write_sr_quality(out, cfg, model)}
+        else:
+            measured["patch_sources"][cfg.sr.patches] = {"dir": str(out), "eval": {**stats, **record}}
+    return measured
 
 
 def interleaved_latency(predictors: dict, rounds: int, per_round: int, warmup: int, clock=time.perf_counter) -> dict:

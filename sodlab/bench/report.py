@@ -466,7 +466,9 @@ def sr_passes(records: list[dict]) -> str:
     if in_pass == {True}:
         return ("; they train in one pass over the same batches, sharing each batch's loading, the detector's "
                 "forward and D's read of the real patches, and each run is bitwise what it would be alone; a pass's "
-                "time is split between them by their logged steps, the shared work evenly")
+                "time is split between them by their logged steps, the shared work evenly; they are evaluated in "
+                "one pass over the val images too, sharing the detector's part of inference, with each run's "
+                "detections exactly its own evaluation's")
     if in_pass == {False}:
         return "; each in a pass of its own"
     return "; some in one pass over the same batches, the others each in a pass of its own" if in_pass else ""

@@ -297,7 +297,7 @@ def summarize_with_points(per_seed: list[dict], points: list[dict], level: float
 
 def patch_source_intervals(sr_records: list[dict], matches: dict, ann_file, image_ids, weights: np.ndarray,
                            level: float = 0.95) -> dict:
-    """With each seed's `sr` D held fixed (``runs.evaluate_patch_sources``): G's patches minus
+    """With each seed's `sr` D held fixed (``bench.measure.measure_sr_evaluation``): G's patches minus
     bilinear ones ("generator": what this G adds) and, where the data has twins, the exact twins'
     patches minus bilinear ones ("twin": what a perfect G would add), on AP, APs and AP75s, each
     with its interval over seeds and the seeds' mean point."""

@@ -155,20 +155,30 @@ class SRDetector(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_proposals(self, images: list[Tensor], hr_images: list[Tensor] | None = None) -> dict:
-        """Every proposal's class logits and box deltas, with the SR branch's in place for small ones.
-
-        Returns the proposals (detector frame and original-image pixels), the box head's logits
-        and deltas, the final ones after replacement/fusion, and ``sr_mask`` (which proposals went
-        through G and D). Visualisation and tests read this; ``forward`` post-processes it.
-        """
-        det = self.detector
+    def detect(self, images: list[Tensor]) -> dict:
+        """The detector's part of inference: its proposals (detector frame and original-image
+        pixels) and the box head's logits and deltas for each. SR branches on the same detector
+        weights (a bench seed's variants, D on other patches) can share one ``detect`` per batch."""
+        heads = self.detector.roi_heads
         image_list, _, features, proposals, _, original_sizes = self._proposals(images)
-        heads = det.roi_heads
         box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
         head_logits, head_deltas = heads.box_predictor(box_features)
+        return {"image_list": image_list, "original_sizes": original_sizes, "proposals": proposals,
+                "rois": self._to_frame(proposals, image_list.image_sizes, original_sizes),
+                "head_logits": head_logits, "head_deltas": head_deltas}
 
-        rois = self._to_frame(proposals, image_list.image_sizes, original_sizes)
+    @torch.no_grad()
+    def score_proposals(self, images: list[Tensor], hr_images: list[Tensor] | None = None,
+                        detected: dict | None = None) -> dict:
+        """Every proposal's class logits and box deltas, with the SR branch's in place for small ones.
+
+        Returns ``detect``'s proposals and box head answers, the final logits and deltas after
+        replacement/fusion, and ``sr_mask`` (which proposals went through G and D). ``detected``:
+        what this model's ``detect`` gives for these images, computed once for several branches.
+        Visualisation and tests read this; ``forward`` post-processes it.
+        """
+        detected = detected or self.detect(images)
+        rois, head_logits, head_deltas = detected["rois"], detected["head_logits"], detected["head_deltas"]
         chosen = [self._selected(r) for r in rois]
         if self.gate_top_k:
             foreground = 1 - head_logits.softmax(-1)[:, 0]
@@ -185,9 +195,7 @@ class SRDetector(nn.Module):
             if self.boxes_from == "discriminator":
                 w = 1.0 if self.fusion == "replace" else self.box_fusion_weight()
                 box_regression[sr_mask] = (1 - w) * head_deltas[sr_mask] + w * d["box"]
-        return {"image_list": image_list, "original_sizes": original_sizes, "proposals": proposals, "rois": rois,
-                "head_logits": head_logits, "head_deltas": head_deltas, "class_logits": class_logits,
-                "box_regression": box_regression, "sr_mask": sr_mask}
+        return {**detected, "class_logits": class_logits, "box_regression": box_regression, "sr_mask": sr_mask}
 
     def box_fusion_weight(self) -> float:
         """D's share of the fused box deltas: e_head / (e_head + e_D), inverse-error weighting of the
@@ -214,11 +222,13 @@ class SRDetector(nn.Module):
         self.box_errors.copy_(torch.where(known, momentum * self.box_errors + (1 - momentum) * batch, batch))
 
     @torch.no_grad()
-    def forward(self, images: list[Tensor], targets=None, hr_images: list[Tensor] | None = None):
-        """Detections in torchvision's format; ``hr_images`` only for ``patches="twin"``."""
+    def forward(self, images: list[Tensor], targets=None, hr_images: list[Tensor] | None = None,
+                detected: dict | None = None):
+        """Detections in torchvision's format; ``hr_images`` only for ``patches="twin"``, ``detected``
+        as ``score_proposals`` takes it."""
         if self.training:
             raise RuntimeError("SRDetector.forward is inference; training uses training_forward()")
-        s = self.score_proposals(images, hr_images)
+        s = self.score_proposals(images, hr_images, detected)
         sizes = s["image_list"].image_sizes
         boxes, scores, labels = self.detector.roi_heads.postprocess_detections(
             s["class_logits"], s["box_regression"], s["proposals"], sizes)
