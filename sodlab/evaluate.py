@@ -287,12 +287,21 @@ def evaluate_model(
     return results, outputs
 
 
+def _proposal_settings(detector: torch.nn.Module) -> tuple:
+    """What ``SRDetector.detect``'s answer depends on besides the weights: the input transform's and
+    the RPN's inference settings (the RoI pooling has none a config changes)."""
+    t, rpn = detector.transform, detector.rpn
+    return (t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size,
+            rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh)
+
+
 def same_detector(models: list[torch.nn.Module]) -> bool:
-    """True when every model is an SR detector on the same detector weights (and buffers)."""
+    """True when every model is an SR detector whose detector has the same weights (and buffers)
+    and proposal settings as the first's, so that one ``detect`` serves them all."""
     if not all(hasattr(m, "detect") for m in models):
         return False
-    first = models[0].detector.state_dict()
-    return all(m.detector.state_dict().keys() == first.keys()
+    first, settings = models[0].detector.state_dict(), _proposal_settings(models[0].detector)
+    return all(_proposal_settings(m.detector) == settings and m.detector.state_dict().keys() == first.keys()
                and all(torch.equal(v, first[k]) for k, v in m.detector.state_dict().items()) for m in models[1:])
 
 

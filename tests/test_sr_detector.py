@@ -489,6 +489,10 @@ def test_sr_branches_on_one_detector_share_its_pass_and_answer_as_alone(tiny_con
     assert together[0][0] != together[1][0] != together[2][0], "each branch gives its own answers"
     # (the twin model raises without its twins: evaluate_models passed them to it alone)
 
+    others[0].detector.rpn._post_nms_top_n = {**first.detector.rpn._post_nms_top_n, "testing": 7}
+    assert not same_detector(models), "other proposal settings: another detector pass"
+    others[0].detector.rpn._post_nms_top_n = first.detector.rpn._post_nms_top_n
+    assert same_detector(models)
     torch.nn.init.normal_(others[0].detector.roi_heads.box_predictor.cls_score.weight)  # another detector
     assert not same_detector(models)
     for calls in detector_calls:

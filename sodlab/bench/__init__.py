@@ -9,10 +9,9 @@ Shared work is done once per seed. The SR branch never back-propagates into the 
 every SR variant of a seed trains its branch (``budget.sr_iters``, the staged schedule) on that
 seed's baseline detector, frozen: the rows of a seed differ by the SR branch alone, and the
 detector's training is counted once; their evaluations share each val batch's detector pass too.
-SAHI reuses the baseline's weights. ``upscale`` and
-``hr-oracle`` see other images, so they train detectors of their own: from scratch at the
-baseline's budget, or (``budget.hires_branch_iters``) branching off the seed's baseline run for its
-last iterations, trained at their own input.
+SAHI reuses the baseline's weights. ``upscale`` and ``hr-oracle`` see other images, so they train
+detectors of their own: from scratch at the baseline's budget, or (``budget.hires_branch_iters``)
+branching off the seed's baseline run for its last iterations, trained at their own input.
 
 A bench is resumable: a killed bench continues where it stopped when started again with the same
 budget, reusing every run it finished (its measurement is kept in bench.json's records).
