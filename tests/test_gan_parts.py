@@ -2,9 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision.models._utils import IntermediateLayerGetter
 
 from sodlab.losses import GANLossWeights, classification_loss, generator_objective, regression_loss
-from sodlab.models.discriminator import MultiTaskDiscriminator
+from sodlab.models.discriminator import MultiTaskDiscriminator, _resnet_stages
 from sodlab.models.generator import SRGenerator
 from sodlab.patches import expand_boxes, extract_patches, lr_hr_pairs, lr_patches
 
@@ -72,6 +74,35 @@ def test_discriminator_answer_does_not_depend_on_batch_or_mode():
     for key in ("adv", "cls", "box"):
         assert torch.allclose(together[key][:1], alone[key], atol=1e-5)
         assert torch.allclose(alone[key], evaluated[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
+def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolutions_as_products(depth):
+    """D's read runs the detector's ResNet stages itself: at G's 32 px patch the last stage is a
+    single pixel, where a padded 3x3 convolution is its centre tap's product. The stage outputs
+    and the gradient that reaches the patch (and so G) are torchvision's."""
+    torch.manual_seed(0)
+    resnet = getattr(torchvision.models, depth)(norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+    for module in resnet.modules():  # FrozenBatchNorm2d starts as the identity: give it statistics
+        if isinstance(module, torchvision.ops.misc.FrozenBatchNorm2d):
+            module.running_mean.normal_(0, 0.1), module.running_var.uniform_(0.5, 2), module.weight.normal_(1, 0.1)
+    body = IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
+    convolutions = []
+    body.layer4[-1].conv2.register_forward_hook(lambda *args: convolutions.append(1))  # a 3x3 conv
+    for side, single_pixel in ((32, True), (64, False)):
+        patches = torch.rand(3, 3, side, side, requires_grad=True)
+        convolutions.clear()
+        stages = _resnet_stages(body, patches)
+        assert bool(convolutions) != single_pixel
+        reference = list(body(patches).values())
+        assert [s.shape for s in stages] == [r.shape for r in reference]
+        assert reference[-1].shape[-1] == side // 32
+        upstream = [torch.randn(r.shape) for r in reference]
+        grad = torch.autograd.grad(stages, patches, upstream)[0]
+        reference_grad = torch.autograd.grad(reference, patches, upstream)[0]
+        for stage, expected in zip(stages, reference):
+            torch.testing.assert_close(stage, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- patches

@@ -4,10 +4,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from sodlab.models.detector import build_detector, preset
-from sodlab.models.roi_pool import SparseMultiScaleRoIAlign
+from sodlab.models.roi_pool import SparseMultiScaleRoIAlign, roi_align_one_box
 
 
 def _boxes(generator, count, size=256):
@@ -77,3 +77,25 @@ def test_a_detector_trains_with_the_same_gradients_as_with_torchvisions_pooler()
         gradients.append({n: p.grad for n, p in detector.named_parameters()})
     for name, grad in gradients[1].items():
         torch.testing.assert_close(grad, gradients[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("size,channels_last", [((8, 8), False), ((6, 10), False), ((8, 8), True)],
+                         ids=["square", "oblong", "channels-last"])
+def test_one_box_in_every_map_pools_as_torchvisions_roi_align(size, channels_last):
+    """D's read pools the same object box from each patch's map: torchvision's numbers, both ways."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(5, 4, *size, generator=generator)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_(True)
+    box = torch.tensor([2.7, 1.3, 29.3, 22.0])  # partly off the oblong map's 24 px height
+    reference = roi_align(features, [box[None]] * 5, 7, spatial_scale=0.25, sampling_ratio=2)
+    pooled = roi_align_one_box(features, box, 7, 0.25, 2)
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-5)
+    upstream = torch.randn(reference.shape, generator=generator)
+    (reference_grad,) = torch.autograd.grad(reference, features, upstream)
+    (grad,) = torch.autograd.grad(pooled, features, upstream)
+    assert reference_grad.abs().sum() > 0
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align_one_box(features, box, 7, 0.25, 0)

@@ -127,3 +127,17 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         matrix = sampling_matrix(rois.detach(), levels.to(rois.device), shapes, self.scales, out, self.sampling_ratio)
         pooled = _SparseRoIAlign.apply(matrix, *features)
         return pooled.reshape(len(rois), out, out, -1).permute(0, 3, 1, 2)
+
+
+def roi_align_one_box(features: Tensor, box: Tensor, output_size: int, spatial_scale: float,
+                      sampling_ratio: int) -> Tensor:
+    """torchvision's roi_align of the same ``box`` (x1, y1, x2, y2) in each of the maps ``features``
+    [N, C, H, W] (D's read: each patch's object box), as one dense product with the box's sampling
+    matrix: forward and backward multithreaded, where the CPU kernel's backward runs on one thread."""
+    if sampling_ratio <= 0:
+        raise ValueError(f"roi_align_one_box: sampling_ratio must be positive, got {sampling_ratio}")
+    n, c, h, w = features.shape
+    roi = torch.cat([box.new_zeros(1), box.reshape(4)])[None].float()
+    matrix = sampling_matrix(roi, torch.zeros(1, dtype=torch.long, device=box.device), [(1, h, w)], [spatial_scale],
+                             output_size, sampling_ratio).to_dense().to(features.dtype)
+    return (features.flatten(2) @ matrix.T).view(n, c, output_size, output_size)
