@@ -4,6 +4,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torchvision
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from sodlab.models.detector import build_detector, preset
@@ -46,6 +47,25 @@ def test_pooled_features_and_their_gradients_are_torchvisions(names, map_sizes):
     for grad, reference_grad in zip(grads, reference_grads):
         assert reference_grad.abs().sum() > 0
         torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-5)
+
+
+def test_inference_pools_as_torchvision_without_its_kernel(monkeypatch):
+    """Without gradients (inference, the frozen detector's proposals) the product pools too:
+    torchvision's numbers, and its single-threaded kernel is never called."""
+    generator = torch.Generator().manual_seed(4)
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict((name, torch.randn(1, 8, s, s, generator=generator)) for name, s in zip(names, [64, 32, 16, 8]))
+    features["0"] = features["0"].contiguous(memory_format=torch.channels_last)  # as inference runs the detector
+    boxes = [_boxes(generator, 300)]
+    with torch.no_grad():
+        reference = MultiScaleRoIAlign(names, 7, 2)(features, boxes, [(256, 256)])
+
+        def no_kernel(*args, **kwargs):
+            raise AssertionError("torchvision's roi_align kernel was called")
+
+        monkeypatch.setattr(torchvision.ops.poolers, "roi_align", no_kernel)
+        pooled = SparseMultiScaleRoIAlign(names, 7, 2)(features, boxes, [(256, 256)])
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-5)
 
 
 def test_images_without_boxes_pool_nothing():

@@ -1,16 +1,18 @@
-"""torchvision's MultiScaleRoIAlign, trained on the CPU as one sparse matrix product.
+"""torchvision's MultiScaleRoIAlign on the CPU as one sparse matrix product, in training and inference.
 
-torchvision's CPU RoI Align runs its backward on one thread, one RoI after another: in a training
-step of the cpu preset it took about a fifth of the time (README: the detector's step). But RoI
-Align is linear in the features. Each output bin is a fixed bilinear mix of at most
-``sampling_ratio**2 * 4`` feature pixels, so the pooled RoIs of every FPN level together are
-``S @ F``: F stacks all levels' pixels as rows (channels as columns), and S is sparse, one row per
-output bin. The backward is ``S.T @ grad``. Both products are multithreaded.
+torchvision's CPU RoI Align runs on one thread, one RoI after another, forward and backward: in a
+training step of the cpu preset its backward took about a fifth of the time (README: the
+detector's step), and at inference its forward was about a sixth of the detector's time (README:
+"RoI pooling as a product at inference too"). But RoI Align is linear in the features. Each output
+bin is a fixed bilinear mix of at most ``sampling_ratio**2 * 4`` feature pixels, so the pooled
+RoIs of every FPN level together are ``S @ F``: F stacks all levels' pixels as rows (channels as
+columns), and S is sparse, one row per output bin. The backward is ``S.T @ grad``. Both products
+are multithreaded.
 
 The numbers are torchvision's (``aligned=False``: the same sample points, the same clamping at the
 border, the same average), up to float rounding; ``tests/test_roi_pool.py`` compares both ways
-with torchvision's kernel. Elsewhere (inference, CUDA, half precision, adaptive sampling) this
-module is torchvision's own.
+with torchvision's kernel. Elsewhere (CUDA, half precision, adaptive sampling) this module is
+torchvision's own.
 """
 from __future__ import annotations
 
@@ -107,14 +109,13 @@ class _SparseRoIAlign(torch.autograd.Function):
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign (same arguments, no parameters, the same state dict) whose training on
-    the CPU is one sparse product per step (module docstring)."""
+    """MultiScaleRoIAlign (same arguments, no parameters, the same state dict) that pools on the
+    CPU as one sparse product per batch (module docstring)."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
         first = features[0]
-        if not (torch.is_grad_enabled() and first.requires_grad and first.device.type == "cpu"
-                and first.dtype == torch.float32 and self.sampling_ratio > 0
+        if not (first.device.type == "cpu" and first.dtype == torch.float32 and self.sampling_ratio > 0
                 and self.output_size[0] == self.output_size[1] and sum(len(b) for b in boxes)):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
