@@ -85,7 +85,9 @@ def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolu
     resnet = getattr(torchvision.models, depth)(norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
     for module in resnet.modules():  # FrozenBatchNorm2d starts as the identity: give it statistics
         if isinstance(module, torchvision.ops.misc.FrozenBatchNorm2d):
-            module.running_mean.normal_(0, 0.1), module.running_var.uniform_(0.5, 2), module.weight.normal_(1, 0.1)
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.normal_(1, 0.1)
     body = IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
     convolutions = []
     body.layer4[-1].conv2.register_forward_hook(lambda *args: convolutions.append(1))  # a 3x3 conv

@@ -141,8 +141,10 @@ def _single_pixel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    if x.shape[-2:] != (1, 1) or not (ph < kh and pw < kw) or 1 + 2 * ph - kh >= sh or 1 + 2 * pw - kw >= sw:
-        return None  # not a single pixel, or the tap at the pixel is not the only output's
+    # one output pixel ((1 + 2p - k) // s == 0), whose tap p meets the input pixel
+    if (x.shape[-2:] != (1, 1) or not (0 <= 1 + 2 * ph - kh < sh and 0 <= 1 + 2 * pw - kw < sw)
+            or ph >= kh or pw >= kw):
+        return None
     return F.linear(x.flatten(1), conv.weight[:, :, ph, pw], conv.bias).view(len(x), -1, 1, 1)
 
 

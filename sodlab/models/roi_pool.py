@@ -2,7 +2,7 @@
 
 torchvision's CPU RoI Align runs on one thread, one RoI after another, forward and backward: in a
 training step of the cpu preset its backward took about a fifth of the time (README: the
-detector's step), and at inference its forward was about a sixth of the detector's time (README:
+detector's step), and at inference its forward was about a fifth of the detector's time (README:
 "RoI pooling as a product at inference too"). But RoI Align is linear in the features. Each output
 bin is a fixed bilinear mix of at most ``sampling_ratio**2 * 4`` feature pixels, so the pooled
 RoIs of every FPN level together are ``S @ F``: F stacks all levels' pixels as rows (channels as
