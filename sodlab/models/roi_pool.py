@@ -16,6 +16,7 @@ torchvision's own.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -130,6 +131,17 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         return pooled.reshape(len(rois), out, out, -1).permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=16)
+def _one_box_matrix(box: tuple[float, float, float, float], height: int, width: int, output_size: int,
+                    spatial_scale: float, sampling_ratio: int) -> Tensor:
+    """The dense (output_size**2, height * width) sampling matrix of one box on one map (CPU,
+    float32). D's read pools the same box from maps of the same size at every step and image, so
+    it is built once per patch geometry, not on every call."""
+    roi = torch.tensor([[0.0, *box]])
+    return sampling_matrix(roi, torch.zeros(1, dtype=torch.long), [(1, height, width)], [spatial_scale], output_size,
+                           sampling_ratio).to_dense()
+
+
 def roi_align_one_box(features: Tensor, box: Tensor, output_size: int, spatial_scale: float,
                       sampling_ratio: int) -> Tensor:
     """torchvision's roi_align of the same ``box`` (x1, y1, x2, y2) in each of the maps ``features``
@@ -138,7 +150,6 @@ def roi_align_one_box(features: Tensor, box: Tensor, output_size: int, spatial_s
     if sampling_ratio <= 0:
         raise ValueError(f"roi_align_one_box: sampling_ratio must be positive, got {sampling_ratio}")
     n, c, h, w = features.shape
-    roi = torch.cat([box.new_zeros(1), box.reshape(4)])[None].float()
-    matrix = sampling_matrix(roi, torch.zeros(1, dtype=torch.long, device=box.device), [(1, h, w)], [spatial_scale],
-                             output_size, sampling_ratio).to_dense().to(features.dtype)
+    matrix = _one_box_matrix(tuple(box.reshape(4).float().tolist()), h, w, output_size, float(spatial_scale),
+                             sampling_ratio).to(features.device, features.dtype)
     return (features.flatten(2) @ matrix.T).view(n, c, output_size, output_size)
