@@ -13,8 +13,10 @@ weight is the image's draw count), and so does that image's ground truth. Precis
 are the weighted cumulative counts, made monotone and sampled at COCO's 101 recall points, as
 ``COCOeval.accumulate`` does. With every weight 1 this is COCOeval's own AP (tested). A detection
 ignored at every IoU threshold (in APs: an unmatched detection outside the small range) moves
-neither count, so it is dropped once, and the resamples are scored a few rows at a time, so that
-each row's cumulative counts stay in the CPU's cache between the steps that read them.
+neither count, so it is dropped once; at each threshold only the true positives' precision and
+recall are formed (``_weighted_ap`` says why that is exact); and the resamples are scored a few
+rows at a time, so that each row's cumulative counts stay in the CPU's cache between the steps
+that read them.
 
 COCO's APs rewards a lower score scale for small detections by itself: unmatched detections
 outside the small range are ignored there, so when every small detection drops in rank against
@@ -86,6 +88,9 @@ def match_detections(ann_file, results: list[dict], image_ids) -> Matches:
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval(coco_gt, _load_results(coco_gt, results), iouType="bbox")
         evaluator.params.imgIds = image_ids
+        # only the ranges a resample is scored on (AREAS, COCOeval's first two): half the matching
+        evaluator.params.areaRng = evaluator.params.areaRng[:len(AREAS)]
+        evaluator.params.areaRngLbl = evaluator.params.areaRngLbl[:len(AREAS)]
         evaluator.evaluate()
     p = evaluator.params
     max_det, position = p.maxDets[-1], {image_id: i for i, image_id in enumerate(image_ids)}
@@ -156,14 +161,22 @@ def _weighted_ap(matches: Matches, weights: np.ndarray, area: str, thresholds, r
             w = np.ascontiguousarray(weights[lo:lo + rows, det_image])  # [rows, D], row after row
             gts = np.maximum(npig[lo:lo + rows], 1e-12)[:, None]
             queries = torch.from_numpy(np.tile(rec_thrs, (len(w), 1)))
-            padded = np.zeros((len(w), w.shape[1] + 1))  # precision, then 0 for a recall never reached
-            precision, seen_mask = padded[:, :-1], None
+            seen_mask = None
             for t in thresholds:
                 if seen_mask is None or not np.array_equal(counted[t], seen_mask):
                     seen_mask, seen = counted[t], np.cumsum(w * counted[t], axis=1)  # tp + fp so far
-                tp_sum = np.cumsum(w * tp[t], axis=1)
+                # Only the true positives are read: recall rises only at one, so the first
+                # detection to reach a recall point is one, and a false positive's precision is
+                # below that of the true positive before it, so the envelope's maxima are at true
+                # positives too. The sums are of whole numbers, hence COCOeval's to the bit.
+                hits = np.flatnonzero(tp[t])
+                if hits.size == 0:
+                    continue  # precision 0 at every recall point
+                tp_sum = np.cumsum(w.take(hits, axis=1), axis=1)  # take: row-major, as indexing is not
                 recall = tp_sum / gts
-                np.divide(tp_sum, seen + np.spacing(1), out=precision)  # COCOeval's own guard
+                padded = np.zeros((len(w), hits.size + 1))  # precision, then 0 for a recall never reached
+                precision = padded[:, :-1]
+                np.divide(tp_sum, seen.take(hits, axis=1) + np.spacing(1), out=precision)  # COCOeval's own guard
                 np.maximum.accumulate(precision[:, ::-1], axis=1, out=precision[:, ::-1])
                 # COCOeval's np.searchsorted per resample, batched (torch's takes a row per query):
                 # the first detection reaching each recall point, or none (precision 0).
