@@ -445,34 +445,43 @@ def term_grad_norms(terms: dict, sr: torch.Tensor, weights) -> dict:
 
 
 @dataclasses.dataclass
-class SharedReads:
-    """D's reads of one batch's real patches, shared by the branches of a pass, and their time."""
-    reads: dict = dataclasses.field(default_factory=dict)  # (D's class, context) -> (patches, features)
-    seconds: float = 0.0  # the reads' time, which the pass splits between its branches
+class SharedWork:
+    """The work on one batch that the branches of a pass do alike, done by the first branch that
+    needs it, and its time, which the pass splits between its branches.
 
-
-def read_real_patches(discriminator, hr_patch: torch.Tensor, shared_reads: SharedReads | None) -> torch.Tensor:
-    """D's ``read`` (its frozen part) of the real patches z_HR, once per batch for a pass's branches.
-
-    The branches of a pass share the data, the seed of their RoI sampling and the frozen detector
-    that D built on it reads with (``check_branches``), so their real patches and D's read of them
-    are the same: the first branch to read them reads for all (``shared_reads``, one per batch). A
-    branch whose real patches differ (another context or patch size) reads its own.
+    The branches share the data, the seed of their RoI sampling and the frozen detector (``check_branches``),
+    so RoIs drawn alike give the same patches (``SRDetector.training_forward``) and the same read
+    of the real ones by D built on that detector (``read_real_patches``). A result is reused only
+    for the same key and equal input tensors: a branch that draws other RoIs does its own work.
     """
-    if shared_reads is None:
+    done: dict = dataclasses.field(default_factory=dict)  # key -> (the input tensors, the result)
+    seconds: float = 0.0
+
+    def once(self, key, inputs: list[torch.Tensor], compute):
+        """``compute()``, or its result for this key and equal inputs earlier in the batch."""
+        if key in self.done:
+            earlier, result = self.done[key]
+            if len(earlier) == len(inputs) and all(torch.equal(a, b) for a, b in zip(earlier, inputs)):
+                return result
+        tic = time.perf_counter()
+        result = compute()
+        self.done[key] = (list(inputs), result)
+        self.seconds += time.perf_counter() - tic
+        return result
+
+
+def read_real_patches(discriminator, hr_patch: torch.Tensor, shared: SharedWork | None) -> torch.Tensor:
+    """D's ``read`` (its frozen part) of the real patches z_HR, once per batch for a pass's branches
+    (``shared``). A branch whose real patches differ (another context or patch size) reads its own.
+    """
+    if shared is None:
         return discriminator.read(hr_patch)
-    key = (type(discriminator).__name__, getattr(discriminator, "context", None))
-    if key in shared_reads.reads and torch.equal(shared_reads.reads[key][0], hr_patch):
-        return shared_reads.reads[key][1]
-    tic = time.perf_counter()
-    features = discriminator.read(hr_patch)
-    shared_reads.reads[key] = (hr_patch, features)
-    shared_reads.seconds += time.perf_counter() - tic
-    return features
+    key = ("read", type(discriminator).__name__, getattr(discriminator, "context", None))
+    return shared.once(key, [hr_patch], lambda: discriminator.read(hr_patch))
 
 
 def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1,
-            shared_reads: SharedReads | None = None) -> dict:
+            shared: SharedWork | None = None) -> dict:
     """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
 
     D first: real z_HR against G(z_LR) detached, plus D's class and box losses, in one pass of
@@ -491,7 +500,7 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
         sr_read = None
         d_both = discriminator(torch.cat([batch["hr_patch"], sr.detach()]))
     else:
-        hr_read, sr_read = read_real_patches(discriminator, batch["hr_patch"], shared_reads), discriminator.read(sr)
+        hr_read, sr_read = read_real_patches(discriminator, batch["hr_patch"], shared), discriminator.read(sr)
         d_both = discriminator.judge(torch.cat([hr_read, sr_read.detach()]))
     d_hr, d_sr = ({k: v[:n] for k, v in d_both.items()}, {k: v[n:] for k, v in d_both.items()})
     d_terms = discriminator_objective(d_hr, d_sr, batch["labels"], batch["regression_targets"], batch["hr_valid"],
@@ -523,17 +532,18 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
 
 
 def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
-               world_size: int = 1, proposed: tuple | None = None, shared_reads: SharedReads | None = None) -> dict:
+               world_size: int = 1, proposed: tuple | None = None, shared: SharedWork | None = None) -> dict:
     """One iteration: the detector step (Faster R-CNN's RPN and box-head losses), then the SR
     branch's ``sr_step`` for SR methods. When branches of one pass share the frozen detector,
-    ``proposed`` is its proposals for these images and ``shared_reads`` its read of the real patches
-    (``read_real_patches``). Returns the log record."""
+    ``proposed`` is its proposals for these images and ``shared`` the batch's work they share
+    (``SharedWork``). Returns the log record."""
     device = images[0].device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         if cfg.is_sr:
             hr_images = [t["hr_image"] for t in targets] if cfg.hr_twin_scale else None
             loss_dict, sr_batch = model.training_forward(images, targets, hr_images,
-                                                         train_detector="detector" in optimizers, proposed=proposed)
+                                                         train_detector="detector" in optimizers, proposed=proposed,
+                                                         shared=shared)
         else:
             loss_dict = model(images, targets)
     record = {"iter": it + 1}
@@ -545,7 +555,7 @@ def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: i
         record |= {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()}, "lr": lr,
                    "grad_norm": grad_norm}
     if cfg.is_sr:
-        record |= sr_step(model, sr_batch, optimizers, cfg, it, world_size, shared_reads)
+        record |= sr_step(model, sr_batch, optimizers, cfg, it, world_size, shared)
     return record
 
 
@@ -717,19 +727,19 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             active = [(b, log) for b, log in zip(branches, logs) if it >= b.start_iter]
-            proposed, shared_reads = None, SharedReads()
+            proposed, shared = None, SharedWork()
             if len(branches) > 1:  # one frozen forward for every branch (a lone run proposes in its step)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     proposed = branches[0].model.propose(images)
             batch_sec, stepped = time.perf_counter() - tic, []
             for b, log in active:
-                tic, reads_before = time.perf_counter(), shared_reads.seconds
+                tic, shared_before = time.perf_counter(), shared.seconds
                 record = train_step(b.model, images, targets, b.optimizers, b.cfg, it, amp_dtype, scaler,
-                                    ddp.world_size, proposed, shared_reads)
-                stepped.append((b, log, record, time.perf_counter() - tic - (shared_reads.seconds - reads_before)))
-            # The batch's shared work (its transfer, the frozen detector's proposals, D's reads of the
-            # real patches, whichever branch did them) is split evenly between the branches.
-            shared_sec = (batch_sec + shared_reads.seconds) / len(active)
+                                    ddp.world_size, proposed, shared)
+                stepped.append((b, log, record, time.perf_counter() - tic - (shared.seconds - shared_before)))
+            # The batch's shared work (its transfer, the frozen detector's proposals, the patches and
+            # D's reads of the real ones, whichever branch did them) is split evenly between the branches.
+            shared_sec = (batch_sec + shared.seconds) / len(active)
             for b, log, record, own_sec in stepped:
                 record["sec"] = own_sec + shared_sec
                 record, stopping = ddp.end_step(b.model, record, stop.signal is not None)

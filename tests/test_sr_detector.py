@@ -15,7 +15,7 @@ from sodlab.io import read_json
 from sodlab.models import build_model, fast_autocast_dtype
 from sodlab.models.sr_detector import SRDetector
 from sodlab.runs import finish_run
-from sodlab.train import (SharedReads, TrainingStopped, build_branch, prepare_run_dir, read_real_patches, sr_step,
+from sodlab.train import (SharedWork, TrainingStopped, build_branch, prepare_run_dir, read_real_patches, sr_step,
                           train, train_branches)
 
 
@@ -422,6 +422,40 @@ def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_c
     assert batch["hr_patch"].shape[-1] == model.lr_size * model.scale
 
 
+def test_branches_of_a_pass_cut_the_rois_they_draw_alike_once(tiny_config, tiny_synth):
+    """Branches of a pass draw their RoIs from their own samplers, seeded alike: the second takes the
+    first's patches and box-head answers from the batch's SharedWork, the same as its own cut, and
+    its sampler moves on as alone; a branch that draws other RoIs cuts its own."""
+    from sodlab.patches import lr_patches
+
+    train_set = load_split(tiny_synth, "train", train=False, hr_scale=4)
+    images, targets = zip(*[train_set[i] for i in range(2)])
+    images, targets, twins = list(images), list(targets), [t["hr_image"] for t in targets]
+    first = _model(tiny_config, "sr").train()
+    second, alone, other = copy.deepcopy(first), copy.deepcopy(first), copy.deepcopy(first)
+    other.sampling_rng.manual_seed(12345)
+    proposed = first.propose(images)
+
+    def forward(model, shared=None):
+        return model.training_forward(images, targets, twins, train_detector=False, proposed=proposed,
+                                      shared=shared)[1]
+
+    expected, shared = forward(alone), SharedWork()
+    ours = forward(first, shared)
+    cut_seconds = shared.seconds
+    theirs = forward(second, shared)
+    assert cut_seconds > 0 and shared.seconds == cut_seconds, "cut once for both"
+    assert theirs["lr_patch"] is ours["lr_patch"] and theirs["head_deltas"] is ours["head_deltas"]
+    for key, value in expected.items():
+        assert all(torch.equal(a, b) for a, b in zip(value, theirs[key])) if key == "rois" else \
+            torch.equal(value, theirs[key]), key
+    assert torch.equal(second.sampling_rng.get_state(), alone.sampling_rng.get_state())
+    its = forward(other, shared)
+    assert shared.seconds > cut_seconds, "other RoIs, its own cut"
+    assert not torch.equal(torch.cat(its["rois"]), torch.cat(ours["rois"]))
+    assert torch.equal(its["lr_patch"], lr_patches(images, its["rois"], other.lr_size, other.context))
+
+
 def test_patches_choose_what_d_judges_and_twin_patches_are_the_twins(tiny_config, tiny_synth):
     """patches="generator" gives D G's output; "bilinear" bypasses G; "twin" gives D the box cut from
     the exact twin, as training cuts D's real patches, and refuses to run without the twins."""
@@ -599,13 +633,13 @@ def test_sr_step_reads_each_patch_once_and_steps_as_basicsrs_two_forwards(tiny_c
     with torch.no_grad():  # the pooler sets its levels on first use (in training, the detector's forward
         model.discriminator(batch["hr_patch"])  # does), and D reads P2 alone from then on
 
-    def stepped(m, shared_reads=None, reads=None):
+    def stepped(m, shared=None, reads=None):
         m = copy.deepcopy(m)
         m.discriminator._detector = [m.detector]
         if reads is not None and isinstance(m.discriminator, DetectorTrunkDiscriminator):
             read = m.discriminator.read
             m.discriminator.read = lambda patches: reads.append(len(patches)) or read(patches)
-        record = sr_step(m, batch, make_optimizers(cfg, m), cfg, it=0, shared_reads=shared_reads)
+        record = sr_step(m, batch, make_optimizers(cfg, m), cfg, it=0, shared=shared)
         return m, record
 
     reads = []
@@ -626,7 +660,7 @@ def test_sr_step_reads_each_patch_once_and_steps_as_basicsrs_two_forwards(tiny_c
     other_branch = copy.deepcopy(model)
     for p in other_branch.discriminator.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    shared, reads = SharedReads(), []
+    shared, reads = SharedWork(), []
     first, _ = stepped(model, shared, reads)
     read_seconds = shared.seconds
     second, _ = stepped(other_branch, shared, reads)
@@ -636,7 +670,7 @@ def test_sr_step_reads_each_patch_once_and_steps_as_basicsrs_two_forwards(tiny_c
     for a, b in ((first, ours), (second, second_alone)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # patches that differ (another branch's RoIs) are read again, not taken from the pass
-    (read_for_the_pass,) = [features for _, features in shared.reads.values()]
+    (read_for_the_pass,) = [features for _, features in shared.done.values()]
     other_patches = batch["hr_patch"].flip(-1)
     assert not torch.equal(read_real_patches(model.discriminator, other_patches, shared), read_for_the_pass)
 
@@ -704,9 +738,9 @@ def test_d_with_a_tuned_trunk_starts_as_the_frozen_one_and_reads_with_gradients(
     d.read = lambda patches: reads.append(len(patches)) or read(patches)
     detector_before = copy.deepcopy(detector.state_dict())
     trunk_before = copy.deepcopy(d.trunk.state_dict())
-    shared = SharedReads()
-    sr_step(model, batch, make_optimizers(_tuned(cfg), model), _tuned(cfg), it=0, shared_reads=shared)
-    assert reads == [12, 6] and not shared.reads
+    shared = SharedWork()
+    sr_step(model, batch, make_optimizers(_tuned(cfg), model), _tuned(cfg), it=0, shared=shared)
+    assert reads == [12, 6] and not shared.done
     assert all(torch.equal(v, detector_before[k]) for k, v in detector.state_dict().items())
     after = d.trunk.state_dict()
     moved = [k for k, v in after.items() if not torch.equal(v, trunk_before[k])]

@@ -109,6 +109,14 @@ class _SparseRoIAlign(torch.autograd.Function):
         return (None, *grads)
 
 
+def set_levels(pool: MultiScaleRoIAlign, x: dict[str, Tensor], image_shapes: list[tuple[int, int]]) -> None:
+    """The pooler's scales and FPN level mapper from these features and image sizes, as its first
+    forward sets them; a pooler that has them keeps them."""
+    if pool.scales is None or pool.map_levels is None:
+        pool.scales, pool.map_levels = _setup_scales([x[name] for name in pool.featmap_names], image_shapes,
+                                                     pool.canonical_scale, pool.canonical_level)
+
+
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign (same arguments, no parameters, the same state dict) that pools on the
     CPU as one sparse product per batch (module docstring)."""
@@ -119,9 +127,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         if not (first.device.type == "cpu" and first.dtype == torch.float32 and self.sampling_ratio > 0
                 and self.output_size[0] == self.output_size[1] and sum(len(b) for b in boxes)):
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
+        set_levels(self, x, image_shapes)
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.map_levels(boxes)  # all 0 with a single level (C4)
         shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in features]

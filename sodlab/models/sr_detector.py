@@ -29,6 +29,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops import box_area, box_iou
 
 from sodlab.models import fast_autocast_dtype
+from sodlab.models.roi_pool import set_levels
 from sodlab.patches import DEFAULT_CONTEXT, lr_hr_pairs, lr_patches
 
 
@@ -245,7 +246,7 @@ class SRDetector(nn.Module):
         return image_list, features, proposals, original_sizes
 
     def training_forward(self, images: list[Tensor], targets: list[dict], hr_images: list[Tensor] | None = None,
-                         train_detector: bool = True, proposed: tuple | None = None):
+                         train_detector: bool = True, proposed: tuple | None = None, shared=None):
         """Detector losses and the SR branch's sampled RoI batch.
 
         ``hr_images`` are the images' exact xk twins (k = scale) when the HR targets come from
@@ -253,7 +254,8 @@ class SRDetector(nn.Module):
         ``train_detector=False`` (the staged schedule) the frozen detector only proposes: its
         proposals come from the eval-mode RPN (``propose``, or ``proposed``, what ``propose`` gave
         for these images, when several branches share one frozen detector), and there are no
-        detector losses.
+        detector losses. ``shared`` (a ``train.SharedWork`` of this batch) lets such branches cut
+        the patches of RoIs they drew alike once.
         """
         det = self.detector
         if not train_detector:
@@ -266,19 +268,29 @@ class SRDetector(nn.Module):
             losses = {**rpn_losses, **roi_losses}
         proposals = self._to_frame([p.detach() for p in proposals], image_list.image_sizes, original_sizes)
         rois, labels, regression_targets = self.sample_rois(proposals, targets, self.scale if hr_images else 1)
-        lr_patch, hr_patch, hr_valid = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context,
-                                                   hr_images=hr_images)
-        if hr_images is not None:
-            # From exact twins every RoI, the tiniest included, has a real target: z_HR holds k x the
-            # image's detail. z_LR is then what inference gives G, for every RoI: pixel supervision
-            # and D's real/fake judgement reach the same RoIs (paired), whatever their size.
-            lr_patch = lr_patches(images, rois, self.lr_size, self.context)
-            hr_valid = torch.ones_like(hr_valid)
-        with torch.no_grad():  # the box head's own answer on the same RoIs, for the fusion's weights
-            heads = det.roi_heads
-            resized = self._to_frame(rois, original_sizes, image_list.image_sizes)
-            _, head_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, resized,
-                                                                                   image_list.image_sizes)))
+
+        def cut():
+            lr_patch, hr_patch, hr_valid = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context,
+                                                       hr_images=hr_images)
+            if hr_images is not None:
+                # From exact twins every RoI, the tiniest included, has a real target: z_HR holds k x the
+                # image's detail. z_LR is then what inference gives G, for every RoI: pixel supervision
+                # and D's real/fake judgement reach the same RoIs (paired), whatever their size.
+                lr_patch = lr_patches(images, rois, self.lr_size, self.context)
+                hr_valid = torch.ones_like(hr_valid)
+            with torch.no_grad():  # the box head's own answer on the same RoIs, for the fusion's weights
+                heads = det.roi_heads
+                resized = self._to_frame(rois, original_sizes, image_list.image_sizes)
+                _, head_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, resized,
+                                                                                       image_list.image_sizes)))
+            return lr_patch, hr_patch, hr_valid, head_deltas
+
+        # The key holds every setting the cut reads; the batch's images and the frozen detector are
+        # the pass's own, and ``shared`` compares the RoIs. D's read looks up the box head's pooler
+        # levels, which the cut's pooling sets on first use: set here, whoever cuts.
+        set_levels(det.roi_heads.box_roi_pool, features, image_list.image_sizes)
+        key = ("patches", self.lr_size, self.scale, self.context, hr_images is not None)
+        lr_patch, hr_patch, hr_valid, head_deltas = cut() if shared is None else shared.once(key, rois, cut)
         batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "head_deltas": head_deltas, "labels": torch.cat(labels),
                  "regression_targets": torch.cat(regression_targets), "rois": rois}
         return losses, batch
