@@ -19,7 +19,7 @@ from sodlab.data.oracle import oracle_ground_truth
 from sodlab.distributed import init_distributed
 from sodlab.evaluate import evaluate_run
 from sodlab.io import atomic_write_json, read_json
-from sodlab.sr_quality import evaluate_sr_quality, write_sr_patches
+from sodlab.sr_quality import evaluate_sr_qualities, write_sr_patches
 from sodlab.train import load_trained_model, train
 
 
@@ -109,11 +109,22 @@ def write_sr_quality(run_dir: str | os.PathLike, cfg: TrainConfig, model, held_o
     """Write and return sr_quality.json of an SR run: G (or bilinear, without G) against bicubic
     on the val split's small ground-truth boxes, with the twins the run trained on, by size bin.
     ``held_out`` is that split with its twins, when the caller has loaded it already."""
+    return write_sr_qualities([(run_dir, cfg, model)], held_out)[0]
+
+
+def write_sr_qualities(runs: list[tuple], held_out=None) -> list[dict]:
+    """``write_sr_quality`` of several SR runs (run_dir, cfg, model) on the same val split and
+    twins, in one pass over the split (``sr_quality.evaluate_sr_qualities``)."""
+    splits = {(str(cfg.data), cfg.val_split, cfg.hr_twin_scale) for _, cfg, _ in runs}
+    if len(splits) != 1:
+        raise ValueError(f"SR quality in one pass needs one val split and twin scale; got {sorted(splits)}")
+    cfg = runs[0][1]
     if held_out is None:
         held_out = load_split(cfg.data, cfg.val_split, train=False, hr_scale=cfg.hr_twin_scale)
-    quality = evaluate_sr_quality(model, held_out)
-    atomic_write_json(Path(run_dir) / "sr_quality.json", quality)
-    return quality
+    qualities = evaluate_sr_qualities([model for _, _, model in runs], held_out)
+    for (run_dir, _, _), quality in zip(runs, qualities):
+        atomic_write_json(Path(run_dir) / "sr_quality.json", quality)
+    return qualities
 
 
 def train_and_finish(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> Path:

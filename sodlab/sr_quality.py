@@ -77,9 +77,20 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 2000) -> dict:
     large enough for a real HR patch from the image itself count (none of them small).
     Reported overall and per box-side bin (``SIZE_BINS``).
     """
-    sides, lr_all, sr_all, hr_all = [], [], [], []
+    return evaluate_sr_qualities([model], dataset, max_rois)[0]
+
+
+@torch.no_grad()
+def evaluate_sr_qualities(models: list, dataset, max_rois: int = 2000) -> list[dict]:
+    """``evaluate_sr_quality`` of each of ``models`` (SR runs with one patch geometry: lr_size,
+    scale and context) in one pass over ``dataset``: each image and its twin are decoded, and the
+    HR patches cut, once for all of them."""
+    geometry = {(m.lr_size, m.scale, m.context) for m in models}
+    if len(geometry) != 1:
+        raise ValueError(f"SR quality in one pass needs one patch geometry (lr_size, scale, context); got {geometry}")
+    (lr_size, scale, context), = geometry
+    sides, hr_all, lr_all, sr_all = [], [], [[] for _ in models], [[] for _ in models]
     has_twins = False
-    device = next(model.parameters()).device
     for index in range(len(dataset)):
         image, target = dataset[index]
         boxes = target["boxes"].as_subclass(Tensor)
@@ -92,28 +103,34 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 2000) -> dict:
         boxes, side = boxes[small], side[small]
         twins = [target["hr_image"]] if "hr_image" in target else None
         has_twins = twins is not None
-        _, hr, valid = lr_hr_pairs([image], [boxes], model.lr_size, model.scale, model.context, hr_images=twins)
+        _, hr, valid = lr_hr_pairs([image], [boxes], lr_size, scale, context, hr_images=twins)
         keep = torch.ones_like(valid) if twins else valid
-        out = model.reconstruct([image.to(device)], [boxes[keep].to(device)])
-        lr_all.append(out["lr_patch"].cpu())
-        sr_all.append(out["sr_patch"].cpu())
+        for model, lr_out, sr_out in zip(models, lr_all, sr_all):
+            device = next(model.parameters()).device
+            out = model.reconstruct([image.to(device)], [boxes[keep].to(device)], judge=False)
+            lr_out.append(out["lr_patch"].cpu())
+            sr_out.append(out["sr_patch"].cpu())
         hr_all.append(hr[keep])
         sides.append(side[keep])
         if sum(len(h) for h in hr_all) >= max_rois:
             break
     if not hr_all or sum(len(h) for h in hr_all) == 0:
-        return {"rois": 0, "note": "no held-out small RoI has a real HR target (the data has no xk twins)"}
-    lr, sr = torch.cat(lr_all)[:max_rois], torch.cat(sr_all)[:max_rois]
+        return [{"rois": 0, "note": "no held-out small RoI has a real HR target (the data has no xk twins)"}
+                for _ in models]
     hr, side = torch.cat(hr_all)[:max_rois], torch.cat(sides)[:max_rois]
-    bicubic = F.interpolate(lr, scale_factor=model.scale, mode="bicubic", align_corners=False)
-    bins = {}
-    for label, low, high in SIZE_BINS:
-        chosen = (side >= low) & (side < high)
-        if chosen.any():
-            bins[label] = _quality(sr[chosen], bicubic[chosen], hr[chosen])
-    return {**_quality(sr, bicubic, hr), "bins": bins,
-            "hr_source": "twin" if has_twins else "image",
-            "method": "G" if model.generator is not None else "bilinear (no reconstruction module)"}
+    qualities = []
+    for model, lr_out, sr_out in zip(models, lr_all, sr_all):
+        lr, sr = torch.cat(lr_out)[:max_rois], torch.cat(sr_out)[:max_rois]
+        bicubic = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+        bins = {}
+        for label, low, high in SIZE_BINS:
+            chosen = (side >= low) & (side < high)
+            if chosen.any():
+                bins[label] = _quality(sr[chosen], bicubic[chosen], hr[chosen])
+        qualities.append({**_quality(sr, bicubic, hr), "bins": bins,
+                          "hr_source": "twin" if has_twins else "image",
+                          "method": "G" if model.generator is not None else "bilinear (no reconstruction module)"})
+    return qualities
 
 
 @torch.no_grad()

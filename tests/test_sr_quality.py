@@ -58,3 +58,33 @@ def test_sr_quality_bins_rois_by_box_side_not_mask_area(tiny_config):
     quality = evaluate_sr_quality(model, [(image, target)])
     assert quality["rois"] == 2
     assert {label: entry["rois"] for label, entry in quality["bins"].items()} == {"<8": 1, "16-32": 1}
+
+
+def test_sr_quality_of_several_runs_in_one_pass_is_each_runs_own_without_running_d(tiny_config):
+    """One pass over the held-out images gives each run the report it gets alone, and D, whose
+    answers the report does not read, never runs; runs that cut other patches are refused."""
+    import dataclasses
+
+    from sodlab.models import build_model
+    from sodlab.sr_quality import evaluate_sr_qualities, evaluate_sr_quality
+
+    torch.manual_seed(0)
+    models = [build_model(dataclasses.replace(tiny_config, method=m), num_classes=3).eval() for m in ("sr", "sr-no-recon")]
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 64, 64, generator=g)
+    twin = torch.nn.functional.interpolate(image[None], scale_factor=4, mode="bicubic", align_corners=False)[0]
+    boxes = torch.tensor([[2.0, 2.0, 8.0, 8.0], [10.0, 10.0, 30.0, 30.0], [30.0, 8.0, 42.0, 22.0]])
+    target = {"boxes": boxes, "iscrowd": torch.zeros(3, dtype=torch.int64), "hr_image": twin.clamp(0, 1)}
+    dataset = [(image, target)] * 2
+    alone = [evaluate_sr_quality(m, dataset) for m in models]
+    judged = []
+    for m in models:
+        m.discriminator.register_forward_pre_hook(lambda module, args: judged.append(len(args[0])))
+    assert evaluate_sr_qualities(models, dataset) == alone
+    assert judged == [], "the report reads G's patches, not D's answers"
+    assert alone[0]["method"] == "G" and alone[1]["method"].startswith("bilinear") and alone[0]["rois"] == 6
+    other = build_model(dataclasses.replace(tiny_config, method="sr"), num_classes=3).eval()
+    other.context = 2 * models[0].context
+    with pytest.raises(ValueError, match="one patch geometry"):
+        evaluate_sr_qualities([models[0], other], dataset)
+

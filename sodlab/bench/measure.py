@@ -25,7 +25,7 @@ from sodlab.data.coco import twin_source
 from sodlab.evaluate import coco_eval, evaluate_model, evaluate_models, predictions_to_coco_results
 from sodlab.io import atomic_write_json, read_json, read_metrics_log
 from sodlab.models.sahi_adapter import sahi_detection_model, sahi_predict
-from sodlab.runs import OTHER_PATCH_SOURCES, evaluation_dir, load_eval_split, write_sr_quality
+from sodlab.runs import OTHER_PATCH_SOURCES, evaluation_dir, load_eval_split, write_sr_qualities
 from sodlab.train import load_trained_model, train_branches
 
 
@@ -270,10 +270,13 @@ def measure_sr_evaluation(job: SREvaluationJob) -> dict:
         atomic_write_json(out / "detections_val.json", results, indent=None)
         atomic_write_json(out / "eval.json", {**stats, **(record or {})})
         if record is None:
-            measured["runs"][str(out)] = {"eval": stats, "images_per_s": len(outputs) / seconds,
-                                          "sr_quality": write_sr_quality(out, cfg, model)}
+            measured["runs"][str(out)] = {"eval": stats, "images_per_s": len(outputs) / seconds}
         else:
             measured["patch_sources"][cfg.sr.patches] = {"dir": str(out), "eval": {**stats, **record}}
+    # each run's reconstruction against bicubic, in one pass over the val images and their twins
+    runs = [(out, cfg, model) for out, cfg, model, record in evaluations if record is None]
+    for (out, _, _), quality in zip(runs, write_sr_qualities(runs)):
+        measured["runs"][str(out)]["sr_quality"] = quality
     return measured
 
 

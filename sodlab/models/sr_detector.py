@@ -95,7 +95,7 @@ class SRDetector(nn.Module):
         return F.interpolate(lr_patch, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
     def reconstruct(self, images: list[Tensor], rois: list[Tensor],
-                    hr_images: list[Tensor] | None = None) -> dict[str, Tensor]:
+                    hr_images: list[Tensor] | None = None, judge: bool = True) -> dict[str, Tensor]:
         """RoIs (per image, original-image pixels) through the module, as inference runs it.
 
         Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (what D judges: G(z_LR),
@@ -103,7 +103,7 @@ class SRDetector(nn.Module):
         "box" [N, 4C] (t_SR), batched over all RoIs. Scoring, the notebooks' widgets and the SR
         quality report all go through here, so all three see G and D at the same precision
         (``amp``); every output is float32. ``hr_images``: the images' exact xk twins, which
-        ``patches="twin"`` cuts D's patches from.
+        ``patches="twin"`` cuts D's patches from. ``judge=False`` stops before D: the patches only.
         """
         lr_patch = lr_patches(images, rois, self.lr_size, self.context)
         dtype = fast_autocast_dtype(lr_patch.device) if self.amp else None
@@ -117,7 +117,7 @@ class SRDetector(nn.Module):
                 sr = self.upsample(lr_patch)
             else:
                 sr = self.super_resolve(lr_patch)
-            d = self.discriminator(sr)
+            d = self.discriminator(sr) if judge else {}
         return {"lr_patch": lr_patch, "sr_patch": sr.float(), **{k: v.float() for k, v in d.items()}}
 
     def _selected(self, boxes: Tensor) -> Tensor:
