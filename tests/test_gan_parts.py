@@ -6,7 +6,7 @@ import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
 
 from sodlab.losses import GANLossWeights, classification_loss, generator_objective, regression_loss
-from sodlab.models.discriminator import MultiTaskDiscriminator, _resnet_stages
+from sodlab.models.discriminator import MultiTaskDiscriminator, _resnet_stages, small_map_matrix
 from sodlab.models.generator import SRGenerator
 from sodlab.patches import expand_boxes, extract_patches, lr_hr_pairs, lr_patches
 
@@ -76,11 +76,8 @@ def test_discriminator_answer_does_not_depend_on_batch_or_mode():
         assert torch.allclose(alone[key], evaluated[key], atol=1e-6)
 
 
-@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
-def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolutions_as_products(depth):
-    """D's read runs the detector's ResNet stages itself: at G's 32 px patch the last stage is a
-    single pixel, where a padded 3x3 convolution is its centre tap's product. The stage outputs
-    and the gradient that reaches the patch (and so G) are torchvision's."""
+def _resnet_body(depth: str) -> IntermediateLayerGetter:
+    """A random torchvision ResNet's stages as the detector's FPN backbone reads them, in eval mode."""
     torch.manual_seed(0)
     resnet = getattr(torchvision.models, depth)(norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
     for module in resnet.modules():  # FrozenBatchNorm2d starts as the identity: give it statistics
@@ -88,7 +85,15 @@ def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolu
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 2)
             module.weight.normal_(1, 0.1)
-    body = IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
+    return IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
+def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolutions_as_products(depth):
+    """D's read runs the detector's ResNet stages itself: at G's 32 px patch the last stage is a
+    single pixel, where a padded 3x3 convolution is its centre tap's product. The stage outputs
+    and the gradient that reaches the patch (and so G) are torchvision's."""
+    body = _resnet_body(depth)
     convolutions = []
     body.layer4[-1].conv2.register_forward_hook(lambda *args: convolutions.append(1))  # a 3x3 conv
     for side, single_pixel in ((32, True), (64, False)):
@@ -105,6 +110,48 @@ def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolu
         for stage, expected in zip(stages, reference):
             torch.testing.assert_close(stage, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_resnet_stages_at_inference_take_the_2x2_stage_convolutions_as_dense_products(depth):
+    """Without autograd, the 3x3 convolutions on the third stage's 2 x 2 maps of a 32 px patch run
+    as products with their dense matrices (and with autograd as convolutions): the same stage
+    outputs as torchvision's, and a matrix rebuilt when the weights change."""
+    body = _resnet_body(depth)
+    convolutions = []
+    body.layer3[-1].conv2.register_forward_hook(lambda *args: convolutions.append(1))  # 3x3 on 2 x 2
+    patches = torch.rand(3, 3, 32, 32)
+    conv = body.layer3[-1].conv2
+    updates = [lambda: conv.weight.mul_(-1.5),  # in place, as an optimizer step or a loaded checkpoint
+               lambda: setattr(conv, "weight", torch.nn.Parameter(conv.weight.flip(-1)))]  # a new tensor
+    for update in [None, *updates]:
+        if update is not None:
+            with torch.no_grad():
+                update()
+        with torch.no_grad():
+            stages = _resnet_stages(body, patches)
+            reference = list(body(patches).values())  # torchvision's forward: every layer a convolution
+        assert reference[2].shape[-2:] == (2, 2) and len(convolutions) == 1  # the reference's call alone
+        for stage, expected in zip(stages, reference):
+            torch.testing.assert_close(stage, expected, rtol=1e-5, atol=1e-5)
+        convolutions.clear()
+    _resnet_stages(body, patches)  # with autograd
+    assert len(convolutions) == 1
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size, bias", [
+    (3, 1, 1, (2, 2), False), (3, 2, 1, (2, 2), True), (3, 1, 1, (1, 2), True), (5, 1, 2, (2, 3), True)])
+def test_small_map_matrix_is_the_convolution(kernel, stride, padding, size, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, kernel, stride, padding, bias=bias)
+    x = torch.randn(5, 4, *size)
+    matrix, offset, out_size = small_map_matrix(conv, *size)
+    with torch.no_grad():
+        expected = conv(x)
+        product = x.flatten(1) @ matrix + (0 if offset is None else offset)
+    assert out_size == tuple(expected.shape[-2:])
+    torch.testing.assert_close(product.view(expected.shape), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- patches

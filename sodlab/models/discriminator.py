@@ -15,6 +15,7 @@ box head on small RoIs.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torchvision
@@ -138,7 +139,7 @@ def _single_pixel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
     padding, yet the convolution kernel computes all nine. The centre tap's matrix times the pixel
     is the same sum without the zeros (equal up to float rounding), in a fraction of the time.
     """
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if not _plain(conv):
         return None
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     # one output pixel ((1 + 2p - k) // s == 0), whose tap p meets the input pixel
@@ -148,8 +149,72 @@ def _single_pixel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
     return F.linear(x.flatten(1), conv.weight[:, :, ph, pw], conv.bias).view(len(x), -1, 1, 1)
 
 
+def _plain(conv: nn.Conv2d) -> bool:
+    """A convolution that is a sum of taps over zero padding: no groups, dilation or other padding."""
+    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def small_map_matrix(conv: nn.Conv2d, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """``conv`` on a ``height`` x ``width`` map as a dense linear map: the matrix
+    [C_in * H * W, C_out * H_out * W_out], its bias and (H_out, W_out), so that
+    conv(x) = (x.flatten(1) @ matrix + bias).view(N, C_out, H_out, W_out).
+
+    Entry (input channel i at input pixel p, output channel o at output pixel q) is the tap of
+    the kernel that meets p when the kernel sits at q, or zero where none does. The matrix is
+    stored in the product's order: F.linear's transposed weight multiplied slower at the batches
+    of G's patches (README: "D's read on 2 x 2 maps as dense products").
+    """
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    device = conv.weight.device
+    oy, ox = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(out_h, device=device),
+                                                       torch.arange(out_w, device=device), indexing="ij"))
+    iy, ix = (t.reshape(1, -1) for t in torch.meshgrid(torch.arange(height, device=device),
+                                                       torch.arange(width, device=device), indexing="ij"))
+    ky, kx = iy - oy * sh + ph, ix - ox * sw + pw  # [output pixels, input pixels]
+    meets = (ky >= 0) & (ky < kh) & (kx >= 0) & (kx < kw)
+    taps = conv.weight[:, :, ky.clamp(0, kh - 1), kx.clamp(0, kw - 1)] * meets  # [C_out, C_in, out px, in px]
+    matrix = taps.permute(1, 3, 0, 2).reshape(conv.in_channels * height * width, conv.out_channels * out_h * out_w)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(out_h * out_w)
+    return matrix.contiguous(), bias, (out_h, out_w)
+
+
+# Each convolution's dense matrix on its small map (``_small_map_conv``): (key, matrix, bias, output
+# size), the key holding the weight tensor itself, its version and the map size, so that other or
+# updated weights (a moved model, an optimizer step, a loaded state dict) build a new matrix.
+_SMALL_MAP_MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _small_map_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """conv(x) as one product with the convolution's dense matrix when x has fewer pixels than
+    the kernel has taps, at inference; else None.
+
+    At G's 32 px patch the ResNet's third stage is 2 x 2. A padded 3x3 convolution there meets 4
+    input pixels at each output pixel, yet computes all 9 taps; its dense matrix holds the 4 x 4
+    taps that meet, 2.25x fewer multiply-adds, as one matrix product. Building the matrix costs
+    more than the convolution it replaces, so it is built once per weights and map size and kept.
+    A kept matrix is outside autograd's graph, so this runs only without autograd (inference); in
+    training the convolution runs as before, and training is bitwise what it was.
+    """
+    (kh, kw), (height, width) = conv.kernel_size, x.shape[-2:]
+    if torch.is_grad_enabled() or not _plain(conv) or height * width >= kh * kw:
+        return None
+    key = (conv.weight, conv.weight._version, height, width)
+    cached = _SMALL_MAP_MATRICES.get(conv)
+    if cached is None or not (cached[0][0] is key[0] and cached[0][1:] == key[1:]):
+        cached = (key, *small_map_matrix(conv, height, width))
+        _SMALL_MAP_MATRICES[conv] = cached
+    _, matrix, bias, out_size = cached
+    flat = x.flatten(1)
+    out = flat @ matrix if bias is None else torch.addmm(bias, flat, matrix)
+    return out.view(len(x), conv.out_channels, *out_size)
+
+
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     out = _single_pixel_conv(conv, x)
+    if out is None:
+        out = _small_map_conv(conv, x)
     return conv(x) if out is None else out
 
 
@@ -177,7 +242,8 @@ def _resnet_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _resnet_stages(body: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The ResNet stage outputs the FPN reads (torchvision's IntermediateLayerGetter), in order,
     with each residual block through ``_resnet_block``: the same maps, with the convolutions of a
-    single pixel computed as matrix products (``_single_pixel_conv``)."""
+    single pixel, and at inference those of maps smaller than their kernel, computed as matrix
+    products (``_single_pixel_conv``, ``_small_map_conv``)."""
     outputs = []
     for name, module in body.items():
         if isinstance(module, nn.Sequential):
