@@ -578,7 +578,9 @@ def test_d_built_on_the_detector_reads_a_patch_as_the_detector_reads_an_image(ti
         heads.box_roi_pool.map_levels = None  # unset, D reads the whole pyramid (and the pooler sets it again)
         whole = d(patches)
         assert coarser
-    assert all(torch.allclose(finest[k], whole[k], atol=1e-5) for k in finest)
+    # equal up to float rounding (the read's products for its 2 x 2 convolutions against torchvision's
+    # convolutions), on logits and deltas up to about 50 from the predictor's random weights
+    assert all(torch.allclose(finest[k], whole[k], atol=1e-4) for k in finest)
     detector.train()  # a detector in train mode would update its BatchNorm statistics from D's patches
     with pytest.raises(RuntimeError, match="must be in eval mode"):
         d(image[None])
