@@ -112,17 +112,15 @@ def test_resnet_stages_of_a_patch_are_torchvisions_with_its_single_pixel_convolu
         torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
 def test_resnet_stages_at_inference_take_the_2x2_stage_convolutions_as_dense_products(depth):
     """Without autograd, the 3x3 convolutions on the third stage's 2 x 2 maps of a 32 px patch run
     as products with their dense matrices (and with autograd as convolutions): the same stage
     outputs as torchvision's, and a matrix rebuilt when the weights change."""
     body = _resnet_body(depth)
-    convolutions = []
-    body.layer3[-1].conv2.register_forward_hook(lambda *args: convolutions.append(1))  # 3x3 on 2 x 2
+    conv, convolutions = body.layer3[-1].conv2, []  # a 3x3 conv on 2 x 2 maps
+    conv.register_forward_hook(lambda *args: convolutions.append(1))
     patches = torch.rand(3, 3, 32, 32)
-    conv = body.layer3[-1].conv2
     updates = [lambda: conv.weight.mul_(-1.5),  # in place, as an optimizer step or a loaded checkpoint
                lambda: setattr(conv, "weight", torch.nn.Parameter(conv.weight.flip(-1)))]  # a new tensor
     for update in [None, *updates]:
