@@ -568,16 +568,22 @@ def test_d_built_on_the_detector_reads_a_patch_as_the_detector_reads_an_image(ti
         out = d(image[None])
     assert torch.allclose(out["cls"], logits, atol=1e-4) and torch.allclose(out["box"], deltas, atol=1e-4)
     assert out["adv"].shape == (1,)
-    # G's patches map to P2, which D computes alone: the same answers as from the whole pyramid
-    patches = torch.rand(3, 3, cfg.sr.lr_size * cfg.sr.scale, cfg.sr.lr_size * cfg.sr.scale)
+    # G's patches map to P2, which D computes alone, also before the detector's pooler has run (it
+    # sets its scales and level mapper on its first forward): the same answers as from the whole pyramid
+    side = cfg.sr.lr_size * cfg.sr.scale
+    patches = torch.rand(3, 3, side, side)
     coarser = []  # calls of P3's 3x3 conv
     detector.backbone.fpn.layer_blocks[1].register_forward_hook(lambda *args: coarser.append(1))
+    pool = heads.box_roi_pool
+    pool.scales = pool.map_levels = None  # as in a model that scores with another's shared detect
     with torch.no_grad():
+        unset = d(patches)
+        assert not coarser and pool.map_levels is None  # nor does D's read set them from its patches
+        features = detector.backbone(detector.transform.normalize(patches))
+        whole = d.judge(pool(features, [d.object_box(side, side, "cpu")] * 3, [(side, side)] * 3))
+        assert coarser and pool.map_levels is not None
         finest = d(patches)
-        assert not coarser
-        heads.box_roi_pool.map_levels = None  # unset, D reads the whole pyramid (and the pooler sets it again)
-        whole = d(patches)
-        assert coarser
+    assert all(torch.equal(unset[k], finest[k]) for k in finest)
     # equal up to float rounding (the read's products for its 2 x 2 convolutions against torchvision's
     # convolutions), on logits and deltas up to about 50 from the predictor's random weights
     assert all(torch.allclose(finest[k], whole[k], atol=1e-4) for k in finest)

@@ -15,12 +15,14 @@ box head on small RoIs.
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops.poolers import _infer_scale, initLevelMapper
 
 from sodlab.models.roi_pool import roi_align_one_box
 
@@ -260,6 +262,22 @@ def _resnet_stages(body: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
 
+def finest_level_scale(pool, box: torch.Tensor, finest: torch.Tensor, size: tuple[int, int]) -> float | None:
+    """The spatial scale of ``finest`` (the FPN's finest map of an image of ``size``) if ``pool``
+    (torchvision's MultiScaleRoIAlign) pools ``box`` from that level, else None.
+
+    Decided the way the pooler decides, but from the map itself: the pooler sets its scales and
+    level mapper on its first forward only, so reading them would make a D that reads before its
+    detector has pooled (a model scoring with another's shared ``detect``, a fresh model's SR
+    report) take the whole pyramid's path on its first batch, and in bf16 round otherwise.
+    Like torchvision, this assumes each coarser level halves the map.
+    """
+    scale = _infer_scale(finest, list(size))
+    k_min = round(-math.log2(scale))
+    mapper = initLevelMapper(k_min, k_min + len(pool.featmap_names) - 1, pool.canonical_scale, pool.canonical_level)
+    return scale if int(mapper([box.reshape(1, 4)])[0]) == 0 else None
+
+
 class DetectorTrunkDiscriminator(nn.Module):
     """D whose trunk is the seed's trained detector, and whose heads start as its box head.
 
@@ -365,15 +383,15 @@ class DetectorTrunkDiscriminator(nn.Module):
         normalized = detector.transform.normalize(patches)
         box = self.object_box(h, w, patches.device).to(patches.dtype)
         pool, fpn = detector.roi_heads.box_roi_pool, getattr(backbone, "fpn", None)
-        if fpn is not None and pool.map_levels is not None and int(pool.map_levels([box])[0]) == 0:
-            pooled = roi_align_one_box(self._finest_fpn_level(backbone, normalized), box, pool.output_size[0],
-                                       pool.scales[0], pool.sampling_ratio)
-        else:
-            features = backbone(normalized)
-            if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
-                features = {"0": features}
-            pooled = pool(features, [box] * n, [(h, w)] * n)
-        return pooled
+        if fpn is not None:
+            finest = self._finest_fpn_level(backbone, normalized)
+            scale = finest_level_scale(pool, box, finest, (h, w))
+            if scale is not None:
+                return roi_align_one_box(finest, box, pool.output_size[0], scale, pool.sampling_ratio)
+        features = backbone(normalized)
+        if isinstance(features, torch.Tensor):  # a single C4 map (non-FPN presets)
+            features = {"0": features}
+        return pool(features, [box] * n, [(h, w)] * n)
 
     def judge(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """D's trained part: its box head, predictor and adversarial head on ``read``'s features."""
