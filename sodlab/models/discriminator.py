@@ -270,8 +270,7 @@ def finest_level_scale(pool, box: torch.Tensor, finest: torch.Tensor, size: tupl
     level mapper on its first forward only, so reading them would make a D that reads before its
     detector has pooled (a model scoring with another's shared ``detect``, the RoI inspector on a
     freshly loaded model) take the whole pyramid's path on its first batch, and in bf16 round
-    otherwise.
-    Like torchvision, this assumes each coarser level halves the map.
+    otherwise. Like torchvision, this assumes that each coarser level halves the map.
     """
     scale = _infer_scale(finest, list(size))
     k_min = round(-math.log2(scale))
