@@ -132,7 +132,9 @@ def test_resnet_stages_at_inference_take_the_2x2_stage_convolutions_as_dense_pro
             reference = list(body(patches).values())  # torchvision's forward: every layer a convolution
         assert reference[2].shape[-2:] == (2, 2) and len(convolutions) == 1  # the reference's call alone
         for stage, expected in zip(stages, reference):
-            torch.testing.assert_close(stage, expected, rtol=1e-5, atol=1e-5)
+            # float rounding, which depends on the thread count: on one thread ResNet-50's last
+            # stages differ by up to 1.3e-5; a wrong tap would differ by the features' own size
+            torch.testing.assert_close(stage, expected, rtol=1e-4, atol=1e-4)
         convolutions.clear()
     _resnet_stages(body, patches)  # with autograd
     assert len(convolutions) == 1
