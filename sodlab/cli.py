@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--sr-scope", "sr.sr_scope", dict(choices=CHOICES["sr_scope"], help="which proposals go through G and D")),
             ("--sr-area-threshold", "sr.area_threshold",
              dict(type=float, metavar="PX2", help="'small' proposals: area under this, in input-image px^2")),
+            ("--sr-large-rois", "sr.large_rois",
+             dict(choices=CHOICES["large_rois"], help="proposals in scope wider or taller than the LR patch: cut "
+                                                      "at lr_size and through G, or cut at D's size, G skipped")),
             ("--sr-gate-top-k", "sr.gate_top_k",
              dict(type=int, metavar="K", help="only the K small proposals most likely foreground go through G and D "
                                               "(0: all)")),

@@ -173,6 +173,7 @@ CHOICES = {
     "sr_scope": ("small", "all"),
     "fusion": ("replace", "mean"),
     "patches": ("generator", "bilinear", "twin"),
+    "large_rois": ("generator", "native"),
     "boxes_from": ("discriminator", "detector"),
     "sr_schedule": ("joint", "staged"),
     "backbone": ("resnet18", "resnet50", "resnet101"),
@@ -202,6 +203,12 @@ class SRConfig:
     # which proposals go through G and D at inference
     area_threshold: float = 32.0**2  # input-image px^2 (COCO's "small")
     sr_scope: str = "small"  # small | all
+    # RoIs in scope whose context box is wider or taller than lr_size (patches.fits_lr_patch):
+    # generator: cut at lr_size like the others, so downsampled before G, and super-resolved;
+    # native: cut from the image at D's patch size (lr_size * scale) and judged by D as they are,
+    # G skipped: they are not low-resolution, and an LR cut would discard pixels that G then
+    # guesses back. "generator" is what every run before this field did.
+    large_rois: str = "generator"
     # Gated inference: only the gate_top_k small proposals per image that the box head finds most
     # likely foreground go through G and D (0: every small proposal). G and D on every small
     # proposal cost several times the detector itself.
@@ -237,7 +244,7 @@ class SRConfig:
 
     def __post_init__(self):
         _check_ranges(self)
-        for name in ("sr_scope", "fusion", "boxes_from", "patches", "discriminator_trunk"):
+        for name in ("sr_scope", "large_rois", "fusion", "boxes_from", "patches", "discriminator_trunk"):
             _check_choice("SRConfig", name, getattr(self, name))
 
 

@@ -250,6 +250,7 @@ def discriminator_objective(
     hr_valid: Tensor,
     weights: GANLossWeights | None = None,
     literal_cls: bool = False,
+    generated: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """D's loss: adversarial BCE (real HR vs SR) + class and box losses on the HR and SR patches.
 
@@ -259,23 +260,28 @@ def discriminator_objective(
             concatenated batch, split afterwards (see MultiTaskDiscriminator on BN).
         hr_valid: which HR patches are real: only those are real samples and get class/box losses
             (an interpolated HR patch is just a blurry copy of the SR input's content).
+        generated: which SR patches G made (None: all). The others are native cuts of RoIs too
+            large for the LR patch (``SRConfig.large_rois``), which D judges for its class and box
+            heads only: the adversarial term plays on G's RoIs alone, their real and fake patches
+            alike, so real and fake stay the same RoIs and cannot be told apart by size.
     Returns:
         {"adv", "cls", "reg"} unweighted terms, "total", and the detached diagnostics
         "real_prob" / "fake_prob" (mean D(z_HR) over valid RoIs, mean D(G(z_LR))).
     """
     weights = weights or GANLossWeights()
     valid = hr_valid
+    g = slice(None) if generated is None else generated
     terms = {
-        "adv": discriminator_adv_loss(d_hr["adv"], d_sr["adv"], valid),
+        "adv": discriminator_adv_loss(d_hr["adv"][g], d_sr["adv"][g], valid[g]),
         "cls": classification_loss(d_sr["cls"], d_hr["cls"], labels, valid, literal_cls),
         "reg": regression_loss(d_sr["box"], regression_targets, labels)
         + regression_loss(d_hr["box"][valid], regression_targets[valid], labels[valid]),
     }
     terms["total"] = weights.d_adv * terms["adv"] + weights.d_cls * terms["cls"] + weights.d_reg * terms["reg"]
     with torch.no_grad():
-        terms["real_prob"] = _masked_mean(torch.sigmoid(d_hr["adv"]), valid)
-        terms["fake_prob"] = _masked_mean(torch.sigmoid(d_sr["adv"]), None)
+        terms["real_prob"] = _masked_mean(torch.sigmoid(d_hr["adv"][g]), valid[g])
+        terms["fake_prob"] = _masked_mean(torch.sigmoid(d_sr["adv"][g]), None)
         # D's accuracy on real and on fake patches: the GAN health check watches for D pinned at 1.0.
-        terms["real_acc"] = _masked_mean((d_hr["adv"] > 0).float(), valid)
-        terms["fake_acc"] = _masked_mean((d_sr["adv"] < 0).float(), None)
+        terms["real_acc"] = _masked_mean((d_hr["adv"][g] > 0).float(), valid[g])
+        terms["fake_acc"] = _masked_mean((d_sr["adv"][g] < 0).float(), None)
     return terms

@@ -120,6 +120,15 @@ def box_side(boxes: Tensor) -> Tensor:
     return box_area(boxes).clamp_min(0).sqrt()
 
 
+def fits_lr_patch(boxes: Tensor, lr_size: int, context: float = DEFAULT_CONTEXT) -> Tensor:
+    """Which boxes [N, 4] are low-resolution: their context box is at most ``lr_size`` px on both
+    axes, so the LR cut at ``lr_size`` upsamples them or keeps them as they are. A larger box
+    would be downsampled before G, which then has detail to recover that its input no longer holds.
+    """
+    expanded = expand_boxes(boxes, context)
+    return ((expanded[:, 2:] - expanded[:, :2]) <= lr_size).all(dim=1)
+
+
 def extract_patches(
     images: Images,
     boxes: Sequence[Tensor],

@@ -71,7 +71,8 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 2000) -> dict:
 
     The RoIs are the val split's ground-truth boxes under 32 px of side (the first ``max_rois``
     in image order). z_LR and G(z_LR) come from
-    ``SRDetector.reconstruct``, exactly as inference cuts and serves them; z_HR is the same box
+    ``SRDetector.reconstruct``, exactly as inference cuts and serves them (G's patch for every RoI,
+    those that ``SRConfig.large_rois="native"`` keeps from G included: this measures G); z_HR is the same box
     cut from the exact twin (``target["hr_image"]``, when the dataset was loaded with
     ``hr_scale``), which holds k x the image's detail at every size. Without twins only RoIs
     large enough for a real HR patch from the image itself count (none of them small).
@@ -107,7 +108,8 @@ def evaluate_sr_qualities(models: list, dataset, max_rois: int = 2000) -> list[d
         keep = torch.ones_like(valid) if twins else valid
         for model, lr_out, sr_out in zip(models, lr_all, sr_all):
             device = next(model.parameters()).device
-            out = model.reconstruct([image.to(device)], [boxes[keep].to(device)], judge=False)
+            out = model.reconstruct([image.to(device)], [boxes[keep].to(device)], judge=False,
+                                    every_roi_through_g=True)
             lr_out.append(out["lr_patch"].cpu())
             sr_out.append(out["sr_patch"].cpu())
         hr_all.append(hr[keep])
@@ -176,7 +178,7 @@ def write_sr_patches(model, dataset, out_dir, max_rois: int = 300, twins=None) -
         image = dataset.load_image(image_id).float() / 255
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns])
-        out = model.reconstruct([image.to(device)], [boxes.to(device)])
+        out = model.reconstruct([image.to(device)], [boxes.to(device)], judge=False, every_roi_through_g=True)
         lr, sr = out["lr_patch"].cpu(), out["sr_patch"].cpu()
         twin = None
         if twins is not None:

@@ -480,6 +480,10 @@ def read_real_patches(discriminator, hr_patch: torch.Tensor, shared: SharedWork 
     return shared.once(key, [hr_patch], lambda: discriminator.read(hr_patch))
 
 
+# What G's step reads of a RoI batch, taken at G's RoIs when D also judges RoIs G does not serve.
+G_BATCH_KEYS = ("lr_patch", "hr_patch", "hr_valid", "labels", "regression_targets")
+
+
 def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, world_size: int = 1,
             shared: SharedWork | None = None) -> dict:
     """One step of the reconstruction module on a sampled RoI batch, as BasicSR's SRGANModel.
@@ -494,7 +498,11 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     """
     weights, where = cfg.sr_train.weights, f"{cfg.out}, iteration {it + 1}"
     factor = lr_factor(cfg, it)
-    sr = model.super_resolve(batch["lr_patch"])
+    # G serves the RoIs that fit the LR patch; D judges the others as cut at its own size (SRConfig.large_rois)
+    generated = batch["generated"]
+    g_batch = batch if bool(generated.all()) else {k: batch[k][generated] for k in G_BATCH_KEYS}
+    sr_g = model.super_resolve(g_batch["lr_patch"])
+    sr = model.in_roi_order(generated, sr_g, batch["native_patch"])
     n, discriminator = len(batch["hr_patch"]), model.discriminator
     if discriminator.read_trains:
         sr_read = None
@@ -504,31 +512,38 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
         d_both = discriminator.judge(torch.cat([hr_read, sr_read.detach()]))
     d_hr, d_sr = ({k: v[:n] for k, v in d_both.items()}, {k: v[n:] for k, v in d_both.items()})
     d_terms = discriminator_objective(d_hr, d_sr, batch["labels"], batch["regression_targets"], batch["hr_valid"],
-                                      weights)
+                                      weights, generated=generated)
     check_finite(d_terms, where)
     optimizer_step(optimizers["discriminator"], d_terms["total"], cfg.sr_train.lr_discriminator * factor,
                    cfg.grad_clip, world_size=world_size)
     record = {f"d_{k}": v.item() for k, v in d_terms.items()}
     model.update_box_errors(batch["head_deltas"], d_sr["box"], batch["labels"], batch["regression_targets"])
     record |= dict(zip(("head_box_error", "d_box_error"), model.box_errors.tolist()))
-    if "generator" in optimizers:
+    # A batch without a RoI for G steps G only where other ranks may have some: they average gradients.
+    if "generator" in optimizers and (bool(generated.any()) or world_size > 1):
         trainable = [p for p in discriminator.parameters() if p.requires_grad]
         discriminator.requires_grad_(False)
         try:
             judged = discriminator(sr) if sr_read is None else discriminator.judge(sr_read)
-            g_terms = generator_objective(judged, sr, batch["hr_patch"], batch["hr_valid"],
-                                          batch["labels"], batch["regression_targets"], weights,
-                                          mse_reduction=cfg.sr_train.mse_reduction)
+            if g_batch is not batch:
+                judged = {k: v[generated] for k, v in judged.items()}
+            if bool(generated.any()):
+                g_terms = generator_objective(judged, sr_g, g_batch["hr_patch"], g_batch["hr_valid"],
+                                              g_batch["labels"], g_batch["regression_targets"], weights,
+                                              mse_reduction=cfg.sr_train.mse_reduction)
+            else:
+                g_terms = dict.fromkeys(("adv", "cls", "reg", "mse", "tv", "total"), sr_g.sum() * 0.0)
             check_finite(g_terms, where)
             if it % GRAD_NORM_EVERY == 0:
-                record |= term_grad_norms(g_terms, sr, weights)
+                record |= term_grad_norms(g_terms, sr_g, weights)
             optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
                            cfg.grad_clip, world_size=world_size)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr.detach(), batch, model.scale)
-    return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum())}
+        record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr_g.detach(), g_batch, model.scale)
+    return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum()),
+                     "sr_generated": int(generated.sum())}
 
 
 def train_step(model, images, targets, optimizers: dict, cfg: TrainConfig, it: int, amp_dtype, scaler,
@@ -773,8 +788,8 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
 
 # Settings that change what inference does with the trained weights, not the weights themselves:
 # an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
-INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.gate_top_k", "sr.amp", "sr.patches",
-                      "detector.box_score_thresh")
+INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.large_rois", "sr.gate_top_k", "sr.amp",
+                      "sr.patches", "detector.box_score_thresh")
 
 
 def with_inference_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:

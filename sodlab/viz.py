@@ -510,7 +510,8 @@ def inspect_rois(model, image: Tensor, rois: Tensor, hr_image: Tensor | None = N
     ``rois`` is [N, 4] xyxy in the pixels of ``image`` ([3, H, W] in [0, 1]); ``hr_image`` the
     image's exact xk twin (k = the SR scale), if any. Returns, batched over the RoIs:
     "lr" (z_LR, the patch G gets), "bicubic" (z_LR upsampled bicubically), "sr" (G(z_LR),
-    clamped for viewing), "hr" (z_HR cut from the twin, or None), "hr_valid" [N] (the twin has
+    clamped for viewing; for a RoI G does not serve, its native cut, see ``SRConfig.large_rois``),
+    "generated" [N] (which RoIs G serves), "hr" (z_HR cut from the twin, or None), "hr_valid" [N] (the twin has
     >= hr_size pixels across the RoI, so z_HR holds real detail, not interpolation);
     "psnr" / "ssim": {"bicubic": [N], "sr": [N]} against z_HR (empty without a twin); D's
     "d_probs" [N, C], "d_real_prob" [N] and "d_boxes" [N, C, 4]: each RoI moved by D's deltas
@@ -534,7 +535,8 @@ def inspect_rois(model, image: Tensor, rois: Tensor, hr_image: Tensor | None = N
         for name, patches in (("bicubic", bicubic), ("sr", sr)):
             quality["psnr"][name] = psnr(patches, hr).tolist()
             quality["ssim"][name] = ssim(patches, hr).tolist()
-    return {"rois": rois, "lr": lr, "bicubic": bicubic, "sr": sr, "hr": hr, "hr_valid": hr_valid, **quality,
+    return {"rois": rois, "lr": lr, "bicubic": bicubic, "sr": sr, "generated": d["generated"], "hr": hr,
+            "hr_valid": hr_valid, **quality,
             "d_probs": d["cls"].softmax(-1), "d_real_prob": torch.sigmoid(d["adv"]),
             "d_boxes": model.box_coder.decode_single(d["box"], rois).reshape(len(rois), -1, 4)}
 
@@ -544,6 +546,7 @@ def inspect_roi(model, image: Tensor, roi: Tensor, hr_image: Tensor | None = Non
     "psnr" {"sr": float, ...}, "d_probs" [C], "d_boxes" [C, 4], "hr_valid" bool, ...)."""
     views = inspect_rois(model, image, roi.reshape(1, 4), hr_image)
     return {"roi": views["rois"][0], "lr": views["lr"][0], "bicubic": views["bicubic"][0], "sr": views["sr"][0],
+            "generated": bool(views["generated"][0]),
             "hr": None if views["hr"] is None else views["hr"][0], "hr_valid": bool(views["hr_valid"][0]),
             "psnr": {k: v[0] for k, v in views["psnr"].items()}, "ssim": {k: v[0] for k, v in views["ssim"].items()},
             "d_probs": views["d_probs"][0], "d_real_prob": float(views["d_real_prob"][0]),
@@ -676,7 +679,8 @@ def plot_roi_view(view: Mapping[str, Any], image: Tensor, class_names: Sequence[
     hr_note = "" if view["hr"] is None or view["hr_valid"] else "\n(interpolated: RoI < hr_size/k px)"
     _patch_panel(fig.add_subplot(grid[0, 0]), view["lr"], f"z_LR ({lr_side}x{lr_side})")
     _patch_panel(fig.add_subplot(grid[0, 1]), view["bicubic"], f"bicubic x{hr_side // lr_side}" + quality("bicubic"))
-    _patch_panel(fig.add_subplot(grid[0, 2]), view["sr"], "G(z_LR)" + quality("sr"))
+    judged = "G(z_LR)" if view.get("generated", True) else "native cut (G skipped)"
+    _patch_panel(fig.add_subplot(grid[0, 2]), view["sr"], judged + quality("sr"))
     _patch_panel(fig.add_subplot(grid[0, 3]), view["hr"], f"z_HR, the exact twin ({hr_side}x{hr_side})" + hr_note)
 
     # The RoI in context: a window 3x the RoI (at least 24 px) around it, in image pixels.
@@ -706,7 +710,7 @@ def plot_roi_view(view: Mapping[str, Any], image: Tensor, class_names: Sequence[
     x = np.arange(len(class_names))
     width_bar = 0.4 if head_probs is not None else 0.8
     ax.bar(x - (width_bar / 2 if head_probs is not None else 0), d_probs.numpy(), width_bar, color="#e6194b",
-           label=f"D_cls(G(z_LR)); D real prob {view['d_real_prob']:.2f}")
+           label=f"D_cls({judged}); D real prob {view['d_real_prob']:.2f}")
     if head_probs is not None:
         ax.bar(x + width_bar / 2, head_probs.numpy(), width_bar, color="#42d4f4", label="box head")
     ax.set_xticks(x, [("bg" if n == BACKGROUND else n) for n in class_names], rotation=35, ha="right", fontsize=8)

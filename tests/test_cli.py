@@ -11,13 +11,15 @@ from sodlab.io import read_json
 
 def test_every_config_knob_is_a_flag():
     args = build_parser().parse_args(["train", "--lr", "0.5", "--warmup-iters", "3", "--method", "sr",
-                                      "--sr-hr-source", "twin", "--sr-area-threshold", "256", "--no-sr-use-generator",
+                                      "--sr-hr-source", "twin", "--sr-area-threshold", "256", "--sr-large-rois", "native",
+                                      "--no-sr-use-generator",
                                       "--sr-weights-adv", "0.01", "--sr-lr-generator", "2e-4",
                                       "--detector-min-size", "320", "--detector-anchor-sizes", "4,6 8,11 16,23 32,45 64,91",
                                       "--detector-box-head", "4conv1fc", "--no-detector-fpn-norm"])
     cfg = config_from_args(args)
     assert cfg.lr == 0.5 and cfg.warmup_iters == 3 and cfg.method == "sr"
-    assert cfg.sr_train.hr_source == "twin" and cfg.sr.area_threshold == 256 and cfg.sr.use_generator is False
+    assert cfg.sr_train.hr_source == "twin" and cfg.sr.use_generator is False
+    assert cfg.sr.area_threshold == 256 and cfg.sr.large_rois == "native"
     assert cfg.sr_train.weights.adv == 0.01 and cfg.sr_train.lr_generator == 2e-4
     assert cfg.detector.min_size == 320 and cfg.detector.anchor_sizes[0] == (4, 6) and cfg.detector.box_head == "4conv1fc"
     assert cfg.detector.max_size == TrainConfig().detector.max_size  # a flag left out keeps the preset's value

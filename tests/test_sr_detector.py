@@ -84,6 +84,69 @@ def test_small_proposals_take_d_scores_and_boxes(tiny_config, tiny_synth):
     assert torch.allclose(out["cls"], d["cls"], atol=1e-5) and out["lr_patch"].shape[-1] == 16
 
 
+def test_rois_too_large_for_the_lr_patch_skip_g_and_reach_d_as_cut(tiny_config, tiny_synth):
+    """large_rois="native": RoIs whose context box exceeds the LR patch are cut at D's patch size
+    and judged as they are, never downsampled before G; G serves the others, as before."""
+    from sodlab.patches import fits_lr_patch, lr_patches
+
+    images = _images(tiny_synth)
+    rois = [torch.tensor([[10.0, 10.0, 20.0, 20.0], [30.0, 30.0, 60.0, 44.0], [50.0, 5.0, 63.0, 18.0]]),
+            torch.tensor([[70.0, 70.0, 96.0, 80.0], [5.0, 90.0, 12.0, 97.0]])]
+    fits = torch.cat([fits_lr_patch(r, 16, 0.1) for r in rois])
+    # context boxes 12, 36 x 16.8, 15.6, 31.2 x 12 and 8.4 px: the second and the fourth would be downsampled
+    assert fits.tolist() == [True, False, True, False, True]
+    ours = _model(tiny_config, "sr", large_rois="native").reconstruct(images, rois)
+    before = _model(tiny_config, "sr").reconstruct(images, rois)  # large_rois="generator", the default
+    assert torch.equal(ours["generated"], fits) and before["generated"].all()
+    assert torch.equal(ours["lr_patch"], before["lr_patch"])
+    assert torch.allclose(ours["sr_patch"][fits], before["sr_patch"][fits], atol=1e-6), "G's patches as before"
+    native = lr_patches(images, [r[~fits_lr_patch(r, 16, 0.1)] for r in rois], 64, 0.1)
+    assert torch.equal(ours["sr_patch"][~fits], native), "the others cut from the image at D's 64 px"
+    model = _model(tiny_config, "sr", large_rois="native")
+    assert torch.allclose(model.discriminator(ours["sr_patch"])["cls"], ours["cls"], atol=1e-5)
+    # the SR quality report measures G on every RoI, large ones included
+    every = model.reconstruct(images, rois, judge=False, every_roi_through_g=True)
+    assert every["generated"].all() and torch.allclose(every["sr_patch"], before["sr_patch"], atol=1e-6)
+    # bilinear patches (sr-no-recon, or --sr-patches bilinear) follow the same split
+    bilinear = _model(tiny_config, "sr", large_rois="native", patches="bilinear").reconstruct(images, rois)
+    assert torch.equal(bilinear["sr_patch"][~fits], native)
+
+
+def test_the_gan_step_plays_on_gs_rois_and_d_learns_classes_on_all(tiny_config, tmp_path, monkeypatch):
+    """With RoIs G does not serve in the batch, G's objective and D's adversarial term see G's RoIs
+    alone (real and fake alike: paired), while D's class and box terms see every RoI."""
+    from sodlab import losses
+    from sodlab.train import make_optimizers
+
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=9).train()
+    model.detector.eval().requires_grad_(False)
+    batch = _branch_batch(cfg)
+    generated = torch.tensor([True, False, True, True, False, True])
+    hr = cfg.sr.lr_size * cfg.sr.scale
+    batch |= {"generated": generated, "native_patch": torch.rand(2, 3, hr, hr)}
+    seen = {}
+    for name in ("generator_objective", "discriminator_adv_loss", "classification_loss"):
+        original = getattr(sodlab.train if name == "generator_objective" else losses, name)
+
+        def spy(*args, original=original, name=name, **kwargs):
+            seen.setdefault(name, []).append(len(args[0]["adv"] if name == "generator_objective" else args[0]))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(sodlab.train if name == "generator_objective" else losses, name, spy)
+    record = sr_step(model, batch, make_optimizers(cfg, model), cfg, it=0)
+    assert seen["discriminator_adv_loss"] == [4], "D's real/fake game on G's 4 RoIs"
+    assert seen["classification_loss"][0] == 6, "D's class loss on all 6"
+    assert seen["generator_objective"] == [4], "G's objective on its own 4"
+    assert record["sr_generated"] == 4 and torch.isfinite(torch.tensor(record["g_total"]))
+    # a batch with no RoI for G leaves G as it was, and D still learns
+    batch |= {"generated": torch.zeros(6, dtype=torch.bool), "native_patch": torch.rand(6, 3, hr, hr)}
+    g_before = copy.deepcopy(model.generator.state_dict())
+    record = sr_step(model, batch, make_optimizers(cfg, model), cfg, it=1)
+    assert all(torch.equal(v, model.generator.state_dict()[k]) for k, v in g_before.items())
+    assert "g_total" not in record and torch.isfinite(torch.tensor(record["d_total"]))
+
+
 def test_amp_runs_g_and_d_in_the_hardwares_fast_dtype_and_only_them(tiny_config, tiny_synth):
     assert fast_autocast_dtype("cuda") == torch.float16
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
@@ -422,6 +485,28 @@ def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_c
     assert batch["hr_patch"].shape[-1] == model.lr_size * model.scale
 
 
+def test_training_batches_mark_gs_rois_and_cut_the_others_at_ds_size(tiny_config, tiny_synth):
+    """In training as at inference: with large_rois="native" the RoI batch says which RoIs G serves
+    and holds the others' native cuts; the rest of the batch is what large_rois="generator" gives."""
+    from sodlab.patches import fits_lr_patch, lr_patches
+
+    train_set = load_split(tiny_synth, "train", train=False, hr_scale=4)
+    images, targets = zip(*[train_set[i] for i in range(2)])
+    images, targets, twins = list(images), list(targets), [t["hr_image"] for t in targets]
+    before = _model(tiny_config, "sr", area_threshold=32.0**2).train()
+    ours = copy.deepcopy(before)
+    ours.large_rois = "native"
+    batches = [m.training_forward(images, targets, twins, train_detector=False)[1] for m in (before, ours)]
+    rois = batches[1]["rois"]
+    fits = torch.cat([fits_lr_patch(r, 16, ours.context) for r in rois])
+    assert 0 < fits.sum() < len(fits), "this draw holds RoIs of both kinds"
+    assert torch.equal(batches[1]["generated"], fits) and batches[0]["generated"].all()
+    assert torch.equal(batches[1]["native_patch"], lr_patches(images, [r[~fits_lr_patch(r, 16, ours.context)]
+                                                                       for r in rois], 64, ours.context))
+    for key in ("lr_patch", "hr_patch", "hr_valid", "labels", "regression_targets"):
+        assert torch.equal(batches[0][key], batches[1][key]), key
+
+
 def test_branches_of_a_pass_cut_the_rois_they_draw_alike_once(tiny_config, tiny_synth):
     """Branches of a pass draw their RoIs from their own samplers, seeded alike: the second takes the
     first's patches and box-head answers from the batch's SharedWork, the same as its own cut, and
@@ -622,7 +707,8 @@ def _branch_batch(cfg, seed: int = 0) -> dict:
     n, hr = 6, cfg.sr.lr_size * cfg.sr.scale
     return {"lr_patch": torch.rand(n, 3, cfg.sr.lr_size, cfg.sr.lr_size, generator=g),
             "hr_patch": torch.rand(n, 3, hr, hr, generator=g), "hr_valid": torch.ones(n, dtype=torch.bool),
-            "head_deltas": torch.randn(n, 36, generator=g) * 0.1,
+            "head_deltas": torch.randn(n, 36, generator=g) * 0.1, "generated": torch.ones(n, dtype=torch.bool),
+            "native_patch": torch.zeros(0, 3, hr, hr),
             "labels": torch.tensor([0, 3, 0, 5, 0, 1]), "regression_targets": torch.randn(n, 4, generator=g) * 0.1}
 
 

@@ -3,8 +3,9 @@
 Inference (``SRDetector.forward`` in eval mode), step by step as torchvision's GeneralizedRCNN:
 transform -> backbone -> RPN proposals -> box head logits and deltas for every proposal; then
 the proposals whose area (in input-image pixels) is under ``area_threshold`` are cut from the
-image as LR patches, super-resolved by G, and scored by D. D's class logits and its box deltas
-t_SR (torchvision's BoxCoder encoding, relative to the same proposal) replace the box head's for
+image as LR patches, super-resolved by G, and scored by D (with ``large_rois="native"``, those too
+large for the LR patch are cut at D's patch size instead and skip G). D's class logits and its box
+deltas t_SR (torchvision's BoxCoder encoding, relative to the same proposal) replace the box head's for
 those proposals (``fusion="replace"``) or are averaged with them (``fusion="mean"``), and
 torchvision's own ``postprocess_detections`` (softmax, decode, clip, per-class NMS) finishes.
 The output is torchvision's detection format, so evaluation, FiftyOne and SAHI work unchanged.
@@ -30,7 +31,7 @@ from torchvision.ops import box_area, box_iou
 
 from sodlab.models import fast_autocast_dtype
 from sodlab.models.roi_pool import set_levels
-from sodlab.patches import DEFAULT_CONTEXT, lr_hr_pairs, lr_patches
+from sodlab.patches import DEFAULT_CONTEXT, fits_lr_patch, lr_hr_pairs, lr_patches
 
 
 def _at_least_a_pixel(boxes: Tensor) -> Tensor:
@@ -47,6 +48,9 @@ class SRDetector(nn.Module):
         lr_size, scale, context: z_LR's side, G's factor, the margin around each RoI.
         area_threshold, sr_scope: which proposals go through G and D ("small": area under the
             threshold, in original-image px^2; "all").
+        large_rois: RoIs whose context box does not fit the LR patch: "generator" (cut at lr_size,
+            so downsampled, and super-resolved like the others) or "native" (cut at D's patch size,
+            lr_size * scale, and judged by D as they are: G serves the low-resolution RoIs only).
         gate_top_k: at inference, only the k proposals in scope per image that the box head finds
             most likely foreground go through G and D (0: all of them).
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
@@ -62,14 +66,15 @@ class SRDetector(nn.Module):
 
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
-                 area_threshold: float = 32.0**2, sr_scope: str = "small", gate_top_k: int = 0,
-                 fusion: str = "replace", amp: bool = False, patches: str = "generator",
+                 area_threshold: float = 32.0**2, sr_scope: str = "small", large_rois: str = "generator",
+                 gate_top_k: int = 0, fusion: str = "replace", amp: bool = False, patches: str = "generator",
                  boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
                  fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
         self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
+        self.large_rois = large_rois
         self.fusion, self.boxes_from, self.amp, self.patches = fusion, boxes_from, amp, patches
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
@@ -94,31 +99,63 @@ class SRDetector(nn.Module):
         """z_LR upsampled bilinearly to G's output size: sr-no-recon's patches, and D's with patches="bilinear"."""
         return F.interpolate(lr_patch, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
-    def reconstruct(self, images: list[Tensor], rois: list[Tensor],
-                    hr_images: list[Tensor] | None = None, judge: bool = True) -> dict[str, Tensor]:
+    def generated(self, rois: Tensor) -> Tensor:
+        """Which RoIs [N, 4] (original-image pixels) G serves: every one, or with
+        ``large_rois="native"`` those that fit the LR patch (``patches.fits_lr_patch``)."""
+        if self.large_rois == "native":
+            return fits_lr_patch(rois, self.lr_size, self.context)
+        return torch.ones(len(rois), dtype=torch.bool, device=rois.device)
+
+    def native_patches(self, images: list[Tensor], rois: list[Tensor]) -> Tensor:
+        """RoIs cut from the image at D's patch size: what D judges of the RoIs G does not serve."""
+        return lr_patches(images, rois, self.lr_size * self.scale, self.context)
+
+    @staticmethod
+    def in_roi_order(generated: Tensor, from_g: Tensor, native: Tensor) -> Tensor:
+        """One batch of D's patches in RoI order: ``from_g`` where ``generated``, ``native`` elsewhere.
+        Gradients reach G through ``from_g``."""
+        if bool(generated.all()):
+            return from_g
+        patches = from_g.new_empty(len(generated), *from_g.shape[1:])
+        patches[generated] = from_g
+        patches[~generated] = native.to(from_g.dtype)
+        return patches
+
+    def reconstruct(self, images: list[Tensor], rois: list[Tensor], hr_images: list[Tensor] | None = None,
+                    judge: bool = True, every_roi_through_g: bool = False) -> dict[str, Tensor]:
         """RoIs (per image, original-image pixels) through the module, as inference runs it.
 
-        Returns "lr_patch" (z_LR, cut by ``lr_patches``), "sr_patch" (what D judges: G(z_LR),
-        unclamped, or the patch ``patches`` names) and D's outputs "adv" [N], "cls" [N, C] and
-        "box" [N, 4C] (t_SR), batched over all RoIs. Scoring, the notebooks' widgets and the SR
-        quality report all go through here, so all three see G and D at the same precision
-        (``amp``); every output is float32. ``hr_images``: the images' exact xk twins, which
-        ``patches="twin"`` cuts D's patches from. ``judge=False`` stops before D: the patches only.
+        Returns "lr_patch" (z_LR, cut by ``lr_patches``), "generated" (which RoIs G serves), "sr_patch"
+        (what D judges: G(z_LR), unclamped, or the patch ``patches`` names, and for the RoIs G does
+        not serve their native cut) and D's outputs "adv" [N], "cls" [N, C] and "box" [N, 4C] (t_SR),
+        batched over all RoIs. Scoring, the notebooks' widgets and the SR quality report all go
+        through here, so all three see G and D at the same precision (``amp``); every output is
+        float32. ``hr_images``: the images' exact xk twins, which ``patches="twin"`` cuts D's
+        patches from. ``judge=False`` stops before D: the patches only. ``every_roi_through_g``:
+        G's patch for every RoI, large ones included (the SR quality report measures G itself).
         """
         lr_patch = lr_patches(images, rois, self.lr_size, self.context)
+        by_image = [torch.ones(len(r), dtype=torch.bool, device=r.device) if every_roi_through_g else self.generated(r)
+                    for r in rois]
+        generated = torch.cat(by_image) if by_image else torch.zeros(0, dtype=torch.bool)
         dtype = fast_autocast_dtype(lr_patch.device) if self.amp else None
         with torch.autocast(lr_patch.device.type, dtype=dtype, enabled=dtype is not None):
             if self.patches == "twin":
                 if hr_images is None:
                     raise ValueError("patches='twin' has D judge the exact xk twin's patches: pass the images' "
                                      "twins (hr_images; a split loaded with hr_scale=k holds them)")
-                _, sr, _ = lr_hr_pairs(images, rois, self.lr_size, self.scale, self.context, hr_images=hr_images)
+                _, sr, _ = lr_hr_pairs(images, [r[g] for r, g in zip(rois, by_image)], self.lr_size, self.scale,
+                                       self.context, hr_images=hr_images)
             elif self.patches == "bilinear":
-                sr = self.upsample(lr_patch)
+                sr = self.upsample(lr_patch[generated])
             else:
-                sr = self.super_resolve(lr_patch)
+                sr = self.super_resolve(lr_patch[generated])
+            if not bool(generated.all()):
+                native = self.native_patches(images, [r[~g] for r, g in zip(rois, by_image)])
+                sr = self.in_roi_order(generated, sr, native)
             d = self.discriminator(sr) if judge else {}
-        return {"lr_patch": lr_patch, "sr_patch": sr.float(), **{k: v.float() for k, v in d.items()}}
+        return {"lr_patch": lr_patch, "generated": generated, "sr_patch": sr.float(),
+                **{k: v.float() for k, v in d.items()}}
 
     def _selected(self, boxes: Tensor) -> Tensor:
         """Which boxes (original-image pixels) the SR branch serves."""
@@ -278,20 +315,24 @@ class SRDetector(nn.Module):
                 # and D's real/fake judgement reach the same RoIs (paired), whatever their size.
                 lr_patch = lr_patches(images, rois, self.lr_size, self.context)
                 hr_valid = torch.ones_like(hr_valid)
+            by_image = [self.generated(r) for r in rois]
+            native = self.native_patches(images, [r[~g] for r, g in zip(rois, by_image)])
             with torch.no_grad():  # the box head's own answer on the same RoIs, for the fusion's weights
                 heads = det.roi_heads
                 resized = self._to_frame(rois, original_sizes, image_list.image_sizes)
                 _, head_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, resized,
                                                                                        image_list.image_sizes)))
-            return lr_patch, hr_patch, hr_valid, head_deltas
+            return lr_patch, hr_patch, hr_valid, head_deltas, torch.cat(by_image), native
 
         # The key holds every setting the cut reads; the batch's images and the frozen detector are
         # the pass's own, and ``shared`` compares the RoIs. D's read looks up the box head's pooler
         # levels, which the cut's pooling sets on first use: set here, whoever cuts.
         set_levels(det.roi_heads.box_roi_pool, features, image_list.image_sizes)
-        key = ("patches", self.lr_size, self.scale, self.context, hr_images is not None)
-        lr_patch, hr_patch, hr_valid, head_deltas = cut() if shared is None else shared.once(key, rois, cut)
-        batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "head_deltas": head_deltas, "labels": torch.cat(labels),
+        key = ("patches", self.lr_size, self.scale, self.context, hr_images is not None, self.large_rois)
+        lr_patch, hr_patch, hr_valid, head_deltas, generated, native_patch = (
+            cut() if shared is None else shared.once(key, rois, cut))
+        batch = {"lr_patch": lr_patch, "hr_patch": hr_patch, "hr_valid": hr_valid, "head_deltas": head_deltas,
+                 "generated": generated, "native_patch": native_patch, "labels": torch.cat(labels),
                  "regression_targets": torch.cat(regression_targets), "rois": rois}
         return losses, batch
 
