@@ -70,12 +70,12 @@ def evaluate_sr_quality(model, dataset, max_rois: int = 2000) -> dict:
     """PSNR/SSIM of the SR branch (G, or bilinear without G) and of bicubic on held-out small RoIs.
 
     The RoIs are the val split's ground-truth boxes under 32 px of side (the first ``max_rois``
-    in image order). z_LR and G(z_LR) come from
-    ``SRDetector.reconstruct``, exactly as inference cuts and serves them (G's patch for every RoI,
-    those that ``SRConfig.large_rois="native"`` keeps from G included: this measures G); z_HR is the same box
-    cut from the exact twin (``target["hr_image"]``, when the dataset was loaded with
-    ``hr_scale``), which holds k x the image's detail at every size. Without twins only RoIs
-    large enough for a real HR patch from the image itself count (none of them small).
+    in image order). z_LR and G(z_LR) come from ``SRDetector.reconstruct``, exactly as inference
+    cuts and serves them, for every RoI (those that ``SRConfig.large_rois="native"`` keeps from G
+    included: this measures G); z_HR is the same box cut from the exact twin
+    (``target["hr_image"]``, when the dataset was loaded with ``hr_scale``), which holds k x the
+    image's detail at every size. Without twins only RoIs large enough for a real HR patch from the
+    image itself count (none of them small).
     Reported overall and per box-side bin (``SIZE_BINS``).
     """
     return evaluate_sr_qualities([model], dataset, max_rois)[0]

@@ -494,7 +494,9 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     D's frozen part (``read``: the detector's backbone, for D built on the detector) reads G(z_LR)
     once for both steps, and z_HR once per batch of a pass (``read_real_patches``): the detector's
     backbone on the patches is most of a branch step's time. A D whose read trains (a tuned copy
-    of the backbone) reads both for its own step and G(z_LR) again, updated, for G's.
+    of the backbone) reads both for its own step and G(z_LR) again, updated, for G's. RoIs that G
+    does not serve (``SRConfig.large_rois="native"``) reach D as their native cut: D's class and
+    box terms see them, while G's objective and D's real/fake game play on G's RoIs alone.
     """
     weights, where = cfg.sr_train.weights, f"{cfg.out}, iteration {it + 1}"
     factor = lr_factor(cfg, it)

@@ -511,8 +511,8 @@ def inspect_rois(model, image: Tensor, rois: Tensor, hr_image: Tensor | None = N
     image's exact xk twin (k = the SR scale), if any. Returns, batched over the RoIs:
     "lr" (z_LR, the patch G gets), "bicubic" (z_LR upsampled bicubically), "sr" (G(z_LR),
     clamped for viewing; for a RoI G does not serve, its native cut, see ``SRConfig.large_rois``),
-    "generated" [N] (which RoIs G serves), "hr" (z_HR cut from the twin, or None), "hr_valid" [N] (the twin has
-    >= hr_size pixels across the RoI, so z_HR holds real detail, not interpolation);
+    "generated" [N] (which RoIs G serves), "hr" (z_HR cut from the twin, or None), "hr_valid" [N]
+    (the twin has >= hr_size pixels across the RoI, so z_HR holds real detail, not interpolation);
     "psnr" / "ssim": {"bicubic": [N], "sr": [N]} against z_HR (empty without a twin); D's
     "d_probs" [N, C], "d_real_prob" [N] and "d_boxes" [N, C, 4]: each RoI moved by D's deltas
     t_SR for every class, decoded with the detector's BoxCoder.
