@@ -679,7 +679,7 @@ def plot_roi_view(view: Mapping[str, Any], image: Tensor, class_names: Sequence[
     hr_note = "" if view["hr"] is None or view["hr_valid"] else "\n(interpolated: RoI < hr_size/k px)"
     _patch_panel(fig.add_subplot(grid[0, 0]), view["lr"], f"z_LR ({lr_side}x{lr_side})")
     _patch_panel(fig.add_subplot(grid[0, 1]), view["bicubic"], f"bicubic x{hr_side // lr_side}" + quality("bicubic"))
-    judged = "G(z_LR)" if view.get("generated", True) else "native cut (G skipped)"
+    judged = "G(z_LR)" if view["generated"] else "native cut (G skipped)"
     _patch_panel(fig.add_subplot(grid[0, 2]), view["sr"], judged + quality("sr"))
     _patch_panel(fig.add_subplot(grid[0, 3]), view["hr"], f"z_HR, the exact twin ({hr_side}x{hr_side})" + hr_note)
 
