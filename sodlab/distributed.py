@@ -109,11 +109,15 @@ def broadcast_buffers(model) -> None:
 
 
 def reduce_record(record: dict, world_size: int) -> dict:
-    """Mean of every logged number over the ranks, so the log describes the global batch."""
-    keys = [k for k, v in record.items() if k != "iter" and isinstance(v, (int, float))]
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return record | {k: v / world_size for k, v in zip(keys, values.tolist())}
+    """Mean of every logged number over the ranks that logged it, so the log describes the global
+    batch. Ranks may log different numbers: G's PSNR, say, only where the batch held RoIs for G."""
+    numbers = {k for k, v in record.items() if k != "iter" and isinstance(v, (int, float))}
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, numbers)
+    keys = sorted(set().union(*everyone))
+    sums = torch.tensor([[float(record[k]), 1.0] if k in numbers else [0.0, 0.0] for k in keys], dtype=torch.float64)
+    dist.all_reduce(sums)
+    return record | {k: total / count for k, (total, count) in zip(keys, sums.tolist())}
 
 
 def parameter_digest(model) -> str:

@@ -526,24 +526,29 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
         trainable = [p for p in discriminator.parameters() if p.requires_grad]
         discriminator.requires_grad_(False)
         try:
-            judged = discriminator(sr) if sr_read is None else discriminator.judge(sr_read)
-            if g_batch is not batch:
-                judged = {k: v[generated] for k, v in judged.items()}
             if bool(generated.any()):
+                judged = discriminator(sr) if sr_read is None else discriminator.judge(sr_read)
+                if g_batch is not batch:
+                    judged = {k: v[generated] for k, v in judged.items()}
                 g_terms = generator_objective(judged, sr_g, g_batch["hr_patch"], g_batch["hr_valid"],
                                               g_batch["labels"], g_batch["regression_targets"], weights,
                                               mse_reduction=cfg.sr_train.mse_reduction)
+                check_finite(g_terms, where)
+                if it % GRAD_NORM_EVERY == 0:
+                    record |= term_grad_norms(g_terms, sr_g, weights)
+                g_loss = g_terms["total"]
             else:
-                g_terms = dict.fromkeys(("adv", "cls", "reg", "mse", "tv", "total"), sr_g.sum() * 0.0)
-            check_finite(g_terms, where)
-            if it % GRAD_NORM_EVERY == 0:
-                record |= term_grad_norms(g_terms, sr_g, weights)
-            optimizer_step(optimizers["generator"], g_terms["total"], cfg.sr_train.lr_generator * factor,
+                # zero gradients for the ranks' average, taken on G's weights: a backward through
+                # G's empty batch fails in its pixel shuffle. Nothing of G is logged from this rank.
+                g_terms, g_loss = {}, sum(p.sum() for p in model.generator.parameters()) * 0.0
+            optimizer_step(optimizers["generator"], g_loss, cfg.sr_train.lr_generator * factor,
                            cfg.grad_clip, world_size=world_size)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr_g.detach(), g_batch, model.scale)
+        if g_terms:
+            record |= {f"g_{k}": v.item() for k, v in g_terms.items()} | patch_psnr(sr_g.detach(), g_batch,
+                                                                                   model.scale)
     return record | {"sr_rois": len(batch["labels"]), "sr_hr_valid": int(batch["hr_valid"].sum()),
                      "sr_generated": int(generated.sum())}
 

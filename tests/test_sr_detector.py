@@ -147,6 +147,68 @@ def test_the_gan_step_plays_on_gs_rois_and_d_learns_classes_on_all(tiny_config, 
     assert "g_total" not in record and torch.isfinite(torch.tensor(record["d_total"]))
 
 
+def _sr_step_on_rank(rank: int, cfg: TrainConfig, batches: list, port: int, out: str) -> None:
+    """One ``sr_step`` in a two-process gloo group, then the log averaged over the ranks
+    (torch.multiprocessing.spawn's worker). Saves what the rank ends with."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sodlab.distributed import reduce_record
+    from sodlab.train import make_optimizers
+
+    torch.set_num_threads(1)
+    # a rank that skips a collective leaves the other waiting: fail within a minute, not half an hour
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg, num_classes=9).train()
+        model.detector.eval().requires_grad_(False)
+        record = sr_step(model, batches[rank], make_optimizers(cfg, model), cfg, it=0, world_size=2)
+        torch.save({"record": record, "logged": reduce_record(record, 2), "generator": model.generator.state_dict(),
+                    "discriminator": model.discriminator.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_rois_for_g_steps_g_in_step_with_the_other(tiny_config, tmp_path):
+    """Data parallelism averages G's gradients over the ranks, so a rank whose batch holds no RoI
+    for G (all cut at D's size, ``large_rois="native"``) still steps G, with a zero loss: both ranks
+    end equal, G moved by the other rank's RoIs, and the log averages each number over the ranks
+    that logged it (G's terms only where G ran)."""
+    import socket
+
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    hr = cfg.sr.lr_size * cfg.sr.scale
+    with_g = _branch_batch(cfg, seed=0) | {"generated": torch.tensor([True, False, True, True, False, True]),
+                                           "native_patch": torch.rand(2, 3, hr, hr)}
+    without_g = _branch_batch(cfg, seed=1) | {"generated": torch.zeros(6, dtype=torch.bool),
+                                              "native_patch": torch.rand(6, 3, hr, hr)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sr_step_on_rank, args=(cfg, [with_g, without_g], port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    for part in ("generator", "discriminator"):
+        theirs = ranks[1][part]
+        assert all(torch.equal(v, theirs[k]) for k, v in ranks[0][part].items()), f"the ranks' {part}s differ"
+    torch.manual_seed(0)
+    start = build_model(cfg, num_classes=9).generator.state_dict()
+    assert any(not torch.equal(v, ranks[0]["generator"][k]) for k, v in start.items()), "G did not step"
+
+    ours, theirs = ranks[0]["record"], ranks[1]["record"]
+    assert ours["sr_generated"] == 4 and theirs["sr_generated"] == 0
+    assert {"g_total", "g_psnr"} <= ours.keys() and not any(k.startswith("g_") for k in theirs)
+    logged = ranks[0]["logged"]
+    assert logged == ranks[1]["logged"]
+    for key in ("g_total", "g_psnr"):
+        assert logged[key] == pytest.approx(ours[key]), "G's terms from the rank where G ran"
+    assert logged["d_total"] == pytest.approx((ours["d_total"] + theirs["d_total"]) / 2)
+    assert logged["sr_generated"] == pytest.approx(2.0)
+
+
 def test_amp_runs_g_and_d_in_the_hardwares_fast_dtype_and_only_them(tiny_config, tiny_synth):
     assert fast_autocast_dtype("cuda") == torch.float16
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
