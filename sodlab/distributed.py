@@ -101,6 +101,16 @@ def average_gradients(params: list, world_size: int) -> None:
         offset += g.numel()
 
 
+def any_rank(flag: bool, world_size: int, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on any rank: the same answer on every rank, so that all of them take
+    (or all skip) a step whose gradients they average."""
+    if world_size == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 def broadcast_buffers(model) -> None:
     """Rank 0's BatchNorm statistics for everyone (DistributedDataParallel's broadcast_buffers),
     so every rank evaluates the same model."""

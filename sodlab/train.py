@@ -29,7 +29,7 @@ from sodlab.config import DETECTOR_TRUNKS, TrainConfig
 from sodlab.data.coco import collate_fn, load_split
 from sodlab.data.oracle import oracle_view
 from sodlab.data.tiles import TiledDataset, count_pushed_under
-from sodlab.distributed import average_gradients, init_distributed
+from sodlab.distributed import any_rank, average_gradients, init_distributed
 from sodlab.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint_file, read_json,
                        read_metrics_log, remove_stale_temporaries)
 from sodlab.rng import rng_state, set_rng_state
@@ -521,8 +521,9 @@ def sr_step(model, batch: dict, optimizers: dict, cfg: TrainConfig, it: int, wor
     record = {f"d_{k}": v.item() for k, v in d_terms.items()}
     model.update_box_errors(batch["head_deltas"], d_sr["box"], batch["labels"], batch["regression_targets"])
     record |= dict(zip(("head_box_error", "d_box_error"), model.box_errors.tolist()))
-    # A batch without a RoI for G steps G only where other ranks may have some: they average gradients.
-    if "generator" in optimizers and (bool(generated.any()) or world_size > 1):
+    # G steps when some rank's batch holds RoIs for it: every rank then steps, since they average
+    # gradients, and when none does, none steps (Adam's moments would move G without a gradient).
+    if "generator" in optimizers and any_rank(bool(generated.any()), world_size, generated.device):
         trainable = [p for p in discriminator.parameters() if p.requires_grad]
         discriminator.requires_grad_(False)
         try:

@@ -147,9 +147,10 @@ def test_the_gan_step_plays_on_gs_rois_and_d_learns_classes_on_all(tiny_config, 
     assert "g_total" not in record and torch.isfinite(torch.tensor(record["d_total"]))
 
 
-def _sr_step_on_rank(rank: int, cfg: TrainConfig, batches: list, port: int, out: str) -> None:
-    """One ``sr_step`` in a two-process gloo group, then the log averaged over the ranks
-    (torch.multiprocessing.spawn's worker). Saves what the rank ends with."""
+def _sr_steps_on_rank(rank: int, cfg: TrainConfig, batches: list, port: int, out: str) -> None:
+    """``sr_step`` on each of the rank's batches (``batches[rank]``, one per iteration) in a
+    two-process gloo group, with the log of the last averaged over the ranks
+    (torch.multiprocessing.spawn's worker). Saves what the rank ends each step with."""
     import datetime
 
     import torch.distributed as dist
@@ -165,11 +166,43 @@ def _sr_step_on_rank(rank: int, cfg: TrainConfig, batches: list, port: int, out:
         torch.manual_seed(0)
         model = build_model(cfg, num_classes=9).train()
         model.detector.eval().requires_grad_(False)
-        record = sr_step(model, batches[rank], make_optimizers(cfg, model), cfg, it=0, world_size=2)
-        torch.save({"record": record, "logged": reduce_record(record, 2), "generator": model.generator.state_dict(),
-                    "discriminator": model.discriminator.state_dict()}, f"{out}/rank{rank}.pt")
+        optimizers, steps = make_optimizers(cfg, model), []
+        for it, batch in enumerate(batches[rank]):
+            record = sr_step(model, batch, optimizers, cfg, it=it, world_size=2)
+            steps.append({"generator": copy.deepcopy(model.generator.state_dict()),
+                          "discriminator": copy.deepcopy(model.discriminator.state_dict())})
+        torch.save({"record": record, "logged": reduce_record(record, 2), "steps": steps}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _two_ranks(cfg: TrainConfig, batches: list, tmp_path) -> list[dict]:
+    """What each of two gloo ranks ends with after ``_sr_steps_on_rank``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sr_steps_on_rank, args=(cfg, batches, port, str(tmp_path)), nprocs=2)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def _with_g(cfg: TrainConfig, seed: int) -> dict:
+    """A branch batch in which G serves four of the six RoIs and D sees two as cut at its size."""
+    hr = cfg.sr.lr_size * cfg.sr.scale
+    return _branch_batch(cfg, seed=seed) | {"generated": torch.tensor([True, False, True, True, False, True]),
+                                            "native_patch": torch.rand(2, 3, hr, hr)}
+
+
+def _without_g(cfg: TrainConfig, seed: int) -> dict:
+    """A branch batch without a RoI for G: D sees all six as cut at its size."""
+    hr = cfg.sr.lr_size * cfg.sr.scale
+    return _branch_batch(cfg, seed=seed) | {"generated": torch.zeros(6, dtype=torch.bool),
+                                            "native_patch": torch.rand(6, 3, hr, hr)}
 
 
 def test_a_rank_without_rois_for_g_steps_g_in_step_with_the_other(tiny_config, tmp_path):
@@ -177,26 +210,14 @@ def test_a_rank_without_rois_for_g_steps_g_in_step_with_the_other(tiny_config, t
     for G (all cut at D's size, ``large_rois="native"``) still steps G, with a zero loss: both ranks
     end equal, G moved by the other rank's RoIs, and the log averages each number over the ranks
     that logged it (G's terms only where G ran)."""
-    import socket
-
     cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
-    hr = cfg.sr.lr_size * cfg.sr.scale
-    with_g = _branch_batch(cfg, seed=0) | {"generated": torch.tensor([True, False, True, True, False, True]),
-                                           "native_patch": torch.rand(2, 3, hr, hr)}
-    without_g = _branch_batch(cfg, seed=1) | {"generated": torch.zeros(6, dtype=torch.bool),
-                                              "native_patch": torch.rand(6, 3, hr, hr)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sr_step_on_rank, args=(cfg, [with_g, without_g], port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = _two_ranks(cfg, [[_with_g(cfg, seed=0)], [_without_g(cfg, seed=1)]], tmp_path)
 
     for part in ("generator", "discriminator"):
-        theirs = ranks[1][part]
-        assert all(torch.equal(v, theirs[k]) for k, v in ranks[0][part].items()), f"the ranks' {part}s differ"
+        assert _equal_states(ranks[0]["steps"][-1][part], ranks[1]["steps"][-1][part]), f"the ranks' {part}s differ"
     torch.manual_seed(0)
     start = build_model(cfg, num_classes=9).generator.state_dict()
-    assert any(not torch.equal(v, ranks[0]["generator"][k]) for k, v in start.items()), "G did not step"
+    assert not _equal_states(start, ranks[0]["steps"][-1]["generator"]), "G did not step"
 
     ours, theirs = ranks[0]["record"], ranks[1]["record"]
     assert ours["sr_generated"] == 4 and theirs["sr_generated"] == 0
@@ -207,6 +228,26 @@ def test_a_rank_without_rois_for_g_steps_g_in_step_with_the_other(tiny_config, t
         assert logged[key] == pytest.approx(ours[key]), "G's terms from the rank where G ran"
     assert logged["d_total"] == pytest.approx((ours["d_total"] + theirs["d_total"]) / 2)
     assert logged["sr_generated"] == pytest.approx(2.0)
+
+
+def test_when_no_rank_has_rois_for_g_no_rank_steps_g(tiny_config, tmp_path):
+    """One process skips G's step on a batch without RoIs for G; under data parallelism every
+    rank must agree to skip it, or Adam's moments from earlier steps move G without a gradient.
+    A first step moves G; in the second no rank's batch holds a RoI for G, and G stays exactly as
+    the first left it on both ranks, while D steps."""
+    cfg = _detector_trunk_config(tiny_config, tmp_path / "sr", tmp_path / "base")
+    ranks = _two_ranks(cfg, [[_with_g(cfg, seed=0), _without_g(cfg, seed=2)],
+                             [_without_g(cfg, seed=1), _without_g(cfg, seed=3)]], tmp_path)
+
+    first, second = ranks[0]["steps"]
+    torch.manual_seed(0)
+    start = build_model(cfg, num_classes=9).generator.state_dict()
+    assert not _equal_states(start, first["generator"]), "G did not step first: Adam would hold no moments"
+    for rank in ranks:
+        assert _equal_states(rank["steps"][1]["generator"], first["generator"]), "G moved without RoIs"
+        assert _equal_states(rank["steps"][1]["discriminator"], second["discriminator"])
+    assert not _equal_states(second["discriminator"], first["discriminator"]), "D did not step"
+    assert not any(k.startswith("g_") for rank in ranks for k in rank["record"])
 
 
 def test_amp_runs_g_and_d_in_the_hardwares_fast_dtype_and_only_them(tiny_config, tiny_synth):
