@@ -430,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
              dict(choices=CHOICES["large_rois"], help="proposals in scope wider or taller than the LR patch: cut "
                                                       "at lr_size and through G, or cut at D's size, G skipped")),
             ("--sr-gate-top-k", "sr.gate_top_k",
-             dict(type=int, metavar="K", help="only the K small proposals most likely foreground go through G and D "
-                                              "(0: all)")),
+             dict(type=int, metavar="K", help="only K small proposals per image go through G and D (0: all)")),
+            ("--sr-gate-rank", "sr.gate_rank",
+             dict(choices=CHOICES["gate_rank"], help="which K: by the box head's foreground probability, the RPN's "
+                                                     "objectness, or the sum of the two ranks")),
             ("--sr-patches", "sr.patches",
              dict(choices=CHOICES["patches"], help="what D judges: G's patches, bilinear ones (G bypassed), or the "
                                                    "exact twin's (an oracle G: how much any G could give)")),

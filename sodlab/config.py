@@ -174,6 +174,7 @@ CHOICES = {
     "fusion": ("replace", "mean"),
     "patches": ("generator", "bilinear", "twin"),
     "large_rois": ("generator", "native"),
+    "gate_rank": ("foreground", "objectness", "both"),
     "boxes_from": ("discriminator", "detector"),
     "sr_schedule": ("joint", "staged"),
     "backbone": ("resnet18", "resnet50", "resnet101"),
@@ -209,10 +210,14 @@ class SRConfig:
     # G skipped: they are not low-resolution, and an LR cut would discard pixels that G then
     # guesses back. "generator" is what every run before this field did.
     large_rois: str = "generator"
-    # Gated inference: only the gate_top_k small proposals per image that the box head finds most
-    # likely foreground go through G and D (0: every small proposal). G and D on every small
-    # proposal cost several times the detector itself.
+    # Gated inference: only gate_top_k small proposals per image go through G and D (0: every small
+    # proposal). G and D on every small proposal cost several times the detector itself.
     gate_top_k: int = 0
+    # Which ones, by their rank among the image's proposals: foreground: the box head's foreground
+    # probability; objectness: the RPN's objectness; both: the sum of the two ranks (a Borda count).
+    # The box head alone sends many overlapping proposals of the objects it is already sure of;
+    # the RPN's rank adds the objects the box head underrates (README: "The gate ranks by both").
+    gate_rank: str = "foreground"
     # replace: D's class scores and boxes stand in for the box head's (the paper's literal choice)
     # mean: D's and the head's class probabilities and box deltas are averaged
     fusion: str = "replace"
@@ -244,7 +249,7 @@ class SRConfig:
 
     def __post_init__(self):
         _check_ranges(self)
-        for name in ("sr_scope", "large_rois", "fusion", "boxes_from", "patches", "discriminator_trunk"):
+        for name in ("sr_scope", "large_rois", "gate_rank", "fusion", "boxes_from", "patches", "discriminator_trunk"):
             _check_choice("SRConfig", name, getattr(self, name))
 
 

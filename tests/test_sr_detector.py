@@ -572,6 +572,43 @@ def test_the_gate_keeps_exactly_k_small_proposals_and_leaves_the_rest_to_the_box
     assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)
 
 
+def test_the_rpn_returns_each_images_proposals_in_decreasing_objectness(tiny_config, tiny_synth):
+    """The gate's objectness rank is a proposal's index: torchvision's RPN keeps no scores."""
+    model = _model(tiny_config, "sr")
+    rpn, seen = model.detector.rpn, []
+    filter_proposals = rpn.filter_proposals
+
+    def spy(*args, **kwargs):
+        boxes, scores = filter_proposals(*args, **kwargs)
+        seen.extend(scores)
+        return boxes, scores
+    rpn.filter_proposals = spy
+    detected = model.detect(_images(tiny_synth))
+    assert [len(s) for s in seen] == [len(p) for p in detected["proposals"]] and all(len(s) > 10 for s in seen)
+    for scores in seen:
+        assert bool((scores[:-1] >= scores[1:]).all())
+
+
+@pytest.mark.parametrize("rank", ["objectness", "both"])
+def test_the_gate_ranks_by_objectness_or_by_both_ranks(tiny_config, tiny_synth, rank):
+    images = _images(tiny_synth)
+    ungated = _model(tiny_config, "sr", area_threshold=24.0**2).score_proposals(images)
+    model = _model(tiny_config, "sr", area_threshold=24.0**2, gate_top_k=3, gate_rank=rank)
+    gated = model.score_proposals(images)
+    sizes = [len(r) for r in gated["rois"]]
+    for in_scope, kept, fg in zip(ungated["sr_mask"].split(sizes), gated["sr_mask"].split(sizes),
+                                  (1 - gated["head_logits"].softmax(-1)[:, 0]).split(sizes)):
+        assert int(kept.sum()) == 3 and bool((kept <= in_scope).all()) and (in_scope & ~kept).any()
+        index = torch.arange(len(fg))
+        fg_rank = torch.empty(len(fg), dtype=torch.long)
+        fg_rank[fg.argsort(descending=True, stable=True)] = index
+        score = index if rank == "objectness" else fg_rank + index  # lower is better
+        assert score[kept].max() <= score[in_scope & ~kept].min()
+    m = gated["sr_mask"]
+    assert torch.equal(gated["class_logits"][~m], gated["head_logits"][~m])
+    assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)
+
+
 def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_config, tiny_synth):
     """Pixel supervision and D's real term reach every sampled RoI, the tiniest included, and z_LR
     is exactly the patch inference gives G."""

@@ -447,6 +447,13 @@ def per_seed_table(records: list[dict]) -> str:
     return format_table([(f"{r['method']} (seed {r['seed']})", r["backbone"], r["eval"]) for r in records])
 
 
+# How the gate chooses its k proposals (SRConfig.gate_rank), as bench.md says it.
+GATE_RANKS = {"foreground": "those the box head finds most likely foreground",
+              "objectness": "the RPN's likeliest objects",
+              "both": "the best by the sum of their ranks by the box head's foreground probability and by the "
+                      "RPN's objectness"}
+
+
 def sr_precision(header: dict) -> str:
     """How G and D ran at inference (SRConfig.amp), as a clause of the SR methods' line."""
     if "sr_amp" not in header:  # benches written before G and D could run under autocast
@@ -505,9 +512,9 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"- SR methods: HR patches from the {header['sr_hr_source']}; D's class scores and boxes on small "
         f"proposals {'are averaged with' if header.get('sr_fusion') == 'mean' else 'replace'} the box head's "
         f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
-            f"; gated: only the {header['sr_gate_top_k']} small proposals per image the box head finds most likely "
-            "foreground go through G and D" if header.get("sr_gate_top_k") else "; ungated: every small proposal "
-            "goes through G and D") + sr_precision(header) + (
+            f"; gated: only {header['sr_gate_top_k']} small proposals per image go through G and D, "
+            f"{GATE_RANKS[header.get('sr_gate_rank', 'foreground')]}" if header.get("sr_gate_top_k")
+            else "; ungated: every small proposal goes through G and D") + sr_precision(header) + (
             "; D built on the detector: the seed's trained detector reads each patch, and D's heads start as its "
             "box head" if header.get("sr_discriminator_trunk") == "detector" else
             "; D built on the detector: a copy of the seed's trained backbone and FPN reads each patch, and D "

@@ -51,8 +51,10 @@ class SRDetector(nn.Module):
         large_rois: RoIs whose context box does not fit the LR patch: "generator" (cut at lr_size,
             so downsampled, and super-resolved like the others) or "native" (cut at D's patch size,
             lr_size * scale, and judged by D as they are: G serves the low-resolution RoIs only).
-        gate_top_k: at inference, only the k proposals in scope per image that the box head finds
-            most likely foreground go through G and D (0: all of them).
+        gate_top_k: at inference, only k proposals in scope per image go through G and D (0: all of them).
+        gate_rank: which k (``gate_priority``): those the box head finds most likely foreground
+            ("foreground"), the RPN's likeliest objects ("objectness"), or the best by the sum of
+            the two ranks ("both").
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
         amp: at inference, G and D under autocast where the hardware runs it natively
             (``fast_autocast_dtype``: bf16 on a CPU with native bf16, float16 on CUDA).
@@ -67,14 +69,15 @@ class SRDetector(nn.Module):
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
                  area_threshold: float = 32.0**2, sr_scope: str = "small", large_rois: str = "generator",
-                 gate_top_k: int = 0, fusion: str = "replace", amp: bool = False, patches: str = "generator",
-                 boxes_from: str = "discriminator", rois_per_image: int = 16, hr_rois_per_image: int = 4,
+                 gate_top_k: int = 0, gate_rank: str = "foreground", fusion: str = "replace", amp: bool = False,
+                 patches: str = "generator", boxes_from: str = "discriminator", rois_per_image: int = 16,
+                 hr_rois_per_image: int = 4,
                  fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
         self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
-        self.large_rois = large_rois
+        self.large_rois, self.gate_rank = large_rois, gate_rank
         self.fusion, self.boxes_from, self.amp, self.patches = fusion, boxes_from, amp, patches
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
@@ -163,10 +166,29 @@ class SRDetector(nn.Module):
             return torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
         return box_area(boxes) < self.area_threshold
 
+    def gate_priority(self, foreground: Tensor) -> Tensor:
+        """Each of an image's proposals' priority for the gate (higher first), from the box head's
+        foreground probabilities ``foreground`` [N] and the proposals' order.
+
+        torchvision's RPN returns an image's proposals in decreasing objectness (its NMS sorts
+        them, and it keeps no scores), so a proposal's index is its objectness rank. "both" adds
+        the proposal's rank by each score, and breaks ties by objectness.
+        """
+        if self.gate_rank == "foreground":
+            return foreground
+        n = len(foreground)
+        objectness_rank = torch.arange(n, dtype=torch.float64, device=foreground.device)
+        if self.gate_rank == "objectness":
+            return -objectness_rank
+        foreground_rank = torch.empty_like(objectness_rank)
+        foreground_rank[foreground.argsort(descending=True, stable=True)] = objectness_rank
+        return -((foreground_rank + objectness_rank) * n + objectness_rank)
+
     def _gate(self, in_scope: Tensor, foreground: Tensor) -> Tensor:
-        """The ``gate_top_k`` proposals in scope with the highest foreground probability."""
+        """The ``gate_top_k`` proposals in scope with the highest ``gate_priority``."""
         candidates = torch.where(in_scope)[0]
-        keep = candidates[foreground[candidates].topk(min(self.gate_top_k, len(candidates))).indices]
+        priority = self.gate_priority(foreground)
+        keep = candidates[priority[candidates].topk(min(self.gate_top_k, len(candidates))).indices]
         gated = torch.zeros_like(in_scope)
         gated[keep] = True
         return gated
