@@ -71,8 +71,8 @@ class SRDetector(nn.Module):
                  area_threshold: float = 32.0**2, sr_scope: str = "small", large_rois: str = "generator",
                  gate_top_k: int = 0, gate_rank: str = "foreground", fusion: str = "replace", amp: bool = False,
                  patches: str = "generator", boxes_from: str = "discriminator", rois_per_image: int = 16,
-                 hr_rois_per_image: int = 4,
-                 fg_fraction: float = 0.25, gt_jitter: float = 0.15, jitters_per_gt: int = 2):
+                 hr_rois_per_image: int = 4, fg_fraction: float = 0.25, gt_jitter: float = 0.15,
+                 jitters_per_gt: int = 2):
         super().__init__()
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
