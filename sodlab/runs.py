@@ -144,10 +144,22 @@ def _comparable(config: dict) -> dict:
     return config
 
 
+def _differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Where ``wanted`` differs from ``saved``, as dotted paths to the leaves (sr.gate_rank, not sr)."""
+    changed = []
+    for key, value in wanted.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += _differing_fields(old, value, f"{prefix}{key}.")
+        elif old != value:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
 def config_mismatch(run_dir: str | os.PathLike, cfg: TrainConfig) -> list[str]:
-    """The TrainConfig fields where the run saved at run_dir differs from ``cfg``."""
+    """The TrainConfig fields (dotted, e.g. sr.gate_rank) where the run saved at run_dir differs from ``cfg``."""
     saved, wanted = _comparable(read_json(Path(run_dir) / "config.json")), _comparable(cfg.to_dict())
-    return sorted(k for k in wanted if saved.get(k) != wanted[k])
+    return sorted(_differing_fields(saved, wanted))
 
 
 def run_is_complete(run_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> bool:

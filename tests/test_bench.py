@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sodlab.bench import open_bench_dir, run_bench
+from sodlab.bench import open_bench_dir, run_bench, run_name, train_pass
 from sodlab.bench.measure import batch1_speed_and_peak, peak_rss_mb, run_measurement, scale_results
 from sodlab.bench.methods import METHOD_NAMES, METHODS
 from sodlab.bench.report import GATE_RANKS, gap_closed, sr_precision
@@ -77,6 +77,29 @@ def test_a_bench_saved_before_a_budget_field_existed_resumes_as_its_default(tmp_
     assert open_bench_dir(tmp_path, budget, force=False) == {("baseline", "cpu", 0): record}
     with pytest.raises(FileExistsError, match=r"another budget \(hires_branch_iters\)"):
         open_bench_dir(tmp_path, dataclasses.replace(budget, hires_branch_iters=1), force=False)
+
+
+def test_a_bench_run_of_another_config_is_refused_naming_the_field_and_when_only_inference_differs_the_eval(tmp_path):
+    # a recipe change that only changes inference (the gate's rank) leaves the trained weights valid,
+    # and --force would train them again: the refusal names the field and how to measure the run
+    budget = tiny_budget()
+    sr = next(m for m in METHODS if m.name == "sr")
+    out_dir, detector_run = tmp_path / "bench", tmp_path / "bench" / "runs" / "baseline-seed0"
+    cfg = train_config(budget, sr.train_as, out_dir / "runs" / run_name(sr, "cpu", 0, budget), "data/synth", 0, "cpu",
+                       detector_run=detector_run)
+    Path(cfg.out).mkdir(parents=True)
+
+    def refusal(saved):
+        (Path(cfg.out) / "config.json").write_text(json.dumps(saved.to_dict()))
+        with pytest.raises(FileExistsError) as refused:
+            train_pass(budget, [sr], out_dir, "cpu", 0, Path("data/synth"), detector_run, "twin", progress=False)
+        return str(refused.value)
+
+    other_rank = "objectness" if cfg.sr.gate_rank != "objectness" else "both"
+    message = refusal(dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, gate_rank=other_rank)))
+    assert "(sr.gate_rank)" in message and "sodlab eval --run" in message and "\n" not in message
+    message = refusal(dataclasses.replace(cfg, sr_train=dataclasses.replace(cfg.sr_train, lr_generator=1.0)))
+    assert "(sr_train.lr_generator)" in message and "sodlab eval" not in message
 
 
 def test_a_bench_resumes_whatever_its_budget_claims_about_learning(tmp_path):

@@ -112,6 +112,8 @@ def test_ensure_run_trains_what_is_missing_once_then_reuses_it(tiny_synth, tmp_p
     # another config in the same place is not reused
     longer = dataclasses.replace(base_cfg, iters=3)
     assert runs.config_mismatch(base_dir, longer) == ["iters"]
+    other_gate = dataclasses.replace(sr_cfg, sr=dataclasses.replace(sr_cfg.sr, gate_top_k=sr_cfg.sr.gate_top_k + 1))
+    assert runs.config_mismatch(sr_dir, other_gate) == ["sr.gate_top_k"]  # the field, not all of sr
     assert runs.ensure_run(longer, train_missing=False) is None
     assert runs.completed_runs(budget.runs_dir(), ["sr-no-adv", "baseline", "sr"]) == {"baseline": base_dir,
                                                                                       "sr": sr_dir}

@@ -262,13 +262,19 @@ def train_pass(budget: Budget, methods: list[Method], out_dir: Path, preset_name
     {(method, preset, seed): (its training record, its config)}."""
     from sodlab.bench.measure import TrainJob, measure_training, run_measurement
     from sodlab.runs import config_mismatch
+    from sodlab.train import INFERENCE_SETTINGS
 
     cfgs = [train_config(budget, m.train_as, out_dir / "runs" / run_name(m, preset_name, seed, budget), data_dir,
                          seed, preset_name, detector_run=detector_run, hr_source=hr_source) for m in methods]
     for cfg in cfgs:
         if (Path(cfg.out) / "config.json").is_file() and (changed := config_mismatch(Path(cfg.out), cfg)):
+            # a recipe whose inference settings changed (a new gate, say) leaves the trained weights
+            # valid: say how to measure them as they are, since --force trains them again
+            hint = ("; only inference settings differ, so `sodlab eval --run <run>` with those settings "
+                    "measures the trained run without training it again"
+                    if set(changed) <= set(INFERENCE_SETTINGS) else "")
             raise FileExistsError(f"{cfg.out}: a run with another config ({', '.join(changed)}); pass --force to "
-                                  "replace the bench")
+                                  f"replace the bench{hint}")
     if progress and len(methods) > 1:
         print(f"  in one pass with {', '.join(m.name for m in methods[1:])}", flush=True)
     measured = run_measurement(measure_training, TrainJob(cfgs, budget.threads), budget.isolate)
