@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("--sr-gate-rank", "sr.gate_rank",
              dict(choices=CHOICES["gate_rank"], help="which K: by the box head's foreground probability, the RPN's "
                                                      "objectness, or the sum of the two ranks")),
+            ("--sr-gate-share-iou", "sr.gate_share_iou",
+             dict(type=float, metavar="T", help="K patches for K objects: skip a proposal overlapping a sent one at "
+                                                "IoU above T, and let the others take the answers of the sent one "
+                                                "they overlap most above T (0: the plain top K)")),
             ("--sr-patches", "sr.patches",
              dict(choices=CHOICES["patches"], help="what D judges: G's patches, bilinear ones (G bypassed), or the "
                                                    "exact twin's (an oracle G: how much any G could give)")),

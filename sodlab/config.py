@@ -36,7 +36,8 @@ RANGES = {
         "box_score_thresh": _FRACTION, "trainable_layers": (0, 5)},
     "GANLossWeights": {name: _NOT_NEGATIVE for name in ("adv", "cls", "reg", "mse", "tv", "d_adv", "d_cls", "d_reg")},
     "SRConfig": {"lr_size": _AT_LEAST_ONE, "scale": (2, None), "context": _NOT_NEGATIVE,
-                 "area_threshold": _NOT_NEGATIVE, "gate_top_k": _NOT_NEGATIVE, "generator_channels": _AT_LEAST_ONE,
+                 "area_threshold": _NOT_NEGATIVE, "gate_top_k": _NOT_NEGATIVE, "gate_share_iou": (0, Open(1)),
+                 "generator_channels": _AT_LEAST_ONE,
                  "generator_blocks": _NOT_NEGATIVE, "generator_upsample_channels": _NOT_NEGATIVE},
     "SRTrainConfig": {"rois_per_image": _AT_LEAST_ONE, "hr_rois_per_image": _NOT_NEGATIVE, "fg_fraction": _FRACTION,
                       "gt_jitter": _NOT_NEGATIVE, "jitters_per_gt": _NOT_NEGATIVE, "lr_generator": _POSITIVE,
@@ -218,6 +219,14 @@ class SRConfig:
     # The box head alone sends many overlapping proposals of the objects it is already sure of;
     # the RPN's rank adds the objects the box head underrates (README: "The gate ranks by both").
     gate_rank: str = "foreground"
+    # t > 0: the gate's k patches go to k distinct objects, and D's answers stand for the proposals
+    # that overlap them. In rank order, a proposal that overlaps one already sent at IoU above t is
+    # skipped (NMS), and every small proposal not sent that overlaps a sent one above t takes the
+    # answers of the one it overlaps most: D's class logits, and D's box, decoded at that
+    # proposal. Without it the ranks send the likeliest objects' near-duplicates, so k patches
+    # reach fewer than k objects, and the duplicates past the gate keep the box head's answers
+    # (README: "The gate shares D's answers"). 0: the plain top k.
+    gate_share_iou: float = 0.0
     # replace: D's class scores and boxes stand in for the box head's (the paper's literal choice)
     # mean: D's and the head's class probabilities and box deltas are averaged
     fusion: str = "replace"

@@ -797,7 +797,7 @@ def _train(cfgs: list[TrainConfig], dataset, ddp, resume: bool, force: bool, pro
 # Settings that change what inference does with the trained weights, not the weights themselves:
 # an evaluation may override them (``sodlab eval --sr-fusion mean``) without retraining.
 INFERENCE_SETTINGS = ("sr.fusion", "sr.sr_scope", "sr.area_threshold", "sr.large_rois", "sr.gate_top_k",
-                      "sr.gate_rank", "sr.amp", "sr.patches", "detector.box_score_thresh")
+                      "sr.gate_rank", "sr.gate_share_iou", "sr.amp", "sr.patches", "detector.box_score_thresh")
 
 
 def with_inference_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:

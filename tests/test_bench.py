@@ -19,7 +19,7 @@ from PIL import Image
 from sodlab.bench import open_bench_dir, run_bench, run_name, train_pass
 from sodlab.bench.measure import batch1_speed_and_peak, peak_rss_mb, run_measurement, scale_results
 from sodlab.bench.methods import METHOD_NAMES, METHODS
-from sodlab.bench.report import GATE_RANKS, gap_closed, sr_precision
+from sodlab.bench.report import GATE_RANKS, gap_closed, gate_sharing, sr_precision
 from sodlab.cli import add_bench_arguments, budget_from_args, cmd_bench
 from sodlab.config import CHOICES
 from sodlab.data.coco import load_coco_json
@@ -562,10 +562,14 @@ def test_no_amp_trains_every_method_in_float32(tmp_path):
     assert "no native bf16" in sr_precision({"environment": {"device": "cpu", "bf16": False}, "sr_amp": True})
 
 
-def test_bench_md_can_say_how_every_gate_rank_chooses():
+def test_bench_md_can_say_how_every_gate_rank_chooses_and_whether_it_shares():
     # bench.md describes the gate from GATE_RANKS; a rank the config accepts but bench.md cannot
     # name would fail the report at its end, after hours of training
     assert set(GATE_RANKS) == set(CHOICES["gate_rank"])
+    # the recipe's gate shares D's answers, and bench.md says at which IoU; a plain gate says nothing more
+    shares = sr_settings(budget_from_args(parse(["--budget", "default"])))["gate_share_iou"]
+    assert shares > 0 and f"above {shares:g}" in gate_sharing({"sr_gate_share_iou": shares})
+    assert gate_sharing({}) == gate_sharing({"sr_gate_share_iou": 0.0}) == ""
 
 
 def test_paper_budget_is_the_1x_schedule_at_coco_scale(tmp_path):

@@ -609,6 +609,58 @@ def test_the_gate_ranks_by_objectness_or_by_both_ranks(tiny_config, tiny_synth, 
     assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)
 
 
+def test_the_sharing_gate_sends_k_distinct_objects_and_their_overlaps_take_the_sent_answers(tiny_config, tiny_synth):
+    """gate_share_iou t: the k sent proposals are the first k of an NMS at IoU t in the gate's rank
+    order; a small proposal not sent that overlaps a sent one above t takes the answers of the one
+    it overlaps most (D's class logits, and D's box decoded at the sent proposal); the rest keep
+    the box head's."""
+    from torchvision.ops import box_iou
+
+    images, t = _images(tiny_synth), 0.5
+    ungated = _model(tiny_config, "sr", area_threshold=24.0**2).score_proposals(images)
+    model = _model(tiny_config, "sr", area_threshold=24.0**2, gate_top_k=3, gate_rank="both", gate_share_iou=t,
+                   fusion="replace")
+    gated = model.score_proposals(images)
+    sizes = [len(r) for r in gated["rois"]]
+    scope = ungated["sr_mask"].split(sizes)
+    sent, shared = gated["sr_mask"].split(sizes), gated["shared_mask"].split(sizes)
+    logits, deltas = gated["class_logits"].split(sizes), gated["box_regression"].split(sizes)
+    head_logits, head_deltas = gated["head_logits"].split(sizes), gated["head_deltas"].split(sizes)
+    fg = (1 - gated["head_logits"].softmax(-1)[:, 0]).split(sizes)
+    took_some = False
+    for i, boxes in enumerate(gated["rois"]):
+        assert int(sent[i].sum()) == 3 and bool((sent[i] <= scope[i]).all()) and not (sent[i] & shared[i]).any()
+        # the sent ones: the first 3 in rank order that no likelier sent one overlaps above t
+        rank = model.gate_priority(fg[i])
+        first, chosen = [], torch.where(scope[i])[0][rank[scope[i]].argsort(descending=True)]
+        for j in chosen.tolist():
+            if all(float(box_iou(boxes[j:j + 1], boxes[f:f + 1])) <= t for f in first):
+                first.append(j)
+            if len(first) == 3:
+                break
+        assert sorted(first) == torch.where(sent[i])[0].tolist()
+        overlap, nearest = box_iou(boxes, boxes[first]).max(dim=1)
+        assert torch.equal(shared[i], scope[i] & ~sent[i] & (overlap > t))
+        took_some |= bool(shared[i].any())
+        for j in torch.where(shared[i])[0].tolist():
+            source = first[int(nearest[j])]
+            # with "replace" fusion a proposal's answers are D's: the sent one's class logits ...
+            assert torch.equal(logits[i][j], logits[i][source])
+            # ... and its box, where D put the sent one's (decoded at each proposal)
+            boxes_j = model.box_coder.decode(deltas[i][j:j + 1], [boxes[j:j + 1]])
+            boxes_source = model.box_coder.decode(deltas[i][source:source + 1], [boxes[source:source + 1]])
+            assert torch.allclose(boxes_j, boxes_source, atol=1e-3)
+        rest = ~sent[i] & ~shared[i]
+        assert torch.equal(logits[i][rest], head_logits[i][rest]) and torch.equal(deltas[i][rest], head_deltas[i][rest])
+    assert took_some, "the test needs proposals that overlap a sent one"
+    # the sent proposals got the same answer as without the gate
+    m = gated["sr_mask"]
+    assert torch.allclose(gated["class_logits"][m], ungated["class_logits"][m], atol=1e-5)
+    # t = 0 is the plain gate, with nothing shared
+    plain = _model(tiny_config, "sr", area_threshold=24.0**2, gate_top_k=3, gate_rank="both").score_proposals(images)
+    assert not plain["shared_mask"].any()
+
+
 def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_config, tiny_synth):
     """Pixel supervision and D's real term reach every sampled RoI, the tiniest included, and z_LR
     is exactly the patch inference gives G."""

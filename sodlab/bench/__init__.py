@@ -314,6 +314,7 @@ def bench_header(out_dir: Path, budget: Budget, methods: list[Method], data_dir:
         "images_seen_per_method": budget.iters * budget.batch_size, "schedule": "staged on the seed's baseline",
         "sr_hr_source": hr_source, "sr_fusion": sr.get("fusion", "replace"),
         "sr_gate_top_k": sr.get("gate_top_k", 0), "sr_gate_rank": sr.get("gate_rank", "foreground"),
+        "sr_gate_share_iou": sr.get("gate_share_iou", 0.0),
         "sr_discriminator_trunk": sr.get("discriminator_trunk", "compact"), "sr_scale": sr.get("scale", 4),
         "sr_amp": sr["amp"],
         "oracle": {"scale": budget.oracle_scale, "data": str(oracle_dir) if oracle_dir else None},

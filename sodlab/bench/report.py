@@ -454,6 +454,15 @@ GATE_RANKS = {"foreground": "those the box head finds most likely foreground",
                       "RPN's objectness"}
 
 
+def gate_sharing(header: dict) -> str:
+    """How the gate spreads D's answers (SRConfig.gate_share_iou), as a clause of the SR methods' line."""
+    t = header.get("sr_gate_share_iou", 0.0)
+    if not t:
+        return ""
+    return (f", one per object (none overlapping a likelier one at IoU above {t:g}), and the small proposals "
+            f"overlapping one of them above {t:g} take its answers")
+
+
 def sr_precision(header: dict) -> str:
     """How G and D ran at inference (SRConfig.amp), as a clause of the SR methods' line."""
     if "sr_amp" not in header:  # benches written before G and D could run under autocast
@@ -513,7 +522,7 @@ def format_bench_markdown(header: dict, rows: list[dict], records: list[dict] | 
         f"proposals {'are averaged with' if header.get('sr_fusion') == 'mean' else 'replace'} the box head's "
         f"(fusion `{header.get('sr_fusion', 'replace')}`)" + (
             f"; gated: only {header['sr_gate_top_k']} small proposals per image go through G and D, "
-            f"{GATE_RANKS[header.get('sr_gate_rank', 'foreground')]}" if header.get("sr_gate_top_k")
+            f"{GATE_RANKS[header.get('sr_gate_rank', 'foreground')]}" + gate_sharing(header) if header.get("sr_gate_top_k")
             else "; ungated: every small proposal goes through G and D") + sr_precision(header) + (
             "; D built on the detector: the seed's trained detector reads each patch, and D's heads start as its "
             "box head" if header.get("sr_discriminator_trunk") == "detector" else

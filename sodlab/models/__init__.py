@@ -46,7 +46,8 @@ def build_model(cfg, num_classes: int):
                          else MultiTaskDiscriminator(num_classes, trunk=sr.discriminator_trunk))
     return SRDetector(detector, generator, discriminator, lr_size=sr.lr_size, scale=sr.scale, context=sr.context,
                       area_threshold=sr.area_threshold, sr_scope=sr.sr_scope, large_rois=sr.large_rois,
-                      gate_top_k=sr.gate_top_k, gate_rank=sr.gate_rank, fusion=sr.fusion, amp=sr.amp,
+                      gate_top_k=sr.gate_top_k, gate_rank=sr.gate_rank, gate_share_iou=sr.gate_share_iou,
+                      fusion=sr.fusion, amp=sr.amp,
                       patches=sr.patches, boxes_from=sr.boxes_from, rois_per_image=sampling.rois_per_image,
                       hr_rois_per_image=sampling.hr_rois_per_image, fg_fraction=sampling.fg_fraction,
                       gt_jitter=sampling.gt_jitter, jitters_per_gt=sampling.jitters_per_gt)

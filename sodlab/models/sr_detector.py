@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.ops import box_area, box_iou
+from torchvision.ops import box_area, box_iou, nms
 
 from sodlab.models import fast_autocast_dtype
 from sodlab.models.roi_pool import set_levels
@@ -55,6 +55,9 @@ class SRDetector(nn.Module):
         gate_rank: which k (``gate_priority``): those the box head finds most likely foreground
             ("foreground"), the RPN's likeliest objects ("objectness"), or the best by the sum of
             the two ranks ("both").
+        gate_share_iou: t > 0: the gate sends one proposal per object (NMS at IoU t in its rank
+            order), and the small proposals it does not send take the answers of the sent one they
+            overlap most above t (``_gate``, ``shared_answers``). 0: the plain top k.
         fusion: "replace" (D's answers stand in for the box head's) or "mean".
         amp: at inference, G and D under autocast where the hardware runs it natively
             (``fast_autocast_dtype``: bf16 on a CPU with native bf16, float16 on CUDA).
@@ -69,7 +72,8 @@ class SRDetector(nn.Module):
     def __init__(self, detector: FasterRCNN, generator: nn.Module | None, discriminator: nn.Module, *,
                  lr_size: int = 16, scale: int = 4, context: float = DEFAULT_CONTEXT,
                  area_threshold: float = 32.0**2, sr_scope: str = "small", large_rois: str = "generator",
-                 gate_top_k: int = 0, gate_rank: str = "foreground", fusion: str = "replace", amp: bool = False,
+                 gate_top_k: int = 0, gate_rank: str = "foreground", gate_share_iou: float = 0.0,
+                 fusion: str = "replace", amp: bool = False,
                  patches: str = "generator", boxes_from: str = "discriminator", rois_per_image: int = 16,
                  hr_rois_per_image: int = 4, fg_fraction: float = 0.25, gt_jitter: float = 0.15,
                  jitters_per_gt: int = 2):
@@ -77,7 +81,7 @@ class SRDetector(nn.Module):
         self.detector, self.generator, self.discriminator = detector, generator, discriminator
         self.lr_size, self.scale, self.context = lr_size, scale, context
         self.area_threshold, self.sr_scope, self.gate_top_k = area_threshold, sr_scope, gate_top_k
-        self.large_rois, self.gate_rank = large_rois, gate_rank
+        self.large_rois, self.gate_rank, self.gate_share_iou = large_rois, gate_rank, gate_share_iou
         self.fusion, self.boxes_from, self.amp, self.patches = fusion, boxes_from, amp, patches
         self.rois_per_image, self.hr_rois_per_image, self.fg_fraction = rois_per_image, hr_rois_per_image, fg_fraction
         self.gt_jitter, self.jitters_per_gt = gt_jitter, jitters_per_gt
@@ -184,14 +188,54 @@ class SRDetector(nn.Module):
         foreground_rank[foreground.argsort(descending=True, stable=True)] = objectness_rank
         return -((foreground_rank + objectness_rank) * n + objectness_rank)
 
-    def _gate(self, in_scope: Tensor, foreground: Tensor) -> Tensor:
-        """The ``gate_top_k`` proposals in scope with the highest ``gate_priority``."""
+    def _gate(self, in_scope: Tensor, foreground: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """The gate on one image's proposals (``boxes`` [N, 4]): which go through G and D (the
+        ``gate_top_k`` in scope with the highest ``gate_priority``), and for each proposal the
+        index of the sent one whose answers it takes (itself if sent, -1 for none).
+
+        With ``gate_share_iou`` t, a proposal overlapping one already sent at IoU above t is
+        skipped (torchvision's NMS over the ranks), so that the k patches reach k objects, and
+        every other proposal in scope takes the answers of the sent one it overlaps most, if
+        that IoU is above t.
+        """
         candidates = torch.where(in_scope)[0]
         priority = self.gate_priority(foreground)
-        keep = candidates[priority[candidates].topk(min(self.gate_top_k, len(candidates))).indices]
-        gated = torch.zeros_like(in_scope)
-        gated[keep] = True
-        return gated
+        if not self.gate_share_iou:
+            keep = candidates[priority[candidates].topk(min(self.gate_top_k, len(candidates))).indices]
+        else:
+            # NMS visits the candidates in priority order (its scores) and returns them in that order;
+            # in float64, as the priority is, whose Borda scores float32 holds exactly only for a few
+            # thousand proposals
+            kept = nms(boxes[candidates].double(), priority[candidates].double(), self.gate_share_iou)
+            keep = candidates[kept[:self.gate_top_k]]
+        sent = torch.zeros_like(in_scope)
+        sent[keep] = True
+        source = torch.full((len(in_scope),), -1, dtype=torch.long, device=in_scope.device)
+        source[keep] = keep
+        rest = torch.where(in_scope & ~sent)[0]
+        if self.gate_share_iou and len(rest) and len(keep):
+            overlap, nearest = box_iou(boxes[rest], boxes[keep]).max(dim=1)
+            near = overlap > self.gate_share_iou
+            source[rest[near]] = keep[nearest[near]]
+        return sent, source
+
+    def shared_answers(self, d: dict, sr_mask: Tensor, source: Tensor, proposals: Tensor) -> dict:
+        """D's answers for every proposal (rows of the others are unused): the sent proposals'
+        own (``d``'s rows, in their order) and, for a proposal that takes a sent one's answers
+        (``source``, global indices), that one's class logits and its box, D's deltas decoded at
+        the sent proposal and encoded again relative to the taking one. ``proposals`` [N, 4], one frame."""
+        cls = d["cls"].new_zeros(len(source), d["cls"].shape[1])
+        box = d["box"].new_zeros(len(source), d["box"].shape[1])
+        cls[sr_mask], box[sr_mask] = d["cls"], d["box"]
+        taking = (source >= 0) & ~sr_mask
+        if taking.any():
+            sent = source[taking]
+            cls[taking] = cls[sent]
+            num_classes = box.shape[1] // 4
+            decoded = self.box_coder.decode(box[sent], [proposals[sent]]).reshape(-1, 4)
+            box[taking] = self.box_coder.encode_single(
+                decoded, proposals[taking].repeat_interleave(num_classes, dim=0)).reshape(len(sent), -1)
+        return {"cls": cls, "box": box}
 
     # -- detector internals, as in GeneralizedRCNN.forward -----------------------------------------
     def _proposals(self, images: list[Tensor], targets=None):
@@ -233,29 +277,39 @@ class SRDetector(nn.Module):
         """Every proposal's class logits and box deltas, with the SR branch's in place for small ones.
 
         Returns ``detect``'s proposals and box head answers, the final logits and deltas after
-        replacement/fusion, and ``sr_mask`` (which proposals went through G and D). ``detected``:
+        replacement/fusion, ``sr_mask`` (which proposals went through G and D) and ``shared_mask``
+        (which took the answers of one that did: ``gate_share_iou``). ``detected``:
         what this model's ``detect`` gives for these images, computed once for several branches.
         Visualisation and tests read this; ``forward`` post-processes it.
         """
         detected = detected or self.detect(images)
         rois, head_logits, head_deltas = detected["rois"], detected["head_logits"], detected["head_deltas"]
         chosen = [self._selected(r) for r in rois]
+        sizes = [len(r) for r in rois]
+        source = None  # per proposal, the sent proposal whose answers it takes (the gate's sharing)
         if self.gate_top_k:
             foreground = 1 - head_logits.softmax(-1)[:, 0]
-            chosen = [self._gate(c, f) for c, f in zip(chosen, foreground.split([len(r) for r in rois]))]
+            gates = [self._gate(c, f, r) for c, f, r in zip(chosen, foreground.split(sizes), rois)]
+            chosen = [sent for sent, _ in gates]
+            offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
+            source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
         sr_mask = torch.cat(chosen)
+        answered = sr_mask if source is None else source >= 0
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
             d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)], hr_images)
+            if source is not None:  # spread to the proposals that take a sent one's answers
+                d = {k: v[answered] for k, v in self.shared_answers(d, sr_mask, source, torch.cat(rois)).items()}
             if self.fusion == "replace":
-                class_logits[sr_mask] = d["cls"]
+                class_logits[answered] = d["cls"]
             else:  # average the two classifiers' probabilities
-                mean = (head_logits[sr_mask].softmax(-1) + d["cls"].softmax(-1)) / 2
-                class_logits[sr_mask] = mean.clamp_min(1e-12).log()
+                mean = (head_logits[answered].softmax(-1) + d["cls"].softmax(-1)) / 2
+                class_logits[answered] = mean.clamp_min(1e-12).log()
             if self.boxes_from == "discriminator":
                 w = 1.0 if self.fusion == "replace" else self.box_fusion_weight()
-                box_regression[sr_mask] = (1 - w) * head_deltas[sr_mask] + w * d["box"]
-        return {**detected, "class_logits": class_logits, "box_regression": box_regression, "sr_mask": sr_mask}
+                box_regression[answered] = (1 - w) * head_deltas[answered] + w * d["box"]
+        return {**detected, "class_logits": class_logits, "box_regression": box_regression, "sr_mask": sr_mask,
+                "shared_mask": answered & ~sr_mask}
 
     def box_fusion_weight(self) -> float:
         """D's share of the fused box deltas: e_head / (e_head + e_D), inverse-error weighting of the
