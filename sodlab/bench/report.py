@@ -459,7 +459,7 @@ def gate_sharing(header: dict) -> str:
     t = header.get("sr_gate_share_iou", 0.0)
     if not t:
         return ""
-    return (f", one per object (none overlapping a likelier one at IoU above {t:g}), and the small proposals "
+    return (f", one per object (none overlapping a better-ranked one at IoU above {t:g}), and the small proposals "
             f"overlapping one of them above {t:g} take its answers")
 
 

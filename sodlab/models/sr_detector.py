@@ -291,8 +291,9 @@ class SRDetector(nn.Module):
             foreground = 1 - head_logits.softmax(-1)[:, 0]
             gates = [self._gate(c, f, r) for c, f, r in zip(chosen, foreground.split(sizes), rois)]
             chosen = [sent for sent, _ in gates]
-            offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
-            source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
+            if self.gate_share_iou:
+                offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
+                source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
         sr_mask = torch.cat(chosen)
         answered = sr_mask if source is None else source >= 0
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
