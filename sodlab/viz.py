@@ -475,6 +475,8 @@ def score_image(model, image: Tensor) -> dict[str, Tensor]:
     """Every proposal of one image as the SR detector sees it (``SRDetector.score_proposals``).
 
     Returns, in original-image pixels: "rois" [N, 4], "sr_mask" [N] (went through G and D),
+    "answered_by" [N] (the row whose patch D judged for each: itself when sent, the sent one it
+    overlaps when it took that one's answers, ``SRConfig.gate_share_iou``; -1 for none),
     "head_probs" / "final_probs" [N, C] (the box head's; after the SR branch replaced or fused
     the small ones) and "head_boxes" [N, 4] (the box head's box at each row's best foreground
     class; the SR branch's box is ``inspect_roi``'s "d_boxes").
@@ -485,7 +487,8 @@ def score_image(model, image: Tensor) -> dict[str, Tensor]:
     head_probs = scored["head_logits"].softmax(-1)
     final_probs = scored["class_logits"].softmax(-1)
     head_fg = head_probs[:, 1:].argmax(-1) + 1
-    return {"rois": rois, "sr_mask": scored["sr_mask"], "head_probs": head_probs, "final_probs": final_probs,
+    return {"rois": rois, "sr_mask": scored["sr_mask"], "answered_by": scored["answered_by"],
+            "head_probs": head_probs, "final_probs": final_probs,
             "head_boxes": _class_box(model.box_coder, scored["head_deltas"], rois, head_fg)}
 
 
@@ -569,14 +572,16 @@ def small_gt(target: Mapping[str, Tensor], area_threshold: float = SIZE_BOUNDS[0
 def decision_changes(model, dataset, image_ids: Sequence[int] | None = None, iou_threshold: float = 0.5) -> list[dict]:
     """Small ground truth objects whose class decision the SR branch changed.
 
-    For every small ground truth object the small proposal (one that went through G and D) with
-    the highest IoU stands for it, if that IoU is >= ``iou_threshold``. Its decision is the
-    argmax class (background included) of the box head ("head") and of the final scores, where
-    D's class scores replaced or were fused with the head's ("sr"). Returns one record per object
+    For every small ground truth object the proposal with D's answers (one that went through G
+    and D, or took the answers of a sent one it overlaps: ``SRConfig.gate_share_iou``) with the
+    highest IoU stands for it, if that IoU is >= ``iou_threshold``. Its decision is the argmax
+    class (background included) of the box head ("head") and of the final scores, where D's
+    class scores replaced or were fused with the head's ("sr"). Returns one record per object
     where the two differ: {"image_id", "gt_index", "gt_label", "roi", "iou", "head_label",
-    "head_score", "sr_label", "sr_score", "kind", "lr", "sr_patch"}, with kind "fixed" (head
-    wrong, SR right: a miss fixed), "broken" (head right, SR wrong: a new error) or "changed"
-    (both wrong).
+    "head_score", "sr_label", "sr_score", "kind", "shared", "sent_roi", "lr", "sr_patch"}, with
+    kind "fixed" (head wrong, SR right: a miss fixed), "broken" (head right, SR wrong: a new
+    error) or "changed" (both wrong). "sent_roi" is the proposal whose patch D judged ("roi"
+    itself unless "shared"), and "lr" and "sr_patch" are that patch's z_LR and G(z_LR).
     """
     model = _sr_branch(model)
     changes = []
@@ -586,7 +591,8 @@ def decision_changes(model, dataset, image_ids: Sequence[int] | None = None, iou
         if len(small) == 0:
             continue
         scored = score_image(model, image)
-        index, iou = match_gt(scored["rois"], scored["sr_mask"], target["boxes"][small])
+        answered_by = scored["answered_by"]
+        index, iou = match_gt(scored["rois"], answered_by >= 0, target["boxes"][small])
         found = []
         for gt_index, roi_index, overlap in zip(small.tolist(), index.tolist(), iou.tolist()):
             if roi_index < 0 or overlap < iou_threshold:
@@ -598,12 +604,13 @@ def decision_changes(model, dataset, image_ids: Sequence[int] | None = None, iou
             if head_label == sr_label:
                 continue
             kind = "fixed" if sr_label == gt_label else "broken" if head_label == gt_label else "changed"
+            sent = int(answered_by[roi_index])
             found.append({"image_id": int(image_id), "gt_index": gt_index, "gt_label": gt_label,
                           "roi": scored["rois"][roi_index], "iou": overlap, "head_label": head_label,
                           "head_score": float(head_score), "sr_label": sr_label, "sr_score": float(sr_score),
-                          "kind": kind})
+                          "kind": kind, "shared": sent != roi_index, "sent_roi": scored["rois"][sent]})
         if found:
-            views = inspect_rois(model, image, torch.stack([c["roi"] for c in found]))
+            views = inspect_rois(model, image, torch.stack([c["sent_roi"] for c in found]))
             for c, lr, sr in zip(found, views["lr"], views["sr"]):
                 changes.append({**c, "lr": lr, "sr_patch": sr})
     return changes
@@ -616,7 +623,8 @@ def _to_hwc(patch: Tensor) -> np.ndarray:
 def plot_decision_gallery(changes: Sequence[Mapping], class_names: Sequence[str], kind: str = "fixed",
                           max_items: int = 8) -> Figure:
     """The RoIs of one ``kind`` ("fixed", "broken" or "changed"): z_LR above G(z_LR), titled with
-    the ground truth and both decisions (most confident SR decision first)."""
+    the ground truth and both decisions (most confident SR decision first). "(shared)" marks a
+    proposal that took a sent one's answers; its patches are the sent one's, which D judged."""
     items = sorted((c for c in changes if c["kind"] == kind), key=lambda c: -c["sr_score"])[:max_items]
     titles = {"fixed": "misses fixed by SR (box head wrong, SR right)",
               "broken": "new errors (box head right, SR wrong)", "changed": "changed, both wrong"}
@@ -633,8 +641,9 @@ def plot_decision_gallery(changes: Sequence[Mapping], class_names: Sequence[str]
         axes[0, col].imshow(_to_hwc(change["lr"]), interpolation="nearest")
         axes[0, col].set_title(f"img {change['image_id']}\ngt {class_names[change['gt_label']]}", fontsize=8)
         axes[1, col].imshow(_to_hwc(change["sr_patch"]), interpolation="nearest")
+        shared = " (shared)" if change["shared"] else ""
         axes[1, col].set_title(f"head {class_name(class_names, change['head_label'])} {change['head_score']:.2f}\n"
-                               f"SR {class_name(class_names, change['sr_label'])} {change['sr_score']:.2f}",
+                               f"SR {class_name(class_names, change['sr_label'])} {change['sr_score']:.2f}{shared}",
                                fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])

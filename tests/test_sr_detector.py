@@ -642,6 +642,13 @@ def test_the_sharing_gate_sends_k_distinct_objects_and_their_overlaps_take_the_s
         overlap, nearest = box_iou(boxes, boxes[first]).max(dim=1)
         assert torch.equal(shared[i], scope[i] & ~sent[i] & (overlap > t))
         took_some |= bool(shared[i].any())
+        # answered_by (global indices): the sent ones themselves, each taker its source, -1 elsewhere
+        offset = sum(sizes[:i])
+        answered_by = gated["answered_by"].split(sizes)[i]
+        expected = torch.full((sizes[i],), -1)
+        expected[sent[i]] = torch.where(sent[i])[0] + offset
+        expected[shared[i]] = torch.tensor(first)[nearest[shared[i]]] + offset
+        assert torch.equal(answered_by, expected)
         for j in torch.where(shared[i])[0].tolist():
             source = first[int(nearest[j])]
             # with "replace" fusion a proposal's answers are D's: the sent one's class logits ...
@@ -659,6 +666,8 @@ def test_the_sharing_gate_sends_k_distinct_objects_and_their_overlaps_take_the_s
     # t = 0 is the plain gate, with nothing shared
     plain = _model(tiny_config, "sr", area_threshold=24.0**2, gate_top_k=3, gate_rank="both").score_proposals(images)
     assert not plain["shared_mask"].any()
+    every = torch.arange(len(plain["sr_mask"]))
+    assert torch.equal(plain["answered_by"], torch.where(plain["sr_mask"], every, -1))
 
 
 def test_with_twins_every_roi_is_a_paired_target_cut_as_inference_cuts_it(tiny_config, tiny_synth):

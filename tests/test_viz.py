@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from sodlab import viz
 from sodlab.data.coco import load_split
@@ -273,6 +274,41 @@ def test_decision_changes_sorts_fixed_broken_and_changed(sr_model, val, tiny_syn
     fig = viz.plot_decision_gallery(changes, val.class_names, "changed", max_items=3)
     assert len(fig.axes) == 2 * min(3, sum(c["kind"] == "changed" for c in changes))
     assert "no small object" in viz.plot_decision_gallery([], val.class_names, "fixed").axes[0].texts[0].get_text()
+
+
+def test_decision_changes_count_the_proposals_that_took_a_sent_ones_answers(sr_model, val):
+    """With the gate that shares D's answers, an object whose best proposal took a sent one's
+    answers is a change too, shown with the patches D judged for it: the sent proposal's."""
+    head = sr_model.detector.roi_heads.box_predictor.cls_score
+    d_cls = sr_model.discriminator.cls_head
+    saved = [p.detach().clone() for p in (head.weight, head.bias, d_cls.weight, d_cls.bias)]
+    gate = sr_model.gate_top_k, sr_model.gate_share_iou
+    with torch.no_grad():
+        for layer, label in ((head, 2), (d_cls, 1)):
+            layer.weight.zero_()
+            layer.bias.fill_(-10.0)
+            layer.bias[label] = 10.0
+    sr_model.gate_top_k, sr_model.gate_share_iou = 8, 0.2
+    try:
+        changes = viz.decision_changes(sr_model, val, iou_threshold=0.1)
+    finally:
+        sr_model.gate_top_k, sr_model.gate_share_iou = gate
+        with torch.no_grad():
+            for p, s in zip((head.weight, head.bias, d_cls.weight, d_cls.bias), saved):
+                p.copy_(s)
+    shared = [c for c in changes if c["shared"]]
+    assert shared, "the untrained RPN's proposals overlap: some small object's best one took a sent one's answers"
+    for c in changes:
+        assert (c["head_label"], c["sr_label"]) == (2, 1)
+        assert c["shared"] == (not torch.equal(c["roi"], c["sent_roi"]))
+    for c in shared:
+        assert float(box_iou(c["roi"][None], c["sent_roi"][None])) > 0.2
+        image = val[val.ids.index(c["image_id"])][0].as_subclass(torch.Tensor)
+        sent, own = viz.inspect_roi(sr_model, image, c["sent_roi"]), viz.inspect_roi(sr_model, image, c["roi"])
+        assert torch.allclose(c["lr"], sent["lr"], atol=1e-6) and torch.allclose(c["sr_patch"], sent["sr"], atol=1e-5)
+        assert not torch.allclose(c["lr"], own["lr"], atol=1e-3)
+    fig = viz.plot_decision_gallery(shared, val.class_names, shared[0]["kind"])
+    assert any("(shared)" in ax.get_title() for ax in fig.axes)
 
 
 def test_inspector_widgets_drive_the_view(sr_model, val, tiny_synth, monkeypatch):

@@ -277,8 +277,10 @@ class SRDetector(nn.Module):
         """Every proposal's class logits and box deltas, with the SR branch's in place for small ones.
 
         Returns ``detect``'s proposals and box head answers, the final logits and deltas after
-        replacement/fusion, ``sr_mask`` (which proposals went through G and D) and ``shared_mask``
-        (which took the answers of one that did: ``gate_share_iou``). ``detected``:
+        replacement/fusion, ``sr_mask`` (which proposals went through G and D), ``shared_mask``
+        (which took the answers of one that did: ``gate_share_iou``) and ``answered_by`` (for each
+        proposal, the index of the one whose patch D judged for it: itself when sent, -1 where the
+        box head answers alone). ``detected``:
         what this model's ``detect`` gives for these images, computed once for several branches.
         Visualisation and tests read this; ``forward`` post-processes it.
         """
@@ -295,11 +297,14 @@ class SRDetector(nn.Module):
                 offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
                 source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
         sr_mask = torch.cat(chosen)
-        answered = sr_mask if source is None else source >= 0
+        sharing = source is not None
+        if not sharing:  # a proposal has D's answers exactly when it is sent
+            source = torch.where(sr_mask, torch.arange(len(sr_mask), device=sr_mask.device), -1)
+        answered = source >= 0
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
             d = self.reconstruct(images, [r[c] for r, c in zip(rois, chosen)], hr_images)
-            if source is not None:  # spread to the proposals that take a sent one's answers
+            if sharing:  # spread to the proposals that take a sent one's answers
                 d = {k: v[answered] for k, v in self.shared_answers(d, sr_mask, source, torch.cat(rois)).items()}
             if self.fusion == "replace":
                 class_logits[answered] = d["cls"]
@@ -310,7 +315,7 @@ class SRDetector(nn.Module):
                 w = 1.0 if self.fusion == "replace" else self.box_fusion_weight()
                 box_regression[answered] = (1 - w) * head_deltas[answered] + w * d["box"]
         return {**detected, "class_logits": class_logits, "box_regression": box_regression, "sr_mask": sr_mask,
-                "shared_mask": answered & ~sr_mask}
+                "shared_mask": answered & ~sr_mask, "answered_by": source}
 
     def box_fusion_weight(self) -> float:
         """D's share of the fused box deltas: e_head / (e_head + e_D), inverse-error weighting of the
