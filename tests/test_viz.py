@@ -1,4 +1,5 @@
 """sodlab.viz: statistics, PSNR/SSIM, the SR inspection and its widgets."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -248,24 +249,36 @@ def test_d_boxes_decode_t_sr_with_the_box_coder(sr_model, val):
     assert torch.allclose(boxes[3], torch.tensor([21.0, 20.0, 31.0, 60.0]), atol=1e-4)
 
 
-def test_decision_changes_sorts_fixed_broken_and_changed(sr_model, val, tiny_synth):
-    """The box head always says class 2, D always says class 1: every matched small object is a
-    change, "fixed" exactly when it is a 1, "broken" when it is a 2."""
+@contextlib.contextmanager
+def head_says_2_and_d_says_1(sr_model, **gate):
+    """The box head always says class 2 and D always says class 1, with the SRDetector's
+    attributes ``gate`` (gate_top_k=..., ...) set, until the block ends."""
     head = sr_model.detector.roi_heads.box_predictor.cls_score
     d_cls = sr_model.discriminator.cls_head
     saved = [p.detach().clone() for p in (head.weight, head.bias, d_cls.weight, d_cls.bias)]
+    saved_gate = {name: getattr(sr_model, name) for name in gate}
     with torch.no_grad():
         for layer, label in ((head, 2), (d_cls, 1)):
             layer.weight.zero_()
             layer.bias.fill_(-10.0)
             layer.bias[label] = 10.0
+    for name, value in gate.items():
+        setattr(sr_model, name, value)
     try:
-        ids = val.ids[:2]
-        changes = viz.decision_changes(sr_model, val, ids, iou_threshold=0.1)
+        yield
     finally:
+        for name, value in saved_gate.items():
+            setattr(sr_model, name, value)
         with torch.no_grad():
             for p, s in zip((head.weight, head.bias, d_cls.weight, d_cls.bias), saved):
                 p.copy_(s)
+
+
+def test_decision_changes_sorts_fixed_broken_and_changed(sr_model, val, tiny_synth):
+    """The box head always says class 2, D always says class 1: every matched small object is a
+    change, "fixed" exactly when it is a 1, "broken" when it is a 2."""
+    with head_says_2_and_d_says_1(sr_model):
+        changes = viz.decision_changes(sr_model, val, val.ids[:2], iou_threshold=0.1)
     assert changes, "an untrained RPN still proposes boxes over some small objects"
     for c in changes:
         assert (c["head_label"], c["sr_label"]) == (2, 1) and c["iou"] >= 0.1
@@ -279,23 +292,8 @@ def test_decision_changes_sorts_fixed_broken_and_changed(sr_model, val, tiny_syn
 def test_decision_changes_count_the_proposals_that_took_a_sent_ones_answers(sr_model, val):
     """With the gate that shares D's answers, an object whose best proposal took a sent one's
     answers is a change too, shown with the patches D judged for it: the sent proposal's."""
-    head = sr_model.detector.roi_heads.box_predictor.cls_score
-    d_cls = sr_model.discriminator.cls_head
-    saved = [p.detach().clone() for p in (head.weight, head.bias, d_cls.weight, d_cls.bias)]
-    gate = sr_model.gate_top_k, sr_model.gate_share_iou
-    with torch.no_grad():
-        for layer, label in ((head, 2), (d_cls, 1)):
-            layer.weight.zero_()
-            layer.bias.fill_(-10.0)
-            layer.bias[label] = 10.0
-    sr_model.gate_top_k, sr_model.gate_share_iou = 8, 0.2
-    try:
+    with head_says_2_and_d_says_1(sr_model, gate_top_k=8, gate_share_iou=0.2):
         changes = viz.decision_changes(sr_model, val, iou_threshold=0.1)
-    finally:
-        sr_model.gate_top_k, sr_model.gate_share_iou = gate
-        with torch.no_grad():
-            for p, s in zip((head.weight, head.bias, d_cls.weight, d_cls.bias), saved):
-                p.copy_(s)
     shared = [c for c in changes if c["shared"]]
     assert shared, "the untrained RPN's proposals overlap: some small object's best one took a sent one's answers"
     for c in changes:

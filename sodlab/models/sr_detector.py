@@ -279,8 +279,8 @@ class SRDetector(nn.Module):
         Returns ``detect``'s proposals and box head answers, the final logits and deltas after
         replacement/fusion, ``sr_mask`` (which proposals went through G and D), ``shared_mask``
         (which took the answers of one that did: ``gate_share_iou``) and ``answered_by`` (for each
-        proposal, the index of the one whose patch D judged for it: itself when sent, -1 where the
-        box head answers alone). ``detected``:
+        proposal, the index among the batch's proposals of the one whose patch D judged for it:
+        itself when sent, -1 where the box head answers alone). ``detected``:
         what this model's ``detect`` gives for these images, computed once for several branches.
         Visualisation and tests read this; ``forward`` post-processes it.
         """
