@@ -288,18 +288,17 @@ class SRDetector(nn.Module):
         rois, head_logits, head_deltas = detected["rois"], detected["head_logits"], detected["head_deltas"]
         chosen = [self._selected(r) for r in rois]
         sizes = [len(r) for r in rois]
-        source = None  # per proposal, the sent proposal whose answers it takes (the gate's sharing)
         if self.gate_top_k:
             foreground = 1 - head_logits.softmax(-1)[:, 0]
             gates = [self._gate(c, f, r) for c, f, r in zip(chosen, foreground.split(sizes), rois)]
             chosen = [sent for sent, _ in gates]
-            if self.gate_share_iou:
-                offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
-                source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
+            offsets = torch.tensor([0, *sizes[:-1]], device=head_logits.device).cumsum(0)
+            # per proposal, the sent one whose answers it takes, as an index among the batch's proposals
+            source = torch.cat([torch.where(s >= 0, s + o, s) for (_, s), o in zip(gates, offsets)])
         sr_mask = torch.cat(chosen)
-        sharing = source is not None
-        if not sharing:  # a proposal has D's answers exactly when it is sent
+        if not self.gate_top_k:  # ungated, a proposal has D's answers exactly when it is in scope
             source = torch.where(sr_mask, torch.arange(len(sr_mask), device=sr_mask.device), -1)
+        sharing = bool(self.gate_top_k and self.gate_share_iou)
         answered = source >= 0
         class_logits, box_regression = head_logits.clone(), head_deltas.clone()
         if sr_mask.any():
